@@ -1,0 +1,372 @@
+//! The dynamic batcher: one per loaded model, on its own OS thread.
+//!
+//! Requests arrive already decoded and preprocessed (that work runs on other
+//! threads, in parallel with inference). The batcher thread collects them into
+//! a batch of at most `max_batch_size`, waiting at most `max_queue_delay` after
+//! the oldest request arrived, drops requests whose client has gone or whose
+//! deadline has passed, runs the model once for the whole batch and answers
+//! each request through its own oneshot channel.
+//!
+//! The queue is a bounded channel: [`Batcher::submit`] fails at once with
+//! [`SubmitError::Overloaded`] when it is full, so overload turns into fast
+//! 429s instead of growing latency.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
+use tokio::sync::oneshot;
+
+/// A model the batcher can drive.
+pub trait BatchModel: Send + 'static {
+    /// What one image yields.
+    type Output: Send + 'static;
+
+    /// `(channels, height, width)` of one input.
+    fn input_shape(&self) -> (usize, usize, usize);
+
+    /// The device inputs are placed on.
+    fn device(&self) -> &Device;
+
+    /// Runs one `[N, C, H, W]` batch; returns exactly N outputs.
+    fn infer(&self, batch: &Tensor) -> crate::Result<Vec<Self::Output>>;
+}
+
+/// Batching and queueing settings of one model.
+#[derive(Debug, Clone)]
+pub struct BatcherConfig {
+    pub max_batch_size: usize,
+    pub max_queue_delay: Duration,
+    pub queue_capacity: usize,
+    /// Compute threads for this model; `None` shares the global pool.
+    pub threads: Option<usize>,
+}
+
+impl Default for BatcherConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 8,
+            max_queue_delay: Duration::from_millis(5),
+            queue_capacity: 64,
+            threads: None,
+        }
+    }
+}
+
+/// Lifecycle of a batcher's model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelStatus {
+    /// Loading weights or running the warm-up batch.
+    Loading,
+    /// Warmed up and serving.
+    Ready,
+    /// Loading or warm-up failed; the message says why.
+    Failed(String),
+    /// The batcher thread has exited.
+    Stopped,
+}
+
+/// Why a request was not queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("queue is full ({capacity} requests waiting)")]
+    Overloaded { capacity: usize },
+    #[error("model is not ready: {0:?}")]
+    NotReady(ModelStatus),
+    #[error("input has {found} values, the model takes {expected}")]
+    BadInput { found: usize, expected: usize },
+}
+
+/// Why a queued request got no result.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    #[error("deadline passed after {waited_ms} ms in the queue")]
+    DeadlineExceeded { waited_ms: u64 },
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+/// A result with the time it spent in the batcher.
+#[derive(Debug)]
+pub struct Served<O> {
+    pub output: O,
+    pub queue: Duration,
+    pub inference: Duration,
+    pub batch_size: usize,
+}
+
+/// The channel a submitted request's answer arrives on.
+pub type Reply<O> = oneshot::Receiver<Result<Served<O>, JobError>>;
+
+struct Job<O> {
+    input: Vec<f32>,
+    enqueued_at: Instant,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<Served<O>, JobError>>,
+}
+
+struct Shared {
+    name: String,
+    status: RwLock<ModelStatus>,
+    depth: AtomicUsize,
+    capacity: usize,
+    input_len: AtomicUsize,
+}
+
+impl Shared {
+    fn set_status(&self, s: ModelStatus) {
+        *self.status.write().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+    fn set_depth(&self, d: usize) {
+        self.depth.store(d, Ordering::Relaxed);
+        metrics::gauge!("lineside_queue_depth", "model" => self.name.clone()).set(d as f64);
+    }
+}
+
+/// Handle to one model's batcher thread. Cheap to clone.
+pub struct Batcher<O> {
+    tx: Sender<Job<O>>,
+    shared: Arc<Shared>,
+}
+
+impl<O> Clone for Batcher<O> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<O: Send + 'static> Batcher<O> {
+    /// Starts the batcher thread. `load` runs on that thread, followed by one
+    /// warm-up batch of `max_batch_size`; until both finish the status is
+    /// [`ModelStatus::Loading`] and submissions are refused.
+    pub fn spawn<M, F>(name: &str, cfg: BatcherConfig, load: F) -> std::io::Result<Self>
+    where
+        M: BatchModel<Output = O>,
+        F: FnOnce() -> crate::Result<M> + Send + 'static,
+    {
+        let cfg = BatcherConfig {
+            max_batch_size: cfg.max_batch_size.max(1),
+            queue_capacity: cfg.queue_capacity.max(1),
+            ..cfg
+        };
+        let (tx, rx) = bounded(cfg.queue_capacity);
+        let shared = Arc::new(Shared {
+            name: name.to_string(),
+            status: RwLock::new(ModelStatus::Loading),
+            depth: AtomicUsize::new(0),
+            capacity: cfg.queue_capacity,
+            input_len: AtomicUsize::new(0),
+        });
+        let thread_shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("batcher-{name}"))
+            .spawn(move || run(thread_shared, cfg, rx, load))?;
+        Ok(Self { tx, shared })
+    }
+
+    /// Queues one preprocessed CHW input. Fails at once when the queue is
+    /// full or the model is not ready; never blocks.
+    pub fn submit(&self, input: Vec<f32>, deadline: Instant) -> Result<Reply<O>, SubmitError> {
+        let status = self.status();
+        if status != ModelStatus::Ready {
+            return Err(SubmitError::NotReady(status));
+        }
+        let expected = self.shared.input_len.load(Ordering::Relaxed);
+        if input.len() != expected {
+            return Err(SubmitError::BadInput {
+                found: input.len(),
+                expected,
+            });
+        }
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            input,
+            enqueued_at: Instant::now(),
+            deadline,
+            reply,
+        };
+        match self.tx.try_send(job) {
+            Ok(()) => {
+                self.shared.set_depth(self.tx.len());
+                Ok(rx)
+            }
+            Err(TrySendError::Full(_)) => Err(SubmitError::Overloaded {
+                capacity: self.shared.capacity,
+            }),
+            Err(TrySendError::Disconnected(_)) => Err(SubmitError::NotReady(ModelStatus::Stopped)),
+        }
+    }
+
+    /// The model's current lifecycle state.
+    pub fn status(&self) -> ModelStatus {
+        self.shared
+            .status
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Requests waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        self.shared.depth.load(Ordering::Relaxed)
+    }
+
+    /// Queue capacity.
+    pub fn queue_capacity(&self) -> usize {
+        self.shared.capacity
+    }
+}
+
+fn run<M, F>(shared: Arc<Shared>, cfg: BatcherConfig, rx: Receiver<Job<M::Output>>, load: F)
+where
+    M: BatchModel,
+    F: FnOnce() -> crate::Result<M> + Send,
+{
+    // With its own pool, the whole loop runs on a pool worker so that every
+    // rayon call in the model (GEMM, kernels) stays inside this model's threads.
+    match cfg
+        .threads
+        .map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build())
+    {
+        Some(Ok(pool)) => pool.install(move || run_loop(shared, cfg, rx, load)),
+        Some(Err(e)) => shared.set_status(ModelStatus::Failed(format!("thread pool: {e}"))),
+        None => run_loop(shared, cfg, rx, load),
+    }
+}
+
+fn run_loop<M, F>(shared: Arc<Shared>, cfg: BatcherConfig, rx: Receiver<Job<M::Output>>, load: F)
+where
+    M: BatchModel,
+    F: FnOnce() -> crate::Result<M>,
+{
+    let model = match load().and_then(|m| warm_up(&m, cfg.max_batch_size).map(|()| m)) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(model = %shared.name, error = %e, "model failed to load");
+            shared.set_status(ModelStatus::Failed(e.to_string()));
+            return;
+        }
+    };
+    let (c, h, w) = model.input_shape();
+    shared.input_len.store(c * h * w, Ordering::Relaxed);
+    shared.set_status(ModelStatus::Ready);
+    tracing::info!(model = %shared.name, max_batch = cfg.max_batch_size, "model ready");
+
+    while let Some(jobs) = collect(&rx, &cfg) {
+        shared.set_depth(rx.len());
+        let jobs = drop_stale(&shared.name, jobs);
+        if !jobs.is_empty() {
+            serve(&shared.name, &model, jobs);
+        }
+    }
+    shared.set_status(ModelStatus::Stopped);
+}
+
+fn warm_up<M: BatchModel>(model: &M, batch: usize) -> crate::Result<()> {
+    let (c, h, w) = model.input_shape();
+    let x = Tensor::zeros((batch, c, h, w), candle_core::DType::F32, model.device())?;
+    let out = model.infer(&x)?;
+    if out.len() != batch {
+        return Err(crate::Error::config(
+            "warm-up",
+            format!("{} outputs for {batch} inputs", out.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Blocks for the first request, then gathers more until the batch is full
+/// or `max_queue_delay` has passed since the first one was queued.
+/// Returns `None` once every sender is gone.
+fn collect<O>(rx: &Receiver<Job<O>>, cfg: &BatcherConfig) -> Option<Vec<Job<O>>> {
+    let first = rx.recv().ok()?;
+    let until = first.enqueued_at + cfg.max_queue_delay;
+    let mut jobs = vec![first];
+    while jobs.len() < cfg.max_batch_size {
+        let now = Instant::now();
+        let next = if now >= until {
+            rx.try_recv().ok()
+        } else {
+            match rx.recv_timeout(until - now) {
+                Ok(j) => Some(j),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+            }
+        };
+        match next {
+            Some(j) => jobs.push(j),
+            None => break,
+        }
+    }
+    Some(jobs)
+}
+
+/// Removes requests nobody is waiting for, and answers those past their deadline.
+fn drop_stale<O>(model: &str, jobs: Vec<Job<O>>) -> Vec<Job<O>> {
+    let now = Instant::now();
+    let mut keep = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        if job.reply.is_closed() {
+            metrics::counter!("lineside_dropped_total", "model" => model.to_string(), "reason" => "client_gone").increment(1);
+        } else if now >= job.deadline {
+            metrics::counter!("lineside_dropped_total", "model" => model.to_string(), "reason" => "deadline").increment(1);
+            let waited_ms = now.duration_since(job.enqueued_at).as_millis() as u64;
+            let _ = job
+                .reply
+                .send(Err(JobError::DeadlineExceeded { waited_ms }));
+        } else {
+            keep.push(job);
+        }
+    }
+    keep
+}
+
+fn serve<M: BatchModel>(name: &str, model: &M, jobs: Vec<Job<M::Output>>) {
+    let started = Instant::now();
+    let n = jobs.len();
+    let (c, h, w) = model.input_shape();
+    let mut data = Vec::with_capacity(n * c * h * w);
+    for j in &jobs {
+        data.extend_from_slice(&j.input);
+    }
+    let result = Tensor::from_vec(data, (n, c, h, w), model.device())
+        .map_err(crate::Error::from)
+        .and_then(|x| model.infer(&x))
+        .and_then(|outs| {
+            if outs.len() == n {
+                Ok(outs)
+            } else {
+                Err(crate::Error::config(
+                    "model",
+                    format!("{} outputs for {n} inputs", outs.len()),
+                ))
+            }
+        });
+    let inference = started.elapsed();
+    metrics::histogram!("lineside_batch_size", "model" => name.to_string()).record(n as f64);
+    metrics::histogram!("lineside_inference_seconds", "model" => name.to_string())
+        .record(inference.as_secs_f64());
+    match result {
+        Ok(outs) => {
+            for (job, output) in jobs.into_iter().zip(outs) {
+                let served = Served {
+                    output,
+                    queue: started.duration_since(job.enqueued_at),
+                    inference,
+                    batch_size: n,
+                };
+                let _ = job.reply.send(Ok(served));
+            }
+        }
+        Err(e) => {
+            tracing::error!(model = name, error = %e, "batch failed");
+            for job in jobs {
+                let _ = job.reply.send(Err(JobError::Inference(e.to_string())));
+            }
+        }
+    }
+}

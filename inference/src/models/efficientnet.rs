@@ -1,0 +1,371 @@
+//! timm's EfficientNet / MobileNetV2 family (`timm/models/efficientnet.py`).
+//!
+//! The architecture comes from timm's block-string notation
+//! (`ir_r2_k3_s2_e6_c24`: inverted residual, 2 repeats, 3×3, stride 2,
+//! expansion 6, 24 channels), decoded exactly as timm's `_decode_block_str`
+//! does, so adding a family member is adding its arch table. Tensor names
+//! follow timm (`conv_stem`, `blocks.{stage}.{block}.conv_pw`, ...).
+
+use candle_core::Tensor;
+
+use crate::models::{FeatureInfo, ImageModel};
+use crate::ops::{Activation, ConvBnAct, PadMode};
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+/// Block types of the family that lineside implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlockKind {
+    /// `ds`: depthwise conv → pointwise conv.
+    DepthwiseSeparable,
+    /// `ir`: pointwise expand → depthwise → pointwise project.
+    InvertedResidual,
+}
+
+/// One decoded block string.
+#[derive(Debug, Clone, PartialEq)]
+struct BlockArgs {
+    kind: BlockKind,
+    repeats: usize,
+    kernel: usize,
+    stride: usize,
+    expansion: f32,
+    out_chs: usize,
+    noskip: bool,
+}
+
+fn decode_block(s: &str) -> Result<BlockArgs> {
+    let bad = |m: String| Error::config(format!("block string `{s}`"), m);
+    let mut parts = s.split('_');
+    let kind = match parts.next() {
+        Some("ds") => BlockKind::DepthwiseSeparable,
+        Some("ir") => BlockKind::InvertedResidual,
+        other => return Err(bad(format!("unsupported block type {other:?}"))),
+    };
+    let mut args = BlockArgs {
+        kind,
+        repeats: 1,
+        kernel: 3,
+        stride: 1,
+        expansion: 1.0,
+        out_chs: 0,
+        noskip: false,
+    };
+    for p in parts {
+        let num = |v: &str| v.parse::<usize>().map_err(|e| bad(format!("`{p}`: {e}")));
+        if p == "noskip" {
+            args.noskip = true;
+        } else if let Some(v) = p.strip_prefix('r') {
+            args.repeats = num(v)?;
+        } else if let Some(v) = p.strip_prefix('k') {
+            args.kernel = num(v)?;
+        } else if let Some(v) = p.strip_prefix('s') {
+            args.stride = num(v)?;
+        } else if let Some(v) = p.strip_prefix('e') {
+            args.expansion = v.parse().map_err(|e| bad(format!("`{p}`: {e}")))?;
+        } else if let Some(v) = p.strip_prefix('c') {
+            args.out_chs = num(v)?;
+        } else {
+            return Err(bad(format!("unsupported option `{p}`")));
+        }
+    }
+    Ok(args)
+}
+
+/// A member of the family: its block strings and global settings.
+struct ArchSpec {
+    stages: &'static [&'static str],
+    stem_chs: usize,
+    num_features: usize,
+    act: Activation,
+    bn_eps: f64,
+    tf_same_padding: bool,
+}
+
+const MOBILENETV2_STAGES: &[&str] = &[
+    "ds_r1_k3_s1_c16",
+    "ir_r2_k3_s2_e6_c24",
+    "ir_r3_k3_s2_e6_c32",
+    "ir_r4_k3_s2_e6_c64",
+    "ir_r3_k3_s1_e6_c96",
+    "ir_r3_k3_s2_e6_c160",
+    "ir_r1_k3_s1_e6_c320",
+];
+
+const EFFICIENTNET_LITE_STAGES: &[&str] = &[
+    "ds_r1_k3_s1_e1_c16",
+    "ir_r2_k3_s2_e6_c24",
+    "ir_r2_k5_s2_e6_c40",
+    "ir_r3_k3_s2_e6_c80",
+    "ir_r3_k5_s1_e6_c112",
+    "ir_r4_k5_s2_e6_c192",
+    "ir_r1_k3_s1_e6_c320",
+];
+
+/// Architecture names this module builds.
+pub const SUPPORTED: &[&str] = &[
+    "mobilenetv2_100",
+    "tf_efficientnet_lite0",
+    "efficientnet_lite0",
+];
+
+fn arch_spec(name: &str) -> Option<ArchSpec> {
+    let base = |stages, eps, tf| ArchSpec {
+        stages,
+        stem_chs: 32,
+        num_features: 1280,
+        act: Activation::Relu6,
+        bn_eps: eps,
+        tf_same_padding: tf,
+    };
+    match name {
+        "mobilenetv2_100" => Some(base(MOBILENETV2_STAGES, 1e-5, false)),
+        // tf_ ports keep TensorFlow's BatchNorm epsilon and "SAME" padding.
+        "tf_efficientnet_lite0" => Some(base(EFFICIENTNET_LITE_STAGES, 1e-3, true)),
+        "efficientnet_lite0" => Some(base(EFFICIENTNET_LITE_STAGES, 1e-5, false)),
+        _ => None,
+    }
+}
+
+enum Block {
+    DepthwiseSeparable {
+        dw: ConvBnAct,
+        pw: ConvBnAct,
+        skip: bool,
+    },
+    InvertedResidual {
+        pw: ConvBnAct,
+        dw: ConvBnAct,
+        pwl: ConvBnAct,
+        skip: bool,
+    },
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (y, skip) = match self {
+            Block::DepthwiseSeparable { dw, pw, skip } => (pw.forward(&dw.forward(x)?)?, *skip),
+            Block::InvertedResidual { pw, dw, pwl, skip } => {
+                (pwl.forward(&dw.forward(&pw.forward(x)?)?)?, *skip)
+            }
+        };
+        Ok(if skip { (y + x)? } else { y })
+    }
+}
+
+/// An EfficientNet-family network with BatchNorm folded into its convolutions.
+pub struct EfficientNet {
+    stem: ConvBnAct,
+    stages: Vec<Vec<Block>>,
+    head: ConvBnAct,
+    classifier_w: Tensor,
+    classifier_b: Tensor,
+    /// Indices of the stages whose output timm's `features_only` returns.
+    feature_stages: Vec<usize>,
+    feature_info: Vec<FeatureInfo>,
+}
+
+impl EfficientNet {
+    /// Whether `architecture` is built by this module.
+    pub fn supports(architecture: &str) -> bool {
+        arch_spec(architecture).is_some()
+    }
+
+    /// Builds `architecture` from timm-named weights.
+    pub fn load(architecture: &str, w: &Weights) -> Result<Self> {
+        let spec = arch_spec(architecture).ok_or_else(|| Error::UnsupportedArchitecture {
+            found: architecture.to_string(),
+            supported: SUPPORTED.join(", "),
+        })?;
+        let pad = |k: usize, s: usize| {
+            if spec.tf_same_padding {
+                PadMode::TfSame
+            } else {
+                PadMode::timm_default(k, s)
+            }
+        };
+        let conv = |name: &str,
+                    bn: &str,
+                    stride: usize,
+                    groups: usize,
+                    act: Activation|
+         -> Result<ConvBnAct> {
+            let (wt, b) = w.fold_bn(&format!("{name}.weight"), bn, spec.bn_eps)?;
+            let k = wt.dim(2)?;
+            ConvBnAct::new(wt, b, stride, groups, pad(k, stride), act)
+        };
+        let act = spec.act;
+        let stem = conv("conv_stem", "bn1", 2, 1, act)?;
+        check_channels(&stem, spec.stem_chs, "conv_stem")?;
+
+        let mut in_chs = spec.stem_chs;
+        let mut stride_total = 2;
+        let mut stages = Vec::new();
+        let mut stage_strides = Vec::new();
+        let mut stage_channels = Vec::new();
+        for (si, s) in spec.stages.iter().enumerate() {
+            let args = decode_block(s)?;
+            let mut blocks = Vec::new();
+            for bi in 0..args.repeats {
+                let p = format!("blocks.{si}.{bi}");
+                let stride = if bi == 0 { args.stride } else { 1 };
+                let skip = stride == 1 && in_chs == args.out_chs && !args.noskip;
+                let mid = (in_chs as f32 * args.expansion).round() as usize;
+                let block = match args.kind {
+                    BlockKind::DepthwiseSeparable => Block::DepthwiseSeparable {
+                        dw: conv(
+                            &format!("{p}.conv_dw"),
+                            &format!("{p}.bn1"),
+                            stride,
+                            in_chs,
+                            act,
+                        )?,
+                        pw: conv(
+                            &format!("{p}.conv_pw"),
+                            &format!("{p}.bn2"),
+                            1,
+                            1,
+                            Activation::Identity,
+                        )?,
+                        skip,
+                    },
+                    BlockKind::InvertedResidual => Block::InvertedResidual {
+                        pw: conv(&format!("{p}.conv_pw"), &format!("{p}.bn1"), 1, 1, act)?,
+                        dw: conv(
+                            &format!("{p}.conv_dw"),
+                            &format!("{p}.bn2"),
+                            stride,
+                            mid,
+                            act,
+                        )?,
+                        pwl: conv(
+                            &format!("{p}.conv_pwl"),
+                            &format!("{p}.bn3"),
+                            1,
+                            1,
+                            Activation::Identity,
+                        )?,
+                        skip,
+                    },
+                };
+                blocks.push(block);
+                in_chs = args.out_chs;
+            }
+            // Extra blocks in the file mean the weights are for a different architecture.
+            if w.contains(&format!("blocks.{si}.{}.conv_dw.weight", args.repeats)) {
+                return Err(Error::config(
+                    architecture,
+                    format!(
+                        "weights have more than {} blocks in stage {si}",
+                        args.repeats
+                    ),
+                ));
+            }
+            stride_total *= args.stride;
+            stage_strides.push(stride_total);
+            stage_channels.push(args.out_chs);
+            stages.push(blocks);
+        }
+        let head = conv("conv_head", "bn2", 1, 1, act)?;
+        check_channels(&head, spec.num_features, "conv_head")?;
+        let classifier_w = w.get("classifier.weight")?.t()?.contiguous()?;
+        let classifier_b = w.get("classifier.bias")?.clone();
+
+        // timm's feature_info: the last block of every stage followed by a stride change, and the last stage.
+        let n = stages.len();
+        let feature_stages: Vec<usize> = (0..n)
+            .filter(|&i| {
+                i + 1 == n
+                    || decode_block(spec.stages[i + 1])
+                        .map(|a| a.stride > 1)
+                        .unwrap_or(false)
+            })
+            .collect();
+        let feature_info = feature_stages
+            .iter()
+            .map(|&i| FeatureInfo {
+                module: format!("blocks.{i}"),
+                channels: stage_channels[i],
+                reduction: stage_strides[i],
+            })
+            .collect();
+        Ok(Self {
+            stem,
+            stages,
+            head,
+            classifier_w,
+            classifier_b,
+            feature_stages,
+            feature_info,
+        })
+    }
+}
+
+fn check_channels(layer: &ConvBnAct, want: usize, name: &str) -> Result<()> {
+    if layer.out_channels() != want {
+        return Err(Error::config(
+            name,
+            format!(
+                "has {} channels, architecture expects {want}",
+                layer.out_channels()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl ImageModel for EfficientNet {
+    fn forward_all(&self, x: &Tensor, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+        let mut x = self.stem.forward(x)?;
+        let mut features = Vec::with_capacity(self.feature_stages.len());
+        for (i, stage) in self.stages.iter().enumerate() {
+            for b in stage {
+                x = b.forward(&x)?;
+            }
+            if self.feature_stages.contains(&i) {
+                features.push(x.clone());
+            }
+        }
+        if !logits {
+            return Ok((features, None));
+        }
+        let pooled = self.head.forward(&x)?.mean((2, 3))?;
+        let out = pooled
+            .matmul(&self.classifier_w)?
+            .broadcast_add(&self.classifier_b)?;
+        Ok((features, Some(out)))
+    }
+
+    fn feature_info(&self) -> &[FeatureInfo] {
+        &self.feature_info
+    }
+
+    fn num_classes(&self) -> usize {
+        self.classifier_b.dims()[0]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_timm_block_strings() {
+        let a = decode_block("ir_r3_k5_s2_e6_c40").unwrap();
+        assert_eq!(
+            a,
+            BlockArgs {
+                kind: BlockKind::InvertedResidual,
+                repeats: 3,
+                kernel: 5,
+                stride: 2,
+                expansion: 6.0,
+                out_chs: 40,
+                noskip: false
+            }
+        );
+        assert!(decode_block("ds_r1_k3_s1_c16_noskip").unwrap().noskip);
+        assert!(decode_block("xx_r1").is_err());
+        assert!(decode_block("ir_r1_q4").is_err());
+    }
+}

@@ -1,0 +1,175 @@
+//! Model definitions and loading of timm hub-format model folders.
+
+pub mod efficientnet;
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use candle_core::{D, Device, Tensor};
+
+use crate::hub_config::HubConfig;
+use crate::preprocess::Preprocessor;
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+/// One feature map that a backbone exposes (timm's `feature_info`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FeatureInfo {
+    /// The timm module whose output this is, e.g. `blocks.2`.
+    pub module: String,
+    pub channels: usize,
+    /// Stride relative to the input.
+    pub reduction: usize,
+}
+
+/// A vision backbone with a classification head.
+pub trait ImageModel: Send + Sync {
+    /// Runs the network on an `[N, 3, H, W]` batch, returning the feature maps
+    /// timm's `features_only=True` would, and the logits when `logits` is set.
+    fn forward_all(&self, x: &Tensor, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)>;
+
+    /// timm's `feature_info` for [`ImageModel::forward_all`]'s feature maps.
+    fn feature_info(&self) -> &[FeatureInfo];
+
+    /// Size of the logits.
+    fn num_classes(&self) -> usize;
+
+    /// Logits `[N, classes]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, logits) = self.forward_all(x, true)?;
+        Ok(logits.expect("forward_all returns logits when asked"))
+    }
+
+    /// Feature maps only; skips the head.
+    fn forward_features(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        Ok(self.forward_all(x, false)?.0)
+    }
+}
+
+/// Architectures lineside can build, for error messages and `--help`.
+pub fn supported_architectures() -> Vec<&'static str> {
+    efficientnet::SUPPORTED.to_vec()
+}
+
+/// The two files of a timm hub-format model, from disk or embedded in the binary.
+#[derive(Clone)]
+pub struct ModelFiles {
+    /// Where the files came from, for messages (`models/steel-surface`, `builtin:steel-surface`).
+    pub origin: String,
+    pub config_json: Cow<'static, str>,
+    pub weights: Cow<'static, [u8]>,
+}
+
+impl ModelFiles {
+    /// Reads `config.json` and `model.safetensors` from a folder.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read(&path).map_err(|source| Error::Io { path, source })
+        };
+        let config = read("config.json")?;
+        let config =
+            String::from_utf8(config).map_err(|e| Error::config("config.json", e.to_string()))?;
+        Ok(Self {
+            origin: dir.display().to_string(),
+            config_json: Cow::Owned(config),
+            weights: Cow::Owned(read("model.safetensors")?),
+        })
+    }
+
+    /// A short content hash of config and weights: the model's version.
+    pub fn content_version(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.config_json.as_bytes());
+        h.update(&self.weights);
+        let digest = h.finalize();
+        digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// A model ready to serve: network, preprocessing and labels.
+pub struct LoadedModel {
+    pub config: HubConfig,
+    pub network: Box<dyn ImageModel>,
+    pub preprocessor: Preprocessor,
+    pub labels: Vec<String>,
+    /// Content hash of the files it was loaded from.
+    pub version: String,
+    pub device: Device,
+}
+
+impl LoadedModel {
+    /// Builds the network that `config.json` names from the weights.
+    pub fn load(files: &ModelFiles, device: &Device) -> Result<Self> {
+        let config = HubConfig::from_json(&files.config_json)?;
+        let weights = Weights::from_buffer(
+            format!("{}/model.safetensors", files.origin),
+            &files.weights,
+            device,
+        )?;
+        let network: Box<dyn ImageModel> =
+            if efficientnet::EfficientNet::supports(&config.architecture) {
+                Box::new(efficientnet::EfficientNet::load(
+                    &config.architecture,
+                    &weights,
+                )?)
+            } else {
+                return Err(Error::UnsupportedArchitecture {
+                    found: config.architecture.clone(),
+                    supported: supported_architectures().join(", "),
+                });
+            };
+        if network.num_classes() != config.num_classes {
+            return Err(Error::config(
+                "num_classes",
+                format!(
+                    "config says {}, classifier has {}",
+                    config.num_classes,
+                    network.num_classes()
+                ),
+            ));
+        }
+        Ok(Self {
+            preprocessor: Preprocessor::new(&config.pretrained_cfg),
+            labels: config.labels(),
+            version: files.content_version(),
+            network,
+            config,
+            device: device.clone(),
+        })
+    }
+}
+
+/// Class probabilities for one image.
+pub type Probabilities = Vec<f32>;
+
+/// A classifier: batched logits → per-image softmax probabilities.
+pub struct Classifier {
+    pub model: LoadedModel,
+}
+
+impl Classifier {
+    /// Probabilities for an `[N, 3, H, W]` batch.
+    pub fn classify(&self, batch: &Tensor) -> Result<Vec<Probabilities>> {
+        let logits = self.model.network.forward(batch)?;
+        let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
+        Ok(probs.to_vec2::<f32>()?)
+    }
+}
+
+impl crate::batcher::BatchModel for Classifier {
+    type Output = Probabilities;
+
+    fn input_shape(&self) -> (usize, usize, usize) {
+        self.model.preprocessor.input_shape()
+    }
+
+    fn device(&self) -> &Device {
+        &self.model.device
+    }
+
+    fn infer(&self, batch: &Tensor) -> Result<Vec<Probabilities>> {
+        self.classify(batch)
+    }
+}

@@ -1,0 +1,475 @@
+//! CPU kernels for the layers where candle's generic path is slow, and the
+//! fused convolution layer the models are built from.
+//!
+//! BatchNorm is folded into every convolution at load time, so a layer is
+//! `act(conv(x) + bias)`. On CPU:
+//! - depthwise convolutions run a direct kernel ([`DepthwiseConv`]); candle
+//!   would split them into one convolution per channel;
+//! - 1×1 convolutions are one GEMM per image, with no im2col copy;
+//! - bias and activation are applied in one pass ([`BiasAct`]).
+//!
+//! On other devices the same layer falls back to candle's own ops.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::Result;
+
+/// Activation following a convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    Relu,
+    Relu6,
+    Silu,
+}
+
+impl Activation {
+    #[inline]
+    fn apply_slice(self, s: &mut [f32]) {
+        match self {
+            Activation::Identity => {}
+            Activation::Relu => s.iter_mut().for_each(|v| *v = v.max(0.0)),
+            Activation::Relu6 => s.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
+            Activation::Silu => s.iter_mut().for_each(|v| *v /= 1.0 + (-*v).exp()),
+        }
+    }
+
+    /// Applies the activation with candle ops (any device, differentiable).
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::Identity => x.clone(),
+            Activation::Relu => x.relu()?,
+            Activation::Relu6 => x.clamp(0f32, 6f32)?,
+            Activation::Silu => x.silu()?,
+        })
+    }
+}
+
+/// Zero padding on each side of a feature map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Padding {
+    pub top: usize,
+    pub left: usize,
+    pub bottom: usize,
+    pub right: usize,
+}
+
+/// How a convolution pads its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PadMode {
+    /// PyTorch style: the same fixed amount on every side.
+    Symmetric(usize),
+    /// TensorFlow "SAME": computed from the input size, extra pixel at the bottom/right.
+    TfSame,
+}
+
+impl PadMode {
+    /// PyTorch's default for timm models: `((stride - 1) + (kernel - 1)) / 2`.
+    pub fn timm_default(kernel: usize, stride: usize) -> Self {
+        PadMode::Symmetric(((stride - 1) + (kernel - 1)) / 2)
+    }
+
+    /// The concrete padding for an `h`×`w` input.
+    pub fn resolve(self, h: usize, w: usize, kernel: usize, stride: usize) -> Padding {
+        match self {
+            PadMode::Symmetric(p) => Padding {
+                top: p,
+                left: p,
+                bottom: p,
+                right: p,
+            },
+            PadMode::TfSame => {
+                let total = |i: usize| {
+                    let out = i.div_ceil(stride);
+                    ((out - 1) * stride + kernel).saturating_sub(i)
+                };
+                let (ph, pw) = (total(h), total(w));
+                Padding {
+                    top: ph / 2,
+                    left: pw / 2,
+                    bottom: ph - ph / 2,
+                    right: pw - pw / 2,
+                }
+            }
+        }
+    }
+}
+
+fn out_size(i: usize, k: usize, s: usize, before: usize, after: usize) -> usize {
+    (i + before + after - k) / s + 1
+}
+
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    let data = match storage {
+        CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("lineside kernels take f32 tensors"),
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("lineside kernels take contiguous tensors"),
+    }
+}
+
+/// Direct depthwise convolution with fused bias and activation (NCHW, f32, CPU).
+#[derive(Debug, Clone)]
+pub struct DepthwiseConv {
+    /// `[channels * k * k]`.
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    kernel: usize,
+    stride: usize,
+    pad: PadMode,
+    act: Activation,
+}
+
+impl DepthwiseConv {
+    fn plane(
+        &self,
+        ch: usize,
+        inp: &[f32],
+        h: usize,
+        w: usize,
+        pad: Padding,
+        out: &mut [f32],
+        ow: usize,
+    ) {
+        let (k, s) = (self.kernel, self.stride);
+        let wt = &self.weight[ch * k * k..(ch + 1) * k * k];
+        let oh = out.len() / ow;
+        for oy in 0..oh {
+            let row = &mut out[oy * ow..(oy + 1) * ow];
+            row.fill(self.bias[ch]);
+            for ky in 0..k {
+                let iy = (oy * s + ky) as isize - pad.top as isize;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                let in_row = &inp[iy as usize * w..(iy as usize + 1) * w];
+                for kx in 0..k {
+                    let wv = wt[ky * k + kx];
+                    // Output columns whose input column `ox*s + kx - left` lies inside the row.
+                    let lo = pad.left.saturating_sub(kx).div_ceil(s);
+                    let hi = ((w + pad.left).saturating_sub(kx)).div_ceil(s).min(ow);
+                    if lo >= hi {
+                        continue;
+                    }
+                    let first = lo * s + kx - pad.left;
+                    if s == 1 {
+                        let src = &in_row[first..first + (hi - lo)];
+                        for (o, i) in row[lo..hi].iter_mut().zip(src) {
+                            *o += wv * i;
+                        }
+                    } else {
+                        for (j, o) in row[lo..hi].iter_mut().enumerate() {
+                            *o += wv * in_row[first + j * s];
+                        }
+                    }
+                }
+            }
+            self.act.apply_slice(row);
+        }
+    }
+}
+
+impl CustomOp1 for DepthwiseConv {
+    fn name(&self) -> &'static str {
+        "lineside-depthwise-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let inp = contiguous_f32(storage, layout)?;
+        let (n, c, h, w) = layout.shape().dims4()?;
+        let pad = self.pad.resolve(h, w, self.kernel, self.stride);
+        let oh = out_size(h, self.kernel, self.stride, pad.top, pad.bottom);
+        let ow = out_size(w, self.kernel, self.stride, pad.left, pad.right);
+        let mut out = vec![0f32; n * c * oh * ow];
+        out.par_chunks_mut(oh * ow)
+            .enumerate()
+            .for_each(|(plane, o)| {
+                let src = &inp[plane * h * w..(plane + 1) * h * w];
+                self.plane(plane % c, src, h, w, pad, o, ow);
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+    }
+}
+
+/// `act(x + bias[c])` over an `[N, C, ...]` tensor in one pass (f32, CPU).
+#[derive(Debug, Clone)]
+pub struct BiasAct {
+    bias: Vec<f32>,
+    act: Activation,
+}
+
+impl CustomOp1 for BiasAct {
+    fn name(&self) -> &'static str {
+        "lineside-bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let inp = contiguous_f32(storage, layout)?;
+        let dims = layout.shape().dims();
+        let c = dims[1];
+        let plane: usize = dims[2..].iter().product();
+        let mut out = inp.to_vec();
+        out.par_chunks_mut(plane.max(1))
+            .enumerate()
+            .for_each(|(i, p)| {
+                let b = self.bias[i % c];
+                p.iter_mut().for_each(|v| *v += b);
+                self.act.apply_slice(p);
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// The kind of convolution, which decides the kernel it runs on.
+#[derive(Debug, Clone)]
+enum ConvKind {
+    /// 1×1, stride 1: a GEMM per image. Weight is `[out, in]`.
+    Pointwise,
+    /// One filter per channel.
+    Depthwise(DepthwiseConv),
+    /// Anything else: candle's im2col convolution.
+    Dense,
+}
+
+/// A convolution with BatchNorm folded in, followed by an activation.
+#[derive(Debug, Clone)]
+pub struct ConvBnAct {
+    /// `[out, in/groups, k, k]` (kept for the non-CPU path and for export).
+    weight: Tensor,
+    /// `[out, in]` for pointwise convolutions.
+    weight_2d: Option<Tensor>,
+    bias: Tensor,
+    bias_act: BiasAct,
+    kernel: usize,
+    stride: usize,
+    groups: usize,
+    pad: PadMode,
+    act: Activation,
+    kind: ConvKind,
+}
+
+impl ConvBnAct {
+    /// Builds the layer from a folded weight `[out, in/groups, k, k]` and bias `[out]`.
+    pub fn new(
+        weight: Tensor,
+        bias: Tensor,
+        stride: usize,
+        groups: usize,
+        pad: PadMode,
+        act: Activation,
+    ) -> Result<Self> {
+        let (out_ch, in_per_group, kh, kw) = weight.dims4()?;
+        if kh != kw {
+            return Err(crate::Error::config(
+                "conv",
+                format!("non-square kernel {kh}x{kw}"),
+            ));
+        }
+        let bias_vec = bias.to_vec1::<f32>()?;
+        let kind = if groups == out_ch && in_per_group == 1 && groups > 1 {
+            ConvKind::Depthwise(DepthwiseConv {
+                weight: weight.flatten_all()?.to_vec1::<f32>()?,
+                bias: bias_vec.clone(),
+                kernel: kh,
+                stride,
+                pad,
+                act,
+            })
+        } else if kh == 1 && stride == 1 && groups == 1 {
+            ConvKind::Pointwise
+        } else {
+            ConvKind::Dense
+        };
+        let weight_2d = match kind {
+            ConvKind::Pointwise => Some(weight.reshape((out_ch, in_per_group))?.contiguous()?),
+            _ => None,
+        };
+        Ok(Self {
+            weight,
+            weight_2d,
+            bias,
+            bias_act: BiasAct {
+                bias: bias_vec,
+                act,
+            },
+            kernel: kh,
+            stride,
+            groups,
+            pad,
+            act,
+            kind,
+        })
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// Runs the layer on an `[N, C, H, W]` batch.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let cpu = x.device().is_cpu();
+        let (n, _c, h, w) = x.dims4()?;
+        match (&self.kind, cpu) {
+            (ConvKind::Depthwise(op), true) => Ok(x.apply_op1_no_bwd(op)?),
+            (ConvKind::Pointwise, _) => {
+                let w2 = self
+                    .weight_2d
+                    .as_ref()
+                    .expect("pointwise layers keep a 2-d weight");
+                let y = w2.broadcast_matmul(&x.reshape((n, w2.dim(1)?, h * w))?)?;
+                let y = self.add_bias_act(&y, cpu)?;
+                Ok(y.reshape((n, w2.dim(0)?, h, w))?)
+            }
+            _ => {
+                let p = self.pad.resolve(h, w, self.kernel, self.stride);
+                let x = if p.top == p.bottom && p.left == p.right && p.top == p.left {
+                    x.conv2d(&self.weight, p.top, self.stride, 1, self.groups)?
+                } else {
+                    x.pad_with_zeros(2, p.top, p.bottom)?
+                        .pad_with_zeros(3, p.left, p.right)?
+                        .conv2d(&self.weight, 0, self.stride, 1, self.groups)?
+                };
+                self.add_bias_act(&x, cpu)
+            }
+        }
+    }
+
+    fn add_bias_act(&self, y: &Tensor, cpu: bool) -> Result<Tensor> {
+        if cpu {
+            Ok(y.contiguous()?.apply_op1_no_bwd(&self.bias_act)?)
+        } else {
+            let mut shape = vec![1usize; y.rank()];
+            shape[1] = self.bias.dim(0)?;
+            self.act
+                .apply(&y.broadcast_add(&self.bias.reshape(shape)?)?)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn reference(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        stride: usize,
+        pad: Padding,
+        act: Activation,
+    ) -> Tensor {
+        let c = x.dim(1).unwrap();
+        let x = x
+            .pad_with_zeros(2, pad.top, pad.bottom)
+            .unwrap()
+            .pad_with_zeros(3, pad.left, pad.right)
+            .unwrap();
+        let y = x.conv2d(w, 0, stride, 1, c).unwrap();
+        act.apply(&y.broadcast_add(&b.reshape((1, c, 1, 1)).unwrap()).unwrap())
+            .unwrap()
+    }
+
+    #[test]
+    fn depthwise_matches_candle_grouped_conv() {
+        let dev = Device::Cpu;
+        for &(k, s, h, w, mode) in &[
+            (3, 1, 9, 7, PadMode::Symmetric(1)),
+            (3, 2, 10, 9, PadMode::Symmetric(1)),
+            (5, 2, 12, 12, PadMode::TfSame),
+            (3, 2, 8, 8, PadMode::TfSame),
+            (5, 1, 7, 11, PadMode::Symmetric(2)),
+        ] {
+            let c = 5;
+            let x = Tensor::randn(0f32, 1.0, (2, c, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1.0, (c, 1, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, c, &dev).unwrap();
+            let layer =
+                ConvBnAct::new(wt.clone(), b.clone(), s, c, mode, Activation::Relu6).unwrap();
+            let got = layer.forward(&x).unwrap();
+            let want = reference(&x, &wt, &b, s, mode.resolve(h, w, k, s), Activation::Relu6);
+            assert_eq!(got.dims(), want.dims(), "k{k} s{s} {h}x{w}");
+            let err = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err < 1e-5, "k{k} s{s} {h}x{w} {mode:?}: max err {err}");
+        }
+    }
+
+    #[test]
+    fn pointwise_matches_candle_conv() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 8, 5, 6), &dev).unwrap();
+        let wt = Tensor::randn(0f32, 1.0, (4, 8, 1, 1), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 4, &dev).unwrap();
+        let layer = ConvBnAct::new(
+            wt.clone(),
+            b.clone(),
+            1,
+            1,
+            PadMode::Symmetric(0),
+            Activation::Silu,
+        )
+        .unwrap();
+        let got = layer.forward(&x).unwrap();
+        let want = Activation::Silu
+            .apply(
+                &x.conv2d(&wt, 0, 1, 1, 1)
+                    .unwrap()
+                    .broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap())
+                    .unwrap(),
+            )
+            .unwrap();
+        let err = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(err < 1e-4, "max err {err}");
+    }
+
+    #[test]
+    fn tf_same_padding_matches_tensorflow() {
+        // 224 input, k3 s2: TF pads 0 before and 1 after.
+        assert_eq!(
+            PadMode::TfSame.resolve(224, 224, 3, 2),
+            Padding {
+                top: 0,
+                left: 0,
+                bottom: 1,
+                right: 1
+            }
+        );
+        // k5 s2 on 28: pad total 3 -> 1 before, 2 after.
+        assert_eq!(
+            PadMode::TfSame.resolve(28, 28, 5, 2),
+            Padding {
+                top: 1,
+                left: 1,
+                bottom: 2,
+                right: 2
+            }
+        );
+    }
+}

@@ -1,0 +1,86 @@
+//! Named tensors loaded from safetensors, with BatchNorm folding.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::{Error, Result};
+
+/// A bag of named f32 tensors read from one safetensors file.
+///
+/// Half-precision files are widened to f32 at load, so shipped weights may be
+/// stored as fp16 while compute stays in f32.
+pub struct Weights {
+    file: String,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Weights {
+    /// Reads a safetensors buffer; `file` names it in errors.
+    pub fn from_buffer(file: impl Into<String>, bytes: &[u8], device: &Device) -> Result<Self> {
+        let raw = candle_core::safetensors::load_buffer(bytes, device)?;
+        let mut tensors = HashMap::with_capacity(raw.len());
+        for (name, t) in raw {
+            let t = match t.dtype() {
+                DType::F32 => t,
+                DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
+                // Integer tensors are BatchNorm's `num_batches_tracked`; inference ignores them.
+                _ => continue,
+            };
+            tensors.insert(name, t);
+        }
+        Ok(Self {
+            file: file.into(),
+            tensors,
+        })
+    }
+
+    /// Whether a tensor exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// All tensor names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// A tensor by name, or an error naming the file and the tensor.
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            file: self.file.clone(),
+            name: name.to_string(),
+        })
+    }
+
+    /// A tensor by name whose shape must equal `shape`.
+    pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<&Tensor> {
+        let t = self.get(name)?;
+        if t.dims() != shape {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                found: t.dims().to_vec(),
+                expected: shape.to_vec(),
+            });
+        }
+        Ok(t)
+    }
+
+    /// Folds the eval-mode BatchNorm `bn` into the preceding convolution `conv_weight`
+    /// (shape `[out, in/groups, kh, kw]`), returning the new weight and bias.
+    ///
+    /// `y = gamma * (conv(x) - mean) / sqrt(var + eps) + beta` becomes
+    /// `conv'(x) + b'` with `conv' = conv * s`, `b' = beta - mean * s`, `s = gamma / sqrt(var + eps)`.
+    pub fn fold_bn(&self, conv_weight: &str, bn: &str, eps: f64) -> Result<(Tensor, Tensor)> {
+        let w = self.get(conv_weight)?;
+        let out = w.dim(0)?;
+        let gamma = self.get_shaped(&format!("{bn}.weight"), &[out])?;
+        let beta = self.get_shaped(&format!("{bn}.bias"), &[out])?;
+        let mean = self.get_shaped(&format!("{bn}.running_mean"), &[out])?;
+        let var = self.get_shaped(&format!("{bn}.running_var"), &[out])?;
+        let scale = gamma.div(&(var + eps)?.sqrt()?)?;
+        let w = w.broadcast_mul(&scale.reshape((out, 1, 1, 1))?)?;
+        let b = (beta - mean.mul(&scale)?)?;
+        Ok((w.contiguous()?, b.contiguous()?))
+    }
+}
