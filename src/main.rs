@@ -1,1 +1,47 @@
-fn main() {}
+//! The `lineside` command: serve, inspect offline, train, benchmark.
+
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+/// lineside — AI visual inspection server for production lines.
+#[derive(Parser)]
+#[command(name = "lineside", version, about, long_about = None)]
+struct Cli {
+    /// Defaults to `serve` with the built-in model.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the inspection API (default: the built-in steel-surface model on 0.0.0.0:8080).
+    Serve(cli::serve::ServeArgs),
+    /// Inspect image files offline and print JSON lines.
+    Inspect(cli::inspect::InspectArgs),
+    /// Measure model throughput and latency per batch size.
+    Bench(cli::bench::BenchArgs),
+    /// Fine-tune a classifier on a folder of labelled images.
+    Train(cli::train::TrainArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,lineside=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command.unwrap_or_default() {
+        Command::Serve(args) => cli::serve::run(args),
+        Command::Inspect(args) => cli::inspect::run(args),
+        Command::Bench(args) => cli::bench::run(args),
+        Command::Train(args) => cli::train::run(args),
+    }
+}
+
+impl Default for Command {
+    fn default() -> Self {
+        Command::Serve(cli::serve::ServeArgs::default())
+    }
+}

@@ -16,7 +16,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use tokio::sync::oneshot;
 
 /// A model the batcher can drive.
@@ -46,12 +46,7 @@ pub struct BatcherConfig {
 
 impl Default for BatcherConfig {
     fn default() -> Self {
-        Self {
-            max_batch_size: 8,
-            max_queue_delay: Duration::from_millis(5),
-            queue_capacity: 64,
-            threads: None,
-        }
+        Self { max_batch_size: 8, max_queue_delay: Duration::from_millis(5), queue_capacity: 64, threads: None }
     }
 }
 
@@ -133,10 +128,7 @@ pub struct Batcher<O> {
 
 impl<O> Clone for Batcher<O> {
     fn clone(&self) -> Self {
-        Self {
-            tx: self.tx.clone(),
-            shared: self.shared.clone(),
-        }
+        Self { tx: self.tx.clone(), shared: self.shared.clone() }
     }
 }
 
@@ -163,9 +155,7 @@ impl<O: Send + 'static> Batcher<O> {
             input_len: AtomicUsize::new(0),
         });
         let thread_shared = shared.clone();
-        std::thread::Builder::new()
-            .name(format!("batcher-{name}"))
-            .spawn(move || run(thread_shared, cfg, rx, load))?;
+        std::thread::Builder::new().name(format!("batcher-{name}")).spawn(move || run(thread_shared, cfg, rx, load))?;
         Ok(Self { tx, shared })
     }
 
@@ -178,37 +168,23 @@ impl<O: Send + 'static> Batcher<O> {
         }
         let expected = self.shared.input_len.load(Ordering::Relaxed);
         if input.len() != expected {
-            return Err(SubmitError::BadInput {
-                found: input.len(),
-                expected,
-            });
+            return Err(SubmitError::BadInput { found: input.len(), expected });
         }
         let (reply, rx) = oneshot::channel();
-        let job = Job {
-            input,
-            enqueued_at: Instant::now(),
-            deadline,
-            reply,
-        };
+        let job = Job { input, enqueued_at: Instant::now(), deadline, reply };
         match self.tx.try_send(job) {
             Ok(()) => {
                 self.shared.set_depth(self.tx.len());
                 Ok(rx)
             }
-            Err(TrySendError::Full(_)) => Err(SubmitError::Overloaded {
-                capacity: self.shared.capacity,
-            }),
+            Err(TrySendError::Full(_)) => Err(SubmitError::Overloaded { capacity: self.shared.capacity }),
             Err(TrySendError::Disconnected(_)) => Err(SubmitError::NotReady(ModelStatus::Stopped)),
         }
     }
 
     /// The model's current lifecycle state.
     pub fn status(&self) -> ModelStatus {
-        self.shared
-            .status
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.shared.status.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Requests waiting in the queue.
@@ -229,10 +205,7 @@ where
 {
     // With its own pool, the whole loop runs on a pool worker so that every
     // rayon call in the model (GEMM, kernels) stays inside this model's threads.
-    match cfg
-        .threads
-        .map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build())
-    {
+    match cfg.threads.map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build()) {
         Some(Ok(pool)) => pool.install(move || run_loop(shared, cfg, rx, load)),
         Some(Err(e)) => shared.set_status(ModelStatus::Failed(format!("thread pool: {e}"))),
         None => run_loop(shared, cfg, rx, load),
@@ -272,10 +245,7 @@ fn warm_up<M: BatchModel>(model: &M, batch: usize) -> crate::Result<()> {
     let x = Tensor::zeros((batch, c, h, w), candle_core::DType::F32, model.device())?;
     let out = model.infer(&x)?;
     if out.len() != batch {
-        return Err(crate::Error::config(
-            "warm-up",
-            format!("{} outputs for {batch} inputs", out.len()),
-        ));
+        return Err(crate::Error::config("warm-up", format!("{} outputs for {batch} inputs", out.len())));
     }
     Ok(())
 }
@@ -289,14 +259,7 @@ fn collect<O>(rx: &Receiver<Job<O>>, cfg: &BatcherConfig) -> Option<Vec<Job<O>>>
     let mut jobs = vec![first];
     while jobs.len() < cfg.max_batch_size {
         let now = Instant::now();
-        let next = if now >= until {
-            rx.try_recv().ok()
-        } else {
-            match rx.recv_timeout(until - now) {
-                Ok(j) => Some(j),
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-            }
-        };
+        let next = if now >= until { rx.try_recv().ok() } else { rx.recv_timeout(until - now).ok() };
         match next {
             Some(j) => jobs.push(j),
             None => break,
@@ -311,13 +274,13 @@ fn drop_stale<O>(model: &str, jobs: Vec<Job<O>>) -> Vec<Job<O>> {
     let mut keep = Vec::with_capacity(jobs.len());
     for job in jobs {
         if job.reply.is_closed() {
-            metrics::counter!("lineside_dropped_total", "model" => model.to_string(), "reason" => "client_gone").increment(1);
+            metrics::counter!("lineside_dropped_total", "model" => model.to_string(), "reason" => "client_gone")
+                .increment(1);
         } else if now >= job.deadline {
-            metrics::counter!("lineside_dropped_total", "model" => model.to_string(), "reason" => "deadline").increment(1);
+            metrics::counter!("lineside_dropped_total", "model" => model.to_string(), "reason" => "deadline")
+                .increment(1);
             let waited_ms = now.duration_since(job.enqueued_at).as_millis() as u64;
-            let _ = job
-                .reply
-                .send(Err(JobError::DeadlineExceeded { waited_ms }));
+            let _ = job.reply.send(Err(JobError::DeadlineExceeded { waited_ms }));
         } else {
             keep.push(job);
         }
@@ -340,25 +303,17 @@ fn serve<M: BatchModel>(name: &str, model: &M, jobs: Vec<Job<M::Output>>) {
             if outs.len() == n {
                 Ok(outs)
             } else {
-                Err(crate::Error::config(
-                    "model",
-                    format!("{} outputs for {n} inputs", outs.len()),
-                ))
+                Err(crate::Error::config("model", format!("{} outputs for {n} inputs", outs.len())))
             }
         });
     let inference = started.elapsed();
     metrics::histogram!("lineside_batch_size", "model" => name.to_string()).record(n as f64);
-    metrics::histogram!("lineside_inference_seconds", "model" => name.to_string())
-        .record(inference.as_secs_f64());
+    metrics::histogram!("lineside_inference_seconds", "model" => name.to_string()).record(inference.as_secs_f64());
     match result {
         Ok(outs) => {
             for (job, output) in jobs.into_iter().zip(outs) {
-                let served = Served {
-                    output,
-                    queue: started.duration_since(job.enqueued_at),
-                    inference,
-                    batch_size: n,
-                };
+                let served =
+                    Served { output, queue: started.duration_since(job.enqueued_at), inference, batch_size: n };
                 let _ = job.reply.send(Ok(served));
             }
         }

@@ -28,11 +28,7 @@ pub enum Error {
     MissingTensor { file: String, name: String },
 
     #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
-    ShapeMismatch {
-        name: String,
-        found: Vec<usize>,
-        expected: Vec<usize>,
-    },
+    ShapeMismatch { name: String, found: Vec<usize>, expected: Vec<usize> },
 
     #[error("image could not be decoded: {0}")]
     Decode(String),
@@ -46,9 +42,6 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn config(what: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Config {
-            what: what.into(),
-            message: message.into(),
-        }
+        Error::Config { what: what.into(), message: message.into() }
     }
 }

@@ -60,32 +60,22 @@ fn default_crop_mode() -> String {
 impl HubConfig {
     /// Parses a `config.json` document.
     pub fn from_json(text: &str) -> Result<Self> {
-        let cfg: HubConfig =
-            serde_json::from_str(text).map_err(|e| Error::config("config.json", e.to_string()))?;
+        let cfg: HubConfig = serde_json::from_str(text).map_err(|e| Error::config("config.json", e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     fn validate(&self) -> Result<()> {
         if self.pretrained_cfg.input_size[0] != 3 {
-            return Err(Error::config(
-                "pretrained_cfg.input_size",
-                "only 3-channel models are supported",
-            ));
+            return Err(Error::config("pretrained_cfg.input_size", "only 3-channel models are supported"));
         }
         if !(0.05..=1.0).contains(&self.pretrained_cfg.crop_pct) {
-            return Err(Error::config(
-                "pretrained_cfg.crop_pct",
-                "must be in (0, 1]",
-            ));
+            return Err(Error::config("pretrained_cfg.crop_pct", "must be in (0, 1]"));
         }
         if self.pretrained_cfg.crop_mode != "center" {
             return Err(Error::config(
                 "pretrained_cfg.crop_mode",
-                format!(
-                    "`{}` is not supported (only `center`)",
-                    self.pretrained_cfg.crop_mode
-                ),
+                format!("`{}` is not supported (only `center`)", self.pretrained_cfg.crop_mode),
             ));
         }
         if let Some(labels) = &self.label_names
@@ -103,9 +93,7 @@ impl HubConfig {
     pub fn labels(&self) -> Vec<String> {
         match &self.label_names {
             Some(l) => l.clone(),
-            None => (0..self.num_classes)
-                .map(|i| format!("class_{i}"))
-                .collect(),
+            None => (0..self.num_classes).map(|i| format!("class_{i}")).collect(),
         }
     }
 }

@@ -73,24 +73,14 @@ impl PadMode {
     /// The concrete padding for an `h`×`w` input.
     pub fn resolve(self, h: usize, w: usize, kernel: usize, stride: usize) -> Padding {
         match self {
-            PadMode::Symmetric(p) => Padding {
-                top: p,
-                left: p,
-                bottom: p,
-                right: p,
-            },
+            PadMode::Symmetric(p) => Padding { top: p, left: p, bottom: p, right: p },
             PadMode::TfSame => {
                 let total = |i: usize| {
                     let out = i.div_ceil(stride);
                     ((out - 1) * stride + kernel).saturating_sub(i)
                 };
                 let (ph, pw) = (total(h), total(w));
-                Padding {
-                    top: ph / 2,
-                    left: pw / 2,
-                    bottom: ph - ph / 2,
-                    right: pw - pw / 2,
-                }
+                Padding { top: ph / 2, left: pw / 2, bottom: ph - ph / 2, right: pw - pw / 2 }
             }
         }
     }
@@ -111,6 +101,15 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::
     }
 }
 
+/// Input height and width, output width and padding of one depthwise plane.
+#[derive(Clone, Copy)]
+struct Geometry {
+    h: usize,
+    w: usize,
+    ow: usize,
+    pad: Padding,
+}
+
 /// Direct depthwise convolution with fused bias and activation (NCHW, f32, CPU).
 #[derive(Debug, Clone)]
 pub struct DepthwiseConv {
@@ -124,16 +123,8 @@ pub struct DepthwiseConv {
 }
 
 impl DepthwiseConv {
-    fn plane(
-        &self,
-        ch: usize,
-        inp: &[f32],
-        h: usize,
-        w: usize,
-        pad: Padding,
-        out: &mut [f32],
-        ow: usize,
-    ) {
+    fn plane(&self, ch: usize, inp: &[f32], g: Geometry, out: &mut [f32]) {
+        let Geometry { h, w, ow, pad } = g;
         let (k, s) = (self.kernel, self.stride);
         let wt = &self.weight[ch * k * k..(ch + 1) * k * k];
         let oh = out.len() / ow;
@@ -177,23 +168,17 @@ impl CustomOp1 for DepthwiseConv {
         "lineside-depthwise-conv"
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let inp = contiguous_f32(storage, layout)?;
         let (n, c, h, w) = layout.shape().dims4()?;
         let pad = self.pad.resolve(h, w, self.kernel, self.stride);
         let oh = out_size(h, self.kernel, self.stride, pad.top, pad.bottom);
         let ow = out_size(w, self.kernel, self.stride, pad.left, pad.right);
         let mut out = vec![0f32; n * c * oh * ow];
-        out.par_chunks_mut(oh * ow)
-            .enumerate()
-            .for_each(|(plane, o)| {
-                let src = &inp[plane * h * w..(plane + 1) * h * w];
-                self.plane(plane % c, src, h, w, pad, o, ow);
-            });
+        out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, o)| {
+            let src = &inp[plane * h * w..(plane + 1) * h * w];
+            self.plane(plane % c, src, Geometry { h, w, ow, pad }, o);
+        });
         Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
     }
 }
@@ -210,23 +195,17 @@ impl CustomOp1 for BiasAct {
         "lineside-bias-act"
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let inp = contiguous_f32(storage, layout)?;
         let dims = layout.shape().dims();
         let c = dims[1];
         let plane: usize = dims[2..].iter().product();
         let mut out = inp.to_vec();
-        out.par_chunks_mut(plane.max(1))
-            .enumerate()
-            .for_each(|(i, p)| {
-                let b = self.bias[i % c];
-                p.iter_mut().for_each(|v| *v += b);
-                self.act.apply_slice(p);
-            });
+        out.par_chunks_mut(plane.max(1)).enumerate().for_each(|(i, p)| {
+            let b = self.bias[i % c];
+            p.iter_mut().for_each(|v| *v += b);
+            self.act.apply_slice(p);
+        });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -271,10 +250,7 @@ impl ConvBnAct {
     ) -> Result<Self> {
         let (out_ch, in_per_group, kh, kw) = weight.dims4()?;
         if kh != kw {
-            return Err(crate::Error::config(
-                "conv",
-                format!("non-square kernel {kh}x{kw}"),
-            ));
+            return Err(crate::Error::config("conv", format!("non-square kernel {kh}x{kw}")));
         }
         let bias_vec = bias.to_vec1::<f32>()?;
         let kind = if groups == out_ch && in_per_group == 1 && groups > 1 {
@@ -299,10 +275,7 @@ impl ConvBnAct {
             weight,
             weight_2d,
             bias,
-            bias_act: BiasAct {
-                bias: bias_vec,
-                act,
-            },
+            bias_act: BiasAct { bias: bias_vec, act },
             kernel: kh,
             stride,
             groups,
@@ -325,10 +298,7 @@ impl ConvBnAct {
         match (&self.kind, cpu) {
             (ConvKind::Depthwise(op), true) => Ok(x.apply_op1_no_bwd(op)?),
             (ConvKind::Pointwise, _) => {
-                let w2 = self
-                    .weight_2d
-                    .as_ref()
-                    .expect("pointwise layers keep a 2-d weight");
+                let w2 = self.weight_2d.as_ref().expect("pointwise layers keep a 2-d weight");
                 let y = w2.broadcast_matmul(&x.reshape((n, w2.dim(1)?, h * w))?)?;
                 let y = self.add_bias_act(&y, cpu)?;
                 Ok(y.reshape((n, w2.dim(0)?, h, w))?)
@@ -338,9 +308,13 @@ impl ConvBnAct {
                 let x = if p.top == p.bottom && p.left == p.right && p.top == p.left {
                     x.conv2d(&self.weight, p.top, self.stride, 1, self.groups)?
                 } else {
-                    x.pad_with_zeros(2, p.top, p.bottom)?
-                        .pad_with_zeros(3, p.left, p.right)?
-                        .conv2d(&self.weight, 0, self.stride, 1, self.groups)?
+                    x.pad_with_zeros(2, p.top, p.bottom)?.pad_with_zeros(3, p.left, p.right)?.conv2d(
+                        &self.weight,
+                        0,
+                        self.stride,
+                        1,
+                        self.groups,
+                    )?
                 };
                 self.add_bias_act(&x, cpu)
             }
@@ -353,8 +327,7 @@ impl ConvBnAct {
         } else {
             let mut shape = vec![1usize; y.rank()];
             shape[1] = self.bias.dim(0)?;
-            self.act
-                .apply(&y.broadcast_add(&self.bias.reshape(shape)?)?)
+            self.act.apply(&y.broadcast_add(&self.bias.reshape(shape)?)?)
         }
     }
 }
@@ -364,23 +337,11 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
-    fn reference(
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        stride: usize,
-        pad: Padding,
-        act: Activation,
-    ) -> Tensor {
+    fn reference(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: Padding, act: Activation) -> Tensor {
         let c = x.dim(1).unwrap();
-        let x = x
-            .pad_with_zeros(2, pad.top, pad.bottom)
-            .unwrap()
-            .pad_with_zeros(3, pad.left, pad.right)
-            .unwrap();
+        let x = x.pad_with_zeros(2, pad.top, pad.bottom).unwrap().pad_with_zeros(3, pad.left, pad.right).unwrap();
         let y = x.conv2d(w, 0, stride, 1, c).unwrap();
-        act.apply(&y.broadcast_add(&b.reshape((1, c, 1, 1)).unwrap()).unwrap())
-            .unwrap()
+        act.apply(&y.broadcast_add(&b.reshape((1, c, 1, 1)).unwrap()).unwrap()).unwrap()
     }
 
     #[test]
@@ -397,19 +358,11 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (2, c, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 1.0, (c, 1, k, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, c, &dev).unwrap();
-            let layer =
-                ConvBnAct::new(wt.clone(), b.clone(), s, c, mode, Activation::Relu6).unwrap();
+            let layer = ConvBnAct::new(wt.clone(), b.clone(), s, c, mode, Activation::Relu6).unwrap();
             let got = layer.forward(&x).unwrap();
             let want = reference(&x, &wt, &b, s, mode.resolve(h, w, k, s), Activation::Relu6);
             assert_eq!(got.dims(), want.dims(), "k{k} s{s} {h}x{w}");
-            let err = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(err < 1e-5, "k{k} s{s} {h}x{w} {mode:?}: max err {err}");
         }
     }
@@ -420,56 +373,20 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (3, 8, 5, 6), &dev).unwrap();
         let wt = Tensor::randn(0f32, 1.0, (4, 8, 1, 1), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 4, &dev).unwrap();
-        let layer = ConvBnAct::new(
-            wt.clone(),
-            b.clone(),
-            1,
-            1,
-            PadMode::Symmetric(0),
-            Activation::Silu,
-        )
-        .unwrap();
+        let layer = ConvBnAct::new(wt.clone(), b.clone(), 1, 1, PadMode::Symmetric(0), Activation::Silu).unwrap();
         let got = layer.forward(&x).unwrap();
         let want = Activation::Silu
-            .apply(
-                &x.conv2d(&wt, 0, 1, 1, 1)
-                    .unwrap()
-                    .broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap())
-                    .unwrap(),
-            )
+            .apply(&x.conv2d(&wt, 0, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap()).unwrap())
             .unwrap();
-        let err = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(err < 1e-4, "max err {err}");
     }
 
     #[test]
     fn tf_same_padding_matches_tensorflow() {
         // 224 input, k3 s2: TF pads 0 before and 1 after.
-        assert_eq!(
-            PadMode::TfSame.resolve(224, 224, 3, 2),
-            Padding {
-                top: 0,
-                left: 0,
-                bottom: 1,
-                right: 1
-            }
-        );
+        assert_eq!(PadMode::TfSame.resolve(224, 224, 3, 2), Padding { top: 0, left: 0, bottom: 1, right: 1 });
         // k5 s2 on 28: pad total 3 -> 1 before, 2 after.
-        assert_eq!(
-            PadMode::TfSame.resolve(28, 28, 5, 2),
-            Padding {
-                top: 1,
-                left: 1,
-                bottom: 2,
-                right: 2
-            }
-        );
+        assert_eq!(PadMode::TfSame.resolve(28, 28, 5, 2), Padding { top: 1, left: 1, bottom: 2, right: 2 });
     }
 }

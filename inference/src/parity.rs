@@ -41,22 +41,9 @@ pub fn compare(name: &str, ours: &Tensor, reference: &Tensor) -> Result<TensorEr
             expected: reference.dims().to_vec(),
         });
     }
-    let max_abs = (ours - reference)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
-    let scale = reference
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?
-        .max(f32::MIN_POSITIVE);
-    Ok(TensorError {
-        name: name.to_string(),
-        max_abs,
-        relative: max_abs / scale,
-    })
+    let max_abs = (ours - reference)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let scale = reference.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(f32::MIN_POSITIVE);
+    Ok(TensorError { name: name.to_string(), max_abs, relative: max_abs / scale })
 }
 
 /// Argmax of each row of a `[N, C]` tensor.
@@ -86,12 +73,8 @@ pub fn check_loaded(
     refs: &std::collections::HashMap<String, Tensor>,
     name: &str,
 ) -> Result<ParityReport> {
-    let get = |k: &str| {
-        refs.get(k).ok_or_else(|| Error::MissingTensor {
-            file: "ref.safetensors".into(),
-            name: k.into(),
-        })
-    };
+    let get =
+        |k: &str| refs.get(k).ok_or_else(|| Error::MissingTensor { file: "ref.safetensors".into(), name: k.into() });
     let (features, logits) = model.network.forward_all(get("input")?, true)?;
     let logits = logits.expect("asked for logits");
     let ref_logits = get("logits")?;
@@ -101,14 +84,7 @@ pub fn check_loaded(
         tensors.push(compare(&key, f, get(&key)?)?);
     }
     if refs.contains_key(&format!("features.{}", features.len())) {
-        return Err(Error::config(
-            name,
-            format!("reference has more than {} feature maps", features.len()),
-        ));
+        return Err(Error::config(name, format!("reference has more than {} feature maps", features.len())));
     }
-    Ok(ParityReport {
-        model: name.to_string(),
-        tensors,
-        top1_match: top1(&logits)? == top1(ref_logits)?,
-    })
+    Ok(ParityReport { model: name.to_string(), tensors, top1_match: top1(&logits)? == top1(ref_logits)? })
 }

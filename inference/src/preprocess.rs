@@ -24,29 +24,19 @@ pub struct DecodeLimits {
 
 impl Default for DecodeLimits {
     fn default() -> Self {
-        Self {
-            max_width: 16_384,
-            max_height: 16_384,
-            max_alloc: 512 * 1024 * 1024,
-        }
+        Self { max_width: 16_384, max_height: 16_384, max_alloc: 512 * 1024 * 1024 }
     }
 }
 
 /// Image formats lineside accepts.
-pub const ACCEPTED_FORMATS: &[ImageFormat] = &[
-    ImageFormat::Jpeg,
-    ImageFormat::Png,
-    ImageFormat::Bmp,
-    ImageFormat::Tiff,
-    ImageFormat::WebP,
-];
+pub const ACCEPTED_FORMATS: &[ImageFormat] =
+    &[ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::Bmp, ImageFormat::Tiff, ImageFormat::WebP];
 
 /// Decodes an encoded image. Dimensions are checked against `limits` from the
 /// header, before any pixel buffer is allocated, so a decompression bomb costs nothing.
 pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<DynamicImage> {
-    let mut reader = image::ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::Decode(e.to_string()))?;
+    let mut reader =
+        image::ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| Error::Decode(e.to_string()))?;
     match reader.format() {
         Some(f) if ACCEPTED_FORMATS.contains(&f) => {}
         Some(f) => return Err(Error::UnsupportedFormat(format!("{f:?}"))),
@@ -85,14 +75,7 @@ impl Preprocessor {
             Interpolation::Bilinear => ResizeAlg::Convolution(FilterType::Bilinear),
             Interpolation::Nearest => ResizeAlg::Nearest,
         };
-        Self {
-            height,
-            width,
-            scale_size,
-            filter,
-            mean: cfg.mean,
-            std: cfg.std,
-        }
+        Self { height, width, scale_size, filter, mean: cfg.mean, std: cfg.std }
     }
 
     /// `(channels, height, width)` of the tensors this produces.
@@ -110,10 +93,7 @@ impl Preprocessor {
     /// Normalize an RGB image that already has the model's input size.
     pub fn normalize_exact(&self, rgb: &RgbImage) -> Result<Vec<f32>> {
         if (rgb.width() as usize, rgb.height() as usize) != (self.width, self.height) {
-            return Err(Error::config(
-                "input",
-                format!("expected {}x{}", self.width, self.height),
-            ));
+            return Err(Error::config("input", format!("expected {}x{}", self.width, self.height)));
         }
         Ok(self.crop_normalize(rgb))
     }
@@ -149,8 +129,7 @@ impl Preprocessor {
             let row = &raw[((top + y) * w + left) * 3..((top + y) * w + left + self.width) * 3];
             for (x, px) in row.chunks_exact(3).enumerate() {
                 for c in 0..3 {
-                    out[c * plane + y * self.width + x] =
-                        (px[c] as f32 / 255.0 - self.mean[c]) / self.std[c];
+                    out[c * plane + y * self.width + x] = (px[c] as f32 / 255.0 - self.mean[c]) / self.std[c];
                 }
             }
         }
@@ -160,11 +139,7 @@ impl Preprocessor {
 
 fn round_half_even(v: f64) -> usize {
     let r = v.round();
-    let r = if (v - v.trunc() - 0.5).abs() < 1e-9 && (r as i64) % 2 != 0 {
-        r - 1.0
-    } else {
-        r
-    };
+    let r = if (v - v.trunc() - 0.5).abs() < 1e-9 && (r as i64) % 2 != 0 { r - 1.0 } else { r };
     r as usize
 }
 
@@ -191,10 +166,7 @@ mod tests {
         png.extend_from_slice(&13u32.to_be_bytes());
         png.extend_from_slice(&ihdr);
         png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
-        assert!(matches!(
-            decode(&png, DecodeLimits::default()),
-            Err(Error::ImageTooLarge(_))
-        ));
+        assert!(matches!(decode(&png, DecodeLimits::default()), Err(Error::ImageTooLarge(_))));
     }
 
     fn crc32(data: &[u8]) -> u32 {
@@ -202,11 +174,7 @@ mod tests {
         for &b in data {
             crc ^= b as u32;
             for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xedb8_8320
-                } else {
-                    crc >> 1
-                };
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
             }
         }
         !crc

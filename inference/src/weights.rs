@@ -29,10 +29,7 @@ impl Weights {
             };
             tensors.insert(name, t);
         }
-        Ok(Self {
-            file: file.into(),
-            tensors,
-        })
+        Ok(Self { file: file.into(), tensors })
     }
 
     /// Whether a tensor exists.
@@ -47,10 +44,7 @@ impl Weights {
 
     /// A tensor by name, or an error naming the file and the tensor.
     pub fn get(&self, name: &str) -> Result<&Tensor> {
-        self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
-            file: self.file.clone(),
-            name: name.to_string(),
-        })
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor { file: self.file.clone(), name: name.to_string() })
     }
 
     /// A tensor by name whose shape must equal `shape`.

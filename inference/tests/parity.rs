@@ -20,28 +20,17 @@ fn shared_models() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
         .join("models");
-    assert!(
-        dir.is_dir(),
-        "reference models not found at {} (set LINESIDE_SHARED)",
-        dir.display()
-    );
+    assert!(dir.is_dir(), "reference models not found at {} (set LINESIDE_SHARED)", dir.display());
     dir
 }
 
 fn check_reference_input(name: &str) {
     let report = parity::check_dir(&shared_models().join(name)).unwrap();
     for t in &report.tensors {
-        println!(
-            "{name} {:<11} max abs {:.3e}  relative {:.3e}",
-            t.name, t.max_abs, t.relative
-        );
+        println!("{name} {:<11} max abs {:.3e}  relative {:.3e}", t.name, t.max_abs, t.relative);
     }
     assert!(report.top1_match, "{name}: top-1 differs from timm");
-    assert!(
-        report.worst() <= TOLERANCE,
-        "{name}: worst relative error {:.3e}",
-        report.worst()
-    );
+    assert!(report.worst() <= TOLERANCE, "{name}: worst relative error {:.3e}", report.worst());
 }
 
 fn check_raw_images(name: &str) {
@@ -50,22 +39,13 @@ fn check_raw_images(name: &str) {
     let refs = parity::load_refs(&dir, &Device::Cpu).unwrap();
     let ref_json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("ref.json")).unwrap()).unwrap();
-    let images: Vec<String> = ref_json["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_string())
-        .collect();
+    let images: Vec<String> =
+        ref_json["images"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
     let (c, h, w) = model.preprocessor.input_shape();
     let mut inputs = Vec::new();
     for img in &images {
         let bytes = std::fs::read(shared_models().join("_images").join(img)).unwrap();
-        inputs.extend(
-            model
-                .preprocessor
-                .run(&decode(&bytes, DecodeLimits::default()).unwrap())
-                .unwrap(),
-        );
+        inputs.extend(model.preprocessor.run(&decode(&bytes, DecodeLimits::default()).unwrap()).unwrap());
     }
     let x = Tensor::from_vec(inputs, (images.len(), c, h, w), &Device::Cpu).unwrap();
     let input_err = parity::compare("input", &x, &refs["input"]).unwrap();
@@ -75,26 +55,13 @@ fn check_raw_images(name: &str) {
         "{name} from raw images: input max abs {:.3e}, logits max abs {:.3e} (relative {:.3e})",
         input_err.max_abs, logit_err.max_abs, logit_err.relative
     );
-    assert_eq!(
-        parity::top1(&logits).unwrap(),
-        parity::top1(&refs["logits"]).unwrap(),
-        "{name}: top-1 from raw images"
-    );
+    assert_eq!(parity::top1(&logits).unwrap(), parity::top1(&refs["logits"]).unwrap(), "{name}: top-1 from raw images");
     // In 8-bit pixel levels: resampling differs from Pillow's by a few levels at
     // sharp edges; a wrong crop, mean/std or channel order costs tens of levels.
-    let std = model
-        .config
-        .pretrained_cfg
-        .std
-        .iter()
-        .copied()
-        .fold(f32::MAX, f32::min);
+    let std = model.config.pretrained_cfg.std.iter().copied().fold(f32::MAX, f32::min);
     let levels = input_err.max_abs * std * 255.0;
     println!("{name} from raw images: input differs by at most {levels:.1} pixel levels");
-    assert!(
-        levels <= 8.0,
-        "{name}: preprocessing differs from timm by {levels:.1} levels"
-    );
+    assert!(levels <= 8.0, "{name}: preprocessing differs from timm by {levels:.1} levels");
 }
 
 #[test]

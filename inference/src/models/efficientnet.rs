@@ -42,15 +42,7 @@ fn decode_block(s: &str) -> Result<BlockArgs> {
         Some("ir") => BlockKind::InvertedResidual,
         other => return Err(bad(format!("unsupported block type {other:?}"))),
     };
-    let mut args = BlockArgs {
-        kind,
-        repeats: 1,
-        kernel: 3,
-        stride: 1,
-        expansion: 1.0,
-        out_chs: 0,
-        noskip: false,
-    };
+    let mut args = BlockArgs { kind, repeats: 1, kernel: 3, stride: 1, expansion: 1.0, out_chs: 0, noskip: false };
     for p in parts {
         let num = |v: &str| v.parse::<usize>().map_err(|e| bad(format!("`{p}`: {e}")));
         if p == "noskip" {
@@ -103,11 +95,7 @@ const EFFICIENTNET_LITE_STAGES: &[&str] = &[
 ];
 
 /// Architecture names this module builds.
-pub const SUPPORTED: &[&str] = &[
-    "mobilenetv2_100",
-    "tf_efficientnet_lite0",
-    "efficientnet_lite0",
-];
+pub const SUPPORTED: &[&str] = &["mobilenetv2_100", "tf_efficientnet_lite0", "efficientnet_lite0"];
 
 fn arch_spec(name: &str) -> Option<ArchSpec> {
     let base = |stages, eps, tf| ArchSpec {
@@ -127,27 +115,21 @@ fn arch_spec(name: &str) -> Option<ArchSpec> {
     }
 }
 
+/// BatchNorm epsilon of `architecture`, for code that trains its head.
+pub fn bn_eps(architecture: &str) -> Option<f64> {
+    arch_spec(architecture).map(|s| s.bn_eps)
+}
+
 enum Block {
-    DepthwiseSeparable {
-        dw: ConvBnAct,
-        pw: ConvBnAct,
-        skip: bool,
-    },
-    InvertedResidual {
-        pw: ConvBnAct,
-        dw: ConvBnAct,
-        pwl: ConvBnAct,
-        skip: bool,
-    },
+    DepthwiseSeparable { dw: ConvBnAct, pw: ConvBnAct, skip: bool },
+    InvertedResidual { pw: ConvBnAct, dw: ConvBnAct, pwl: ConvBnAct, skip: bool },
 }
 
 impl Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, skip) = match self {
             Block::DepthwiseSeparable { dw, pw, skip } => (pw.forward(&dw.forward(x)?)?, *skip),
-            Block::InvertedResidual { pw, dw, pwl, skip } => {
-                (pwl.forward(&dw.forward(&pw.forward(x)?)?)?, *skip)
-            }
+            Block::InvertedResidual { pw, dw, pwl, skip } => (pwl.forward(&dw.forward(&pw.forward(x)?)?)?, *skip),
         };
         Ok(if skip { (y + x)? } else { y })
     }
@@ -178,18 +160,9 @@ impl EfficientNet {
             supported: SUPPORTED.join(", "),
         })?;
         let pad = |k: usize, s: usize| {
-            if spec.tf_same_padding {
-                PadMode::TfSame
-            } else {
-                PadMode::timm_default(k, s)
-            }
+            if spec.tf_same_padding { PadMode::TfSame } else { PadMode::timm_default(k, s) }
         };
-        let conv = |name: &str,
-                    bn: &str,
-                    stride: usize,
-                    groups: usize,
-                    act: Activation|
-         -> Result<ConvBnAct> {
+        let conv = |name: &str, bn: &str, stride: usize, groups: usize, act: Activation| -> Result<ConvBnAct> {
             let (wt, b) = w.fold_bn(&format!("{name}.weight"), bn, spec.bn_eps)?;
             let k = wt.dim(2)?;
             ConvBnAct::new(wt, b, stride, groups, pad(k, stride), act)
@@ -213,38 +186,14 @@ impl EfficientNet {
                 let mid = (in_chs as f32 * args.expansion).round() as usize;
                 let block = match args.kind {
                     BlockKind::DepthwiseSeparable => Block::DepthwiseSeparable {
-                        dw: conv(
-                            &format!("{p}.conv_dw"),
-                            &format!("{p}.bn1"),
-                            stride,
-                            in_chs,
-                            act,
-                        )?,
-                        pw: conv(
-                            &format!("{p}.conv_pw"),
-                            &format!("{p}.bn2"),
-                            1,
-                            1,
-                            Activation::Identity,
-                        )?,
+                        dw: conv(&format!("{p}.conv_dw"), &format!("{p}.bn1"), stride, in_chs, act)?,
+                        pw: conv(&format!("{p}.conv_pw"), &format!("{p}.bn2"), 1, 1, Activation::Identity)?,
                         skip,
                     },
                     BlockKind::InvertedResidual => Block::InvertedResidual {
                         pw: conv(&format!("{p}.conv_pw"), &format!("{p}.bn1"), 1, 1, act)?,
-                        dw: conv(
-                            &format!("{p}.conv_dw"),
-                            &format!("{p}.bn2"),
-                            stride,
-                            mid,
-                            act,
-                        )?,
-                        pwl: conv(
-                            &format!("{p}.conv_pwl"),
-                            &format!("{p}.bn3"),
-                            1,
-                            1,
-                            Activation::Identity,
-                        )?,
+                        dw: conv(&format!("{p}.conv_dw"), &format!("{p}.bn2"), stride, mid, act)?,
+                        pwl: conv(&format!("{p}.conv_pwl"), &format!("{p}.bn3"), 1, 1, Activation::Identity)?,
                         skip,
                     },
                 };
@@ -255,10 +204,7 @@ impl EfficientNet {
             if w.contains(&format!("blocks.{si}.{}.conv_dw.weight", args.repeats)) {
                 return Err(Error::config(
                     architecture,
-                    format!(
-                        "weights have more than {} blocks in stage {si}",
-                        args.repeats
-                    ),
+                    format!("weights have more than {} blocks in stage {si}", args.repeats),
                 ));
             }
             stride_total *= args.stride;
@@ -274,12 +220,7 @@ impl EfficientNet {
         // timm's feature_info: the last block of every stage followed by a stride change, and the last stage.
         let n = stages.len();
         let feature_stages: Vec<usize> = (0..n)
-            .filter(|&i| {
-                i + 1 == n
-                    || decode_block(spec.stages[i + 1])
-                        .map(|a| a.stride > 1)
-                        .unwrap_or(false)
-            })
+            .filter(|&i| i + 1 == n || decode_block(spec.stages[i + 1]).map(|a| a.stride > 1).unwrap_or(false))
             .collect();
         let feature_info = feature_stages
             .iter()
@@ -289,27 +230,13 @@ impl EfficientNet {
                 reduction: stage_strides[i],
             })
             .collect();
-        Ok(Self {
-            stem,
-            stages,
-            head,
-            classifier_w,
-            classifier_b,
-            feature_stages,
-            feature_info,
-        })
+        Ok(Self { stem, stages, head, classifier_w, classifier_b, feature_stages, feature_info })
     }
 }
 
 fn check_channels(layer: &ConvBnAct, want: usize, name: &str) -> Result<()> {
     if layer.out_channels() != want {
-        return Err(Error::config(
-            name,
-            format!(
-                "has {} channels, architecture expects {want}",
-                layer.out_channels()
-            ),
-        ));
+        return Err(Error::config(name, format!("has {} channels, architecture expects {want}", layer.out_channels())));
     }
     Ok(())
 }
@@ -330,9 +257,7 @@ impl ImageModel for EfficientNet {
             return Ok((features, None));
         }
         let pooled = self.head.forward(&x)?.mean((2, 3))?;
-        let out = pooled
-            .matmul(&self.classifier_w)?
-            .broadcast_add(&self.classifier_b)?;
+        let out = pooled.matmul(&self.classifier_w)?.broadcast_add(&self.classifier_b)?;
         Ok((features, Some(out)))
     }
 

@@ -68,8 +68,7 @@ impl ModelFiles {
             std::fs::read(&path).map_err(|source| Error::Io { path, source })
         };
         let config = read("config.json")?;
-        let config =
-            String::from_utf8(config).map_err(|e| Error::config("config.json", e.to_string()))?;
+        let config = String::from_utf8(config).map_err(|e| Error::config("config.json", e.to_string()))?;
         Ok(Self {
             origin: dir.display().to_string(),
             config_json: Cow::Owned(config),
@@ -103,31 +102,19 @@ impl LoadedModel {
     /// Builds the network that `config.json` names from the weights.
     pub fn load(files: &ModelFiles, device: &Device) -> Result<Self> {
         let config = HubConfig::from_json(&files.config_json)?;
-        let weights = Weights::from_buffer(
-            format!("{}/model.safetensors", files.origin),
-            &files.weights,
-            device,
-        )?;
-        let network: Box<dyn ImageModel> =
-            if efficientnet::EfficientNet::supports(&config.architecture) {
-                Box::new(efficientnet::EfficientNet::load(
-                    &config.architecture,
-                    &weights,
-                )?)
-            } else {
-                return Err(Error::UnsupportedArchitecture {
-                    found: config.architecture.clone(),
-                    supported: supported_architectures().join(", "),
-                });
-            };
+        let weights = Weights::from_buffer(format!("{}/model.safetensors", files.origin), &files.weights, device)?;
+        let network: Box<dyn ImageModel> = if efficientnet::EfficientNet::supports(&config.architecture) {
+            Box::new(efficientnet::EfficientNet::load(&config.architecture, &weights)?)
+        } else {
+            return Err(Error::UnsupportedArchitecture {
+                found: config.architecture.clone(),
+                supported: supported_architectures().join(", "),
+            });
+        };
         if network.num_classes() != config.num_classes {
             return Err(Error::config(
                 "num_classes",
-                format!(
-                    "config says {}, classifier has {}",
-                    config.num_classes,
-                    network.num_classes()
-                ),
+                format!("config says {}, classifier has {}", config.num_classes, network.num_classes()),
             ));
         }
         Ok(Self {

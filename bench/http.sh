@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# End-to-end HTTP benchmark: a real lineside server under concurrent load from
+# wrk, next to the raw model throughput measured by `lineside bench` in the
+# same run. Prints img/s, p50/p99 latency, server RSS and the e2e/raw ratio.
+#
+#   bench/http.sh [--connections 16] [--duration 20] [--batch 8] [--image FILE]
+#
+# Needs wrk (apt-get install wrk) and a release build (cargo build --release).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONNS=16 DURATION=20 BATCH=8 RUNS=3
+IMG=../shared/data/neu-det/NEU-DET/IMAGES/scratches_1.jpg
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --connections) CONNS=$2; shift 2 ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --batch) BATCH=$2; shift 2 ;;
+    --image) IMG=$2; shift 2 ;;
+    --runs) RUNS=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+BIN=target/release/lineside
+[ -x "$BIN" ] || cargo build --release
+PORT=$((20000 + RANDOM % 20000))
+CFG=$(mktemp --suffix .toml)
+cat > "$CFG" <<TOML
+[server]
+addr = "127.0.0.1:$PORT"
+[[models]]
+name = "steel-surface"
+source = "builtin:steel-surface"
+max_batch_size = $BATCH
+max_queue_delay_ms = 2
+queue_capacity = 256
+TOML
+RUST_LOG=warn "$BIN" serve --config "$CFG" & SERVER=$!
+trap 'kill $SERVER 2>/dev/null; rm -f "$CFG"' EXIT
+until curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null; do sleep 0.2; done
+
+echo "== raw model (lineside bench, batch $BATCH)"
+RAW=$("$BIN" bench --batch-sizes "$BATCH" --runs 3 --json | tail -1)
+echo "$RAW"
+echo "== end to end: wrk -c $CONNS -d ${DURATION}s, $RUNS runs, $(basename "$IMG")"
+IMG=$IMG wrk -t2 -c"$CONNS" -d2s -s bench/post_image.lua "http://127.0.0.1:$PORT/v1/inspect" >/dev/null # warm-up
+RESULTS=()
+for i in $(seq "$RUNS"); do
+  R=$(IMG=$IMG wrk -t2 -c"$CONNS" -d"${DURATION}s" --timeout 10s -s bench/post_image.lua "http://127.0.0.1:$PORT/v1/inspect" | sed -n 's/^WRK_JSON //p')
+  echo "run $i: $R"
+  RESULTS+=("$R")
+done
+RSS=$(awk '/VmHWM/ {print $2/1024}' /proc/$SERVER/status)
+python3 - "$RAW" "$RSS" "${RESULTS[@]}" <<'PY'
+import json, statistics, sys
+raw = json.loads(sys.argv[1]); rss = float(sys.argv[2]); runs = [json.loads(r) for r in sys.argv[3:]]
+med = lambda k: statistics.median(r[k] for r in runs)
+e2e = med("images_per_second")
+print(f"== summary (medians of {len(runs)} runs)")
+print(f"raw model  batch {raw['batch']}: {raw['images_per_second']:.1f} img/s")
+print(f"end to end HTTP: {e2e:.1f} img/s, p50 {med('p50_ms'):.1f} ms, p99 {med('p99_ms'):.1f} ms, "
+      f"non-2xx {sum(r['non_2xx'] for r in runs)}, server peak RSS {rss:.0f} MiB")
+print(f"ratio end-to-end / raw model: {e2e / raw['images_per_second']:.2f}")
+PY

@@ -1,0 +1,80 @@
+//! `lineside serve`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use lineside::config::Config;
+
+/// Serve the inspection API.
+///
+/// With no flags, serves the built-in `steel-surface` model on 0.0.0.0:8080,
+/// with no network access and no files needed.
+///
+/// Configuration is layered: built-in defaults, then the TOML file given by
+/// --config, then LINESIDE_* environment variables (sections and keys joined
+/// by a double underscore, e.g. LINESIDE_SERVER__ADDR=127.0.0.1:9000), then
+/// flags. The TOML keys, with their defaults:
+///
+///   [server]
+///   addr = "0.0.0.0:8080"
+///   body_limit_bytes = 33554432      # 413 above this
+///   default_timeout_ms = 10000       # deadline without X-Request-Timeout-Ms
+///   default_model = "steel-surface"  # for /v1/inspect without ?model=
+///   top_k = 5                        # predictions per response
+///   max_image_side = 16384           # larger images are refused from the header (413)
+///   max_decode_bytes = 536870912     # largest decoder allocation
+///
+///   [[models]]                       # repeat per model
+///   name = "steel-surface"
+///   source = "builtin:steel-surface" # or a timm hub-format folder
+///   max_batch_size = 8
+///   max_queue_delay_ms = 5           # wait after the oldest request before running a partial batch
+///   queue_capacity = 64              # 429 with Retry-After when full
+///   # threads = 2                    # compute threads (default: all cores)
+///   [models.verdict]                 # pass only if top label is listed and score >= min_score
+///   pass_labels = ["good", "ok", "pass", "normal"]
+///   min_score = 0.5
+#[derive(Args, Default)]
+#[command(verbatim_doc_comment)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "LINESIDE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address (overrides the config).
+    #[arg(long)]
+    addr: Option<SocketAddr>,
+}
+
+pub fn run(a: ServeArgs) -> anyhow::Result<()> {
+    // `lineside` with no subcommand builds these args without clap, so read the env here too.
+    let file = a.config.or_else(|| std::env::var_os("LINESIDE_CONFIG").map(PathBuf::from));
+    let mut cfg = Config::load(file.as_deref())?;
+    if let Some(addr) = a.addr {
+        cfg.server.addr = addr;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(cfg.server.addr).await?;
+        lineside::server::serve(cfg, listener, shutdown_signal()).await
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down: finishing in-flight requests");
+}

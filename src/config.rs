@@ -1,0 +1,215 @@
+//! Configuration: built-in defaults, then a TOML file, then `LINESIDE_*`
+//! environment variables, then command-line flags.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use lineside_inference::batcher::BatcherConfig;
+use lineside_inference::preprocess::DecodeLimits;
+use serde::{Deserialize, Serialize};
+
+/// Everything `lineside serve` and `lineside inspect` read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default = "default_models")]
+    pub models: Vec<ModelConfig>,
+}
+
+/// HTTP and request handling.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Listen address.
+    pub addr: SocketAddr,
+    /// Largest request body, in bytes (413 above it).
+    pub body_limit_bytes: usize,
+    /// Deadline for requests without `X-Request-Timeout-Ms`.
+    pub default_timeout_ms: u64,
+    /// Model used when `/v1/inspect` has no `model` parameter.
+    pub default_model: String,
+    /// Predictions returned per inspection.
+    pub top_k: usize,
+    /// Largest accepted image width and height, checked from the header before decoding.
+    pub max_image_side: u32,
+    /// Largest decoder allocation, in bytes.
+    pub max_decode_bytes: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            addr: "0.0.0.0:8080".parse().expect("valid address"),
+            body_limit_bytes: 32 * 1024 * 1024,
+            default_timeout_ms: 10_000,
+            default_model: "steel-surface".into(),
+            top_k: 5,
+            max_image_side: 16_384,
+            max_decode_bytes: 512 * 1024 * 1024,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn decode_limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_width: self.max_image_side,
+            max_height: self.max_image_side,
+            max_alloc: self.max_decode_bytes,
+        }
+    }
+}
+
+/// One served model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Name used in `?model=` and in responses.
+    pub name: String,
+    /// A timm hub-format folder, or `builtin:steel-surface`.
+    pub source: String,
+    #[serde(default = "d_batch")]
+    pub max_batch_size: usize,
+    #[serde(default = "d_delay")]
+    pub max_queue_delay_ms: u64,
+    #[serde(default = "d_queue")]
+    pub queue_capacity: usize,
+    /// Compute threads for this model (default: all cores).
+    #[serde(default)]
+    pub threads: Option<usize>,
+    #[serde(default)]
+    pub verdict: VerdictRule,
+}
+
+fn d_batch() -> usize {
+    8
+}
+fn d_delay() -> u64 {
+    5
+}
+fn d_queue() -> usize {
+    64
+}
+
+impl ModelConfig {
+    pub fn batcher(&self) -> BatcherConfig {
+        BatcherConfig {
+            max_batch_size: self.max_batch_size,
+            max_queue_delay: Duration::from_millis(self.max_queue_delay_ms),
+            queue_capacity: self.queue_capacity,
+            threads: self.threads,
+        }
+    }
+}
+
+/// How a classification becomes pass/fail.
+///
+/// An image passes only when the top label is one of `pass_labels` with a
+/// score of at least `min_score`; anything else fails. Unsure means fail: a
+/// line would rather re-inspect a good part than ship a bad one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerdictRule {
+    pub pass_labels: Vec<String>,
+    pub min_score: f32,
+}
+
+impl Default for VerdictRule {
+    fn default() -> Self {
+        Self { pass_labels: ["good", "ok", "pass", "normal"].map(String::from).to_vec(), min_score: 0.5 }
+    }
+}
+
+fn default_models() -> Vec<ModelConfig> {
+    vec![ModelConfig {
+        name: "steel-surface".into(),
+        source: "builtin:steel-surface".into(),
+        max_batch_size: d_batch(),
+        max_queue_delay_ms: d_delay(),
+        queue_capacity: d_queue(),
+        threads: None,
+        verdict: VerdictRule::default(),
+    }]
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { server: ServerConfig::default(), models: default_models() }
+    }
+}
+
+impl Config {
+    /// Defaults, then `file` (if any), then `LINESIDE_SECTION__KEY` variables
+    /// (`LINESIDE_SERVER__ADDR=127.0.0.1:9000`).
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(f) = file {
+            anyhow::ensure!(f.is_file(), "config file {} not found", f.display());
+            fig = fig.merge(Toml::file(f));
+        }
+        let cfg: Config = fig.merge(Env::prefixed("LINESIDE_").split("__")).extract()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses a TOML document over the defaults (no environment), for tests and tools.
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        let cfg: Config = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text)).extract()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.models.is_empty(), "no models configured");
+        let mut names = std::collections::HashSet::new();
+        for m in &self.models {
+            anyhow::ensure!(names.insert(&m.name), "model `{}` is configured twice", m.name);
+            anyhow::ensure!(m.max_batch_size >= 1, "model `{}`: max_batch_size must be at least 1", m.name);
+            anyhow::ensure!(m.queue_capacity >= 1, "model `{}`: queue_capacity must be at least 1", m.name);
+        }
+        anyhow::ensure!(
+            names.contains(&self.server.default_model),
+            "default_model `{}` is not among the configured models",
+            self.server.default_model
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_serve_the_builtin_model() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.models[0].source, "builtin:steel-surface");
+        assert_eq!(c.server.addr.port(), 8080);
+    }
+
+    #[test]
+    fn toml_overrides_defaults() {
+        let c = Config::from_toml(
+            r#"
+            [server]
+            default_model = "a"
+            [[models]]
+            name = "a"
+            source = "/m"
+            max_batch_size = 2
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.models.len(), 1);
+        assert_eq!(c.models[0].max_batch_size, 2);
+        assert_eq!(c.models[0].queue_capacity, 64);
+        assert!(Config::from_toml("[server]\nbogus = 1").is_err());
+        assert!(Config::from_toml("[server]\ndefault_model = \"nope\"").is_err());
+    }
+}

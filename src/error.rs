@@ -1,0 +1,124 @@
+//! API errors: each has an HTTP status, a stable machine-readable code and
+//! a message, sent as `{"error":{"code","message"}}`.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use lineside_inference::batcher::{JobError, SubmitError};
+use serde::Serialize;
+
+/// An error answered to an API client.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("the image could not be decoded: {0}")]
+    InvalidImage(String),
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("image dimensions exceed the limits: {0}")]
+    ImageTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("no route for {0}")]
+    RouteNotFound(String),
+    #[error("model `{0}` is not served here")]
+    ModelNotFound(String),
+    #[error("model `{model}` is overloaded: {reason}")]
+    Overloaded { model: String, reason: String },
+    #[error("not ready: {0}")]
+    NotReady(String),
+    #[error("deadline exceeded: {0}")]
+    DeadlineExceeded(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Detail<'a>,
+}
+
+#[derive(Serialize)]
+struct Detail<'a> {
+    code: &'a str,
+    message: String,
+}
+
+impl ApiError {
+    /// HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) | ApiError::InvalidImage(_) => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge { .. } | ApiError::ImageTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Stable code for clients to branch on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::InvalidImage(_) => "invalid_image",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::ImageTooLarge(_) => "image_too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::ModelNotFound(_) => "model_not_found",
+            ApiError::RouteNotFound(_) => "not_found",
+            ApiError::Overloaded { .. } => "overloaded",
+            ApiError::NotReady(_) => "not_ready",
+            ApiError::DeadlineExceeded(_) => "deadline_exceeded",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    /// Maps a batcher refusal for `model`.
+    pub fn from_submit(model: &str, e: SubmitError) -> Self {
+        match e {
+            SubmitError::Overloaded { .. } => ApiError::Overloaded { model: model.into(), reason: e.to_string() },
+            SubmitError::NotReady(_) => ApiError::NotReady(format!("model `{model}`: {e}")),
+            SubmitError::BadInput { .. } => ApiError::Internal(e.to_string()),
+        }
+    }
+
+    /// Maps a failure of a queued request.
+    pub fn from_job(model: &str, e: JobError) -> Self {
+        match e {
+            JobError::DeadlineExceeded { .. } => ApiError::DeadlineExceeded(format!("model `{model}`: {e}")),
+            JobError::Inference(m) => ApiError::Internal(m),
+        }
+    }
+
+    /// Maps an error from decoding or preprocessing.
+    pub fn from_image(e: lineside_inference::Error) -> Self {
+        use lineside_inference::Error as E;
+        match e {
+            E::ImageTooLarge(m) => ApiError::ImageTooLarge(m),
+            E::UnsupportedFormat(m) => ApiError::UnsupportedMediaType(format!("image format {m} is not accepted")),
+            E::Decode(m) => ApiError::InvalidImage(m),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+            tracing::error!(code = self.code(), error = %self, "request failed");
+        } else {
+            tracing::debug!(code = self.code(), error = %self, "request refused");
+        }
+        let body = Body { error: Detail { code: self.code(), message: self.to_string() } };
+        let mut resp = (status, Json(body)).into_response();
+        if matches!(self, ApiError::Overloaded { .. } | ApiError::NotReady(_)) {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}

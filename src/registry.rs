@@ -1,0 +1,149 @@
+//! The loaded models: one batcher each, started in the background so the
+//! server answers `/health` (and 503 on `/ready`) while weights load and warm up.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use candle_core::Device;
+use lineside_inference::batcher::{Batcher, ModelStatus};
+use lineside_inference::models::{Classifier, LoadedModel, Probabilities};
+use lineside_inference::{HubConfig, ModelFiles, Preprocessor};
+use serde::Serialize;
+
+use crate::builtin;
+use crate::config::{ModelConfig, VerdictRule};
+
+/// One served model.
+pub struct ModelEntry {
+    pub name: String,
+    /// Content hash of the model files.
+    pub version: String,
+    pub source: String,
+    pub architecture: String,
+    pub labels: Vec<String>,
+    pub preprocessor: Preprocessor,
+    pub verdict: VerdictRule,
+    pub batcher: Batcher<Probabilities>,
+    pub config: ModelConfig,
+}
+
+/// What `GET /v1/models` shows of a model.
+#[derive(Debug, Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub version: String,
+    pub source: String,
+    pub architecture: String,
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub labels: Vec<String>,
+    pub input_size: [usize; 3],
+    pub max_batch_size: usize,
+    pub max_queue_delay_ms: u64,
+    pub queue_capacity: usize,
+    pub queue_depth: usize,
+}
+
+impl ModelEntry {
+    pub fn info(&self) -> ModelInfo {
+        let (status, error) = match self.batcher.status() {
+            ModelStatus::Loading => ("loading", None),
+            ModelStatus::Ready => ("ready", None),
+            ModelStatus::Failed(e) => ("failed", Some(e)),
+            ModelStatus::Stopped => ("stopped", None),
+        };
+        let (c, h, w) = self.preprocessor.input_shape();
+        ModelInfo {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            source: self.source.clone(),
+            architecture: self.architecture.clone(),
+            status: status.into(),
+            error,
+            labels: self.labels.clone(),
+            input_size: [c, h, w],
+            max_batch_size: self.config.max_batch_size,
+            max_queue_delay_ms: self.config.max_queue_delay_ms,
+            queue_capacity: self.config.queue_capacity,
+            queue_depth: self.batcher.queue_depth(),
+        }
+    }
+}
+
+/// Reads a model source: `builtin:NAME` or a timm hub-format folder.
+pub fn read_source(source: &str) -> anyhow::Result<ModelFiles> {
+    if let Some(name) = source.strip_prefix(builtin::SCHEME) {
+        return builtin::get(name)
+            .with_context(|| format!("no built-in model `{name}` (built-in: {})", builtin::NAMES.join(", ")));
+    }
+    ModelFiles::from_dir(Path::new(source)).with_context(|| format!("reading model folder {source}"))
+}
+
+/// All served models by name.
+pub struct Registry {
+    models: BTreeMap<String, Arc<ModelEntry>>,
+}
+
+impl Registry {
+    /// Reads every model's files and starts its batcher; loading and warm-up
+    /// continue on the batcher threads.
+    pub fn start(models: &[ModelConfig]) -> anyhow::Result<Self> {
+        let mut map = BTreeMap::new();
+        for m in models {
+            let entry = start_model(m).with_context(|| format!("model `{}`", m.name))?;
+            map.insert(m.name.clone(), Arc::new(entry));
+        }
+        Ok(Self { models: map })
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<ModelEntry>> {
+        self.models.get(name).cloned()
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<ModelEntry>> {
+        self.models.values()
+    }
+
+    /// True when every model has loaded and run its warm-up batch.
+    pub fn all_ready(&self) -> bool {
+        self.models.values().all(|m| m.batcher.status() == ModelStatus::Ready)
+    }
+
+    /// Blocks until every model is ready or one failed (for the offline CLI).
+    pub fn wait_ready(&self) -> anyhow::Result<()> {
+        loop {
+            for m in self.models.values() {
+                if let ModelStatus::Failed(e) = m.batcher.status() {
+                    anyhow::bail!("model `{}` failed to load: {e}", m.name);
+                }
+            }
+            if self.all_ready() {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+fn start_model(m: &ModelConfig) -> anyhow::Result<ModelEntry> {
+    let files = read_source(&m.source)?;
+    let hub = HubConfig::from_json(&files.config_json)?;
+    let version = files.content_version();
+    let batcher = Batcher::spawn(&m.name, m.batcher(), move || {
+        LoadedModel::load(&files, &Device::Cpu).map(|model| Classifier { model })
+    })?;
+    Ok(ModelEntry {
+        name: m.name.clone(),
+        version,
+        source: m.source.clone(),
+        architecture: hub.architecture.clone(),
+        labels: hub.labels(),
+        preprocessor: Preprocessor::new(&hub.pretrained_cfg),
+        verdict: m.verdict.clone(),
+        batcher,
+        config: m.clone(),
+    })
+}

@@ -1,0 +1,185 @@
+//! The HTTP API (axum): routes, request limits and body handling.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::config::{Config, ServerConfig};
+use crate::error::ApiError;
+use crate::pipeline::{self, Inspection};
+use crate::registry::{ModelInfo, Registry};
+
+/// Header carrying a per-request deadline in milliseconds.
+pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
+
+/// Content types accepted as a raw image body (the format is sniffed from the bytes).
+const IMAGE_TYPES: &[&str] = &[
+    "image/jpeg",
+    "image/jpg",
+    "image/png",
+    "image/bmp",
+    "image/x-ms-bmp",
+    "image/tiff",
+    "image/webp",
+    "application/octet-stream",
+];
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub server: Arc<ServerConfig>,
+    pub metrics: PrometheusHandle,
+}
+
+/// All routes.
+pub fn router(state: AppState) -> Router {
+    let limit = state.server.body_limit_bytes;
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(list_models))
+        .route("/v1/inspect", post(inspect))
+        .route_layer(axum::middleware::from_fn(crate::metrics::track))
+        .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_string()) })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            ApiError::Internal("handler panicked".into()).into_response()
+        }))
+        .with_state(state)
+}
+
+/// Starts the models and serves until `shutdown` resolves.
+pub async fn serve(
+    cfg: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let metrics = crate::metrics::handle();
+    let registry = Arc::new(Registry::start(&cfg.models)?);
+    tracing::info!(addr = %listener.local_addr()?, models = cfg.models.len(), "listening; models loading");
+    let state = AppState { registry, server: Arc::new(cfg.server), metrics };
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn ready(State(st): State<AppState>) -> Response {
+    let models: Vec<ModelInfo> = st.registry.all().map(|m| m.info()).collect();
+    let status = if st.registry.all_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let state = if status == StatusCode::OK { "ready" } else { "not_ready" };
+    let models: Vec<_> = models.iter().map(|m| json!({"name": m.name, "status": m.status, "error": m.error})).collect();
+    (status, Json(json!({"status": state, "models": models}))).into_response()
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render()).into_response()
+}
+
+async fn list_models(State(st): State<AppState>) -> Json<serde_json::Value> {
+    let models: Vec<ModelInfo> = st.registry.all().map(|m| m.info()).collect();
+    Json(json!({"default": st.server.default_model, "models": models}))
+}
+
+#[derive(Deserialize)]
+struct InspectQuery {
+    model: Option<String>,
+}
+
+async fn inspect(
+    State(st): State<AppState>,
+    query: Result<Query<InspectQuery>, QueryRejection>,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<Json<Inspection>, ApiError> {
+    let arrived = Instant::now();
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let name = q.model.unwrap_or_else(|| st.server.default_model.clone());
+    let model = st.registry.get(&name).ok_or(ApiError::ModelNotFound(name))?;
+    let deadline = arrived + request_timeout(&headers, st.server.default_timeout_ms)?;
+    let body = image_body(req, st.server.body_limit_bytes).await?;
+    let result = pipeline::inspect(&model, body, deadline, st.server.decode_limits(), st.server.top_k).await?;
+    metrics::histogram!("lineside_inspection_seconds", "model" => model.name.clone())
+        .record(arrived.elapsed().as_secs_f64());
+    Ok(Json(result))
+}
+
+fn request_timeout(headers: &HeaderMap, default_ms: u64) -> Result<Duration, ApiError> {
+    let Some(v) = headers.get(TIMEOUT_HEADER) else { return Ok(Duration::from_millis(default_ms)) };
+    let ms: u64 = v
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| ApiError::BadRequest(format!("{TIMEOUT_HEADER} must be a whole number of milliseconds")))?;
+    Ok(Duration::from_millis(ms.min(600_000)))
+}
+
+/// Bodies up to this multiple of the limit are read and discarded before a 413.
+const DRAIN_FACTOR: usize = 4;
+
+async fn drain(body: axum::body::Body) {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Ok(Some(Ok(_))) = tokio::time::timeout_at(until, body.frame()).await {}
+}
+
+/// The image bytes of a raw or multipart body.
+async fn image_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
+    let declared_len = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if let Some(n) = declared_len.filter(|&n| n > limit) {
+        // Reading the body before answering lets the client see the 413: closing
+        // a socket with unread data sends a reset that can destroy the response.
+        // Past a cap the connection is simply dropped.
+        if n <= limit.saturating_mul(DRAIN_FACTOR) {
+            drain(req.into_body()).await;
+        }
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.split(';').next().unwrap_or_default().trim().to_ascii_lowercase());
+    let too_large = |status: StatusCode, text: String| {
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::BadRequest(text)
+        }
+    };
+    match content_type.as_deref() {
+        Some("multipart/form-data") => {
+            let mut mp = Multipart::from_request(req, &()).await.map_err(|e| too_large(e.status(), e.body_text()))?;
+            while let Some(field) = mp.next_field().await.map_err(|e| too_large(e.status(), e.body_text()))? {
+                if field.name() == Some("image") {
+                    return field.bytes().await.map_err(|e| too_large(e.status(), e.body_text()));
+                }
+            }
+            Err(ApiError::BadRequest("multipart body has no `image` field".into()))
+        }
+        None => Bytes::from_request(req, &()).await.map_err(|e| too_large(e.status(), e.body_text())),
+        Some(ct) if IMAGE_TYPES.contains(&ct) => {
+            Bytes::from_request(req, &()).await.map_err(|e| too_large(e.status(), e.body_text()))
+        }
+        Some(other) => Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type `{other}` is not accepted; send an image (image/jpeg, image/png, image/bmp, image/tiff, \
+             image/webp or application/octet-stream) or multipart/form-data with an `image` field"
+        ))),
+    }
+}

@@ -1,0 +1,97 @@
+//! A real lineside server on a loopback port, and NEU test images.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use lineside::config::Config;
+
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl TestServer {
+    /// Starts a server with `toml` over the defaults; does not wait for readiness.
+    pub async fn start(toml: &str) -> Self {
+        let cfg = Config::from_toml(toml).expect("test config");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            lineside::server::serve(cfg, listener, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("server runs");
+        });
+        Self { base, client: reqwest::Client::new(), _stop: stop }
+    }
+
+    /// Starts a server and waits until `/ready` says 200.
+    pub async fn ready(toml: &str) -> Self {
+        let s = Self::start(toml).await;
+        s.wait_ready(Duration::from_secs(120)).await;
+        s
+    }
+
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let until = Instant::now() + timeout;
+        loop {
+            let r = self.client.get(self.url("/ready")).send().await.unwrap();
+            if r.status() == 200 {
+                return;
+            }
+            assert!(Instant::now() < until, "server not ready after {timeout:?}: {}", r.text().await.unwrap());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POSTs a raw body to `/v1/inspect{query}`.
+    pub async fn inspect(&self, query: &str, content_type: &str, body: Vec<u8>) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/v1/inspect{query}")))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+pub fn shared() -> PathBuf {
+    std::env::var_os("LINESIDE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"))
+}
+
+pub fn neu_image(name: &str) -> Vec<u8> {
+    let p = shared().join("data/neu-det/NEU-DET/IMAGES").join(name);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Images the shipped model never trained on, from its training.json.
+pub fn held_out_files() -> Vec<String> {
+    let text =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/steel-surface/training.json"))
+            .expect("models/steel-surface/training.json");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["val_files"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect()
+}
+
+/// The NEU class a file name encodes (`rolled-in_scale_12.jpg` → `rolled-in_scale`).
+pub fn neu_class(file: &str) -> String {
+    file.rsplit_once('_').unwrap().0.to_string()
+}
+
+/// The error code of a JSON error body.
+pub async fn error_code(r: reqwest::Response) -> String {
+    let v: serde_json::Value = r.json().await.expect("JSON error body");
+    assert!(v["error"]["message"].is_string(), "error has a message: {v}");
+    v["error"]["code"].as_str().expect("error code").to_string()
+}

@@ -1,0 +1,300 @@
+//! The inspection API over real HTTP on loopback, with the built-in model.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const DEFAULT: &str = "";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classifies_held_out_neu_images() {
+    let s = TestServer::ready(DEFAULT).await;
+    let files = held_out_files();
+    // Four held-out images of every class.
+    let mut picked: Vec<&String> = Vec::new();
+    for class in ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"] {
+        picked.extend(files.iter().filter(|f| neu_class(f) == class).take(4));
+    }
+    assert_eq!(picked.len(), 24);
+    for f in picked {
+        let r = s.inspect("", "image/jpeg", neu_image(f)).await;
+        assert_eq!(r.status(), 200, "{f}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["label"], neu_class(f), "{f}: {v}");
+        assert_eq!(v["model"]["name"], "steel-surface");
+        assert_eq!(v["model"]["version"].as_str().unwrap().len(), 12);
+        assert_eq!(v["predictions"].as_array().unwrap().len(), 5);
+        assert_eq!(v["verdict"], "fail", "every NEU class is a defect");
+        assert!(v["score"].as_f64().unwrap() > 0.5);
+        for k in ["decode", "preprocess", "queue", "inference", "total"] {
+            assert!(v["timings_ms"][k].as_f64().unwrap() >= 0.0, "timing {k}");
+        }
+        assert!(v["id"].as_str().unwrap().len() >= 32);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepts_multipart_and_named_model() {
+    let s = TestServer::ready(DEFAULT).await;
+    let part = reqwest::multipart::Part::bytes(neu_image("scratches_1.jpg")).file_name("scratches_1.jpg");
+    let form = reqwest::multipart::Form::new().text("line", "3").part("image", part);
+    let r = s.client.post(s.url("/v1/inspect?model=steel-surface")).multipart(form).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["label"], "scratches");
+
+    let form = reqwest::multipart::Form::new().text("other", "x");
+    let r = s.client.post(s.url("/v1/inspect")).multipart(form).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "bad_request");
+}
+
+fn bomb_png() -> Vec<u8> {
+    // A valid PNG signature and IHDR declaring 100000 x 100000 RGBA (40 GB decoded), then nothing.
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 6, 0, 0, 0]);
+    let mut crc = 0xffff_ffffu32;
+    for &b in &ihdr {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+        }
+    }
+    let mut png = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+    png.extend_from_slice(&13u32.to_be_bytes());
+    png.extend_from_slice(&ihdr);
+    png.extend_from_slice(&(!crc).to_be_bytes());
+    png.extend_from_slice(&[0, 0, 0, 0]);
+    png
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_specific_json_errors() {
+    let s = TestServer::ready(DEFAULT).await;
+
+    // Corrupt JPEG: a JPEG start-of-image marker followed by garbage.
+    let mut corrupt = vec![0xff, 0xd8, 0xff, 0xe0];
+    corrupt.extend((0..2000u32).map(|i| (i * 7919 % 251) as u8));
+    let r = s.inspect("", "image/jpeg", corrupt).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "invalid_image");
+
+    // Truncated PNG: the first 300 bytes of a real PNG.
+    let png = std::fs::read(shared().join("models/_images/chelsea.png")).unwrap();
+    let r = s.inspect("", "image/png", png[..300].to_vec()).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "invalid_image");
+
+    // Text body.
+    let r = s.inspect("", "text/plain", b"this is not an image".to_vec()).await;
+    assert_eq!(r.status(), 415);
+    assert_eq!(error_code(r).await, "unsupported_media_type");
+
+    // Text sent as an image.
+    let r = s.inspect("", "image/jpeg", b"this is not an image".to_vec()).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "invalid_image");
+
+    // Decompression bomb: refused from the header, before allocating 40 GB.
+    let r = s.inspect("", "image/png", bomb_png()).await;
+    assert_eq!(r.status(), 413);
+    assert_eq!(error_code(r).await, "image_too_large");
+
+    // Unknown model.
+    let r = s.inspect("?model=nope", "image/jpeg", neu_image("scratches_1.jpg")).await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "model_not_found");
+
+    // Bad deadline header.
+    let r = s
+        .client
+        .post(s.url("/v1/inspect"))
+        .header("x-request-timeout-ms", "soon")
+        .body(neu_image("scratches_1.jpg"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    // Unknown route.
+    let r = s.client.get(s.url("/v1/nothing")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "not_found");
+
+    // The server is unharmed.
+    let r = s.inspect("", "image/jpeg", neu_image("scratches_1.jpg")).await;
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_over_limit_is_413() {
+    let s = TestServer::ready(DEFAULT).await;
+    let big = vec![0u8; 64 * 1024 * 1024];
+    let r = s.inspect("", "image/jpeg", big).await;
+    assert_eq!(r.status(), 413);
+    assert_eq!(error_code(r).await, "payload_too_large");
+
+    // Without Content-Length (chunked), the limit holds while streaming. The
+    // server may close before the client has sent everything, so a send error
+    // is acceptable here; a success other than 413 is not.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..64).map(|_| Ok(vec![0u8; 1024 * 1024])).collect();
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let r = s.client.post(s.url("/v1/inspect")).header("content-type", "image/png").body(body).send().await;
+    if let Ok(r) = r {
+        assert_eq!(r.status(), 413);
+    }
+    let r = s.inspect("", "image/jpeg", neu_image("scratches_1.jpg")).await;
+    assert_eq!(r.status(), 200);
+}
+
+/// One image at a time, no waiting for a batch, and room for one queued request.
+const TINY_QUEUE: &str = r#"
+[[models]]
+name = "steel-surface"
+source = "builtin:steel-surface"
+max_batch_size = 1
+max_queue_delay_ms = 0
+queue_capacity = 1
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_answers_429_at_once() {
+    let s = TestServer::ready(TINY_QUEUE).await;
+    let img = neu_image("inclusion_1.jpg");
+    let sends = (0..24).map(|_| {
+        let (c, url, img) = (s.client.clone(), s.url("/v1/inspect"), img.clone());
+        tokio::spawn(async move {
+            let t = std::time::Instant::now();
+            let r = c.post(url).header("content-type", "image/jpeg").body(img).send().await.unwrap();
+            (r.status().as_u16(), r.headers().get("retry-after").cloned(), t.elapsed(), r.text().await.unwrap())
+        })
+    });
+    let results = futures_util::future::join_all(sends).await;
+    let mut ok = 0;
+    let mut overloaded = 0;
+    for r in results {
+        let (status, retry_after, _elapsed, body) = r.unwrap();
+        match status {
+            200 => ok += 1,
+            429 => {
+                overloaded += 1;
+                assert!(retry_after.is_some(), "429 carries Retry-After");
+                assert!(body.contains("\"overloaded\""), "{body}");
+            }
+            other => panic!("unexpected status {other}: {body}"),
+        }
+    }
+    assert!(ok >= 1, "some requests are served");
+    assert!(overloaded >= 1, "a one-slot queue overflows under 24 concurrent requests");
+}
+
+async fn dropped_for_deadline(s: &TestServer) -> f64 {
+    let text = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("lineside_dropped_total") && l.contains("reason=\"deadline\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_requests_are_dropped_before_compute() {
+    let s = TestServer::ready(
+        r#"
+[[models]]
+name = "steel-surface"
+source = "builtin:steel-surface"
+max_batch_size = 1
+max_queue_delay_ms = 0
+queue_capacity = 32
+"#,
+    )
+    .await;
+    let before = dropped_for_deadline(&s).await;
+    let img = neu_image("patches_1.jpg");
+
+    // A deadline that has passed by the time the request reaches the batcher.
+    let r =
+        s.client.post(s.url("/v1/inspect")).header("x-request-timeout-ms", "0").body(img.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+    assert_eq!(error_code(r).await, "deadline_exceeded");
+
+    // A 20 ms deadline behind a backlog of 12 single-image batches.
+    let backlog: Vec<_> = (0..12)
+        .map(|_| {
+            let (c, url, img) = (s.client.clone(), s.url("/v1/inspect"), img.clone());
+            tokio::spawn(async move { c.post(url).body(img).send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let r = s
+        .client
+        .post(s.url("/v1/inspect"))
+        .header("x-request-timeout-ms", "20")
+        .body(img.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    for b in backlog {
+        assert_eq!(b.await.unwrap(), 200);
+    }
+    assert!(dropped_for_deadline(&s).await >= before + 2.0, "the batcher counted both drops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_only_after_warm_up() {
+    // A 64-image warm-up batch takes long enough to observe the loading state.
+    let s = TestServer::start(
+        r#"
+[[models]]
+name = "steel-surface"
+source = "builtin:steel-surface"
+max_batch_size = 64
+"#,
+    )
+    .await;
+    let r = s.client.get(s.url("/ready")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["models"][0]["status"], "loading");
+    let r = s.client.get(s.url("/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "live while loading");
+    let r = s.inspect("", "image/jpeg", neu_image("crazing_1.jpg")).await;
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(error_code(r).await, "not_ready");
+
+    s.wait_ready(Duration::from_secs(120)).await;
+    let r = s.inspect("", "image/jpeg", neu_image("crazing_1.jpg")).await;
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_and_metrics_endpoints() {
+    let s = TestServer::ready(DEFAULT).await;
+    let v: serde_json::Value = s.client.get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["default"], "steel-surface");
+    let m = &v["models"][0];
+    assert_eq!(m["status"], "ready");
+    assert_eq!(m["architecture"], "mobilenetv2_100");
+    assert_eq!(m["labels"].as_array().unwrap().len(), 6);
+    assert_eq!(m["input_size"], serde_json::json!([3, 224, 224]));
+
+    let r = s.inspect("", "image/jpeg", neu_image("scratches_2.jpg")).await;
+    assert_eq!(r.status(), 200);
+    let text = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for name in [
+        "lineside_http_requests_total",
+        "lineside_queue_depth",
+        "lineside_batch_size_bucket",
+        "lineside_inference_seconds_bucket",
+        "lineside_http_request_duration_seconds_bucket",
+    ] {
+        assert!(text.contains(name), "/metrics lacks {name}");
+    }
+    assert!(text.contains("status=\"200\""));
+}
