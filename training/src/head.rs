@@ -59,12 +59,15 @@ impl Head {
     /// Logits for `[B, C, H, W]` features.
     pub fn forward(&self, x: &Tensor, train: bool) -> anyhow::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let y = self.conv_w.as_tensor().broadcast_matmul(&x.reshape((b, c, h * w))?)?;
+        // Channels-last so the 1×1 conv is one large GEMM (and its gradient another)
+        // rather than a broadcast batch of small ones.
+        let rows = x.permute((0, 2, 3, 1))?.reshape((b * h * w, c))?;
+        let y = rows.matmul(&self.conv_w.as_tensor().t()?)?;
         let scale = self.gamma.as_tensor().div(&(&self.running_var + self.eps)?.sqrt()?)?;
         let shift = (self.beta.as_tensor() - self.running_mean.mul(&scale)?)?;
+        let y = y.broadcast_mul(&scale)?.broadcast_add(&shift)?;
         let n = scale.dim(0)?;
-        let y = y.broadcast_mul(&scale.reshape((1, n, 1))?)?.broadcast_add(&shift.reshape((1, n, 1))?)?;
-        let mut pooled = y.clamp(0f32, 6f32)?.mean(2)?;
+        let mut pooled = y.clamp(0f32, 6f32)?.reshape((b, h * w, n))?.mean(1)?;
         if train {
             pooled = candle_nn::ops::dropout(&pooled, DROPOUT)?;
         }
