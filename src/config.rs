@@ -152,7 +152,10 @@ impl Config {
             anyhow::ensure!(f.is_file(), "config file {} not found", f.display());
             fig = fig.merge(Toml::file(f));
         }
-        let cfg: Config = fig.merge(Env::prefixed("LINESIDE_").split("__")).extract()?;
+        // Only LINESIDE_SERVER__* are settings; LINESIDE_CONFIG and LINESIDE_SHARED are not.
+        let env =
+            Env::prefixed("LINESIDE_").filter(|k| k.as_str().to_ascii_lowercase().starts_with("server__")).split("__");
+        let cfg: Config = fig.merge(env).extract()?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -166,11 +169,20 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(!self.models.is_empty(), "no models configured");
+        anyhow::ensure!(
+            (1..=600_000).contains(&self.server.default_timeout_ms),
+            "server.default_timeout_ms must be 1..=600000"
+        );
         let mut names = std::collections::HashSet::new();
         for m in &self.models {
             anyhow::ensure!(names.insert(&m.name), "model `{}` is configured twice", m.name);
             anyhow::ensure!(m.max_batch_size >= 1, "model `{}`: max_batch_size must be at least 1", m.name);
             anyhow::ensure!(m.queue_capacity >= 1, "model `{}`: queue_capacity must be at least 1", m.name);
+            anyhow::ensure!(
+                m.max_queue_delay_ms <= 10_000,
+                "model `{}`: max_queue_delay_ms must be at most 10000",
+                m.name
+            );
         }
         anyhow::ensure!(
             names.contains(&self.server.default_model),
@@ -211,5 +223,20 @@ mod tests {
         assert_eq!(c.models[0].queue_capacity, 64);
         assert!(Config::from_toml("[server]\nbogus = 1").is_err());
         assert!(Config::from_toml("[server]\ndefault_model = \"nope\"").is_err());
+    }
+
+    #[test]
+    fn env_overrides_server_settings_only() {
+        // SAFETY: this test is the only one in the crate that touches these variables.
+        unsafe {
+            std::env::set_var("LINESIDE_SERVER__TOP_K", "3");
+            std::env::set_var("LINESIDE_CONFIG", "/nonexistent.toml");
+        }
+        let c = Config::load(None).unwrap();
+        assert_eq!(c.server.top_k, 3);
+        unsafe {
+            std::env::remove_var("LINESIDE_SERVER__TOP_K");
+            std::env::remove_var("LINESIDE_CONFIG");
+        }
     }
 }

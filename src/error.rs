@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use lineside_inference::batcher::{JobError, SubmitError};
+use lineside_inference::batcher::{JobError, ModelStatus, SubmitError};
 use serde::Serialize;
 
 /// An error answered to an API client.
@@ -28,6 +28,10 @@ pub enum ApiError {
     Overloaded { model: String, reason: String },
     #[error("not ready: {0}")]
     NotReady(String),
+    #[error("unavailable: {0}")]
+    ModelUnavailable(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
     #[error("deadline exceeded: {0}")]
     DeadlineExceeded(String),
     #[error("internal error: {0}")]
@@ -54,7 +58,8 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady(_) | ApiError::ModelUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -72,6 +77,8 @@ impl ApiError {
             ApiError::RouteNotFound(_) => "not_found",
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::NotReady(_) => "not_ready",
+            ApiError::ModelUnavailable(_) => "model_unavailable",
+            ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::DeadlineExceeded(_) => "deadline_exceeded",
             ApiError::Internal(_) => "internal",
         }
@@ -81,7 +88,8 @@ impl ApiError {
     pub fn from_submit(model: &str, e: SubmitError) -> Self {
         match e {
             SubmitError::Overloaded { .. } => ApiError::Overloaded { model: model.into(), reason: e.to_string() },
-            SubmitError::NotReady(_) => ApiError::NotReady(format!("model `{model}`: {e}")),
+            SubmitError::NotReady(ModelStatus::Loading) => ApiError::NotReady(format!("model `{model}` is loading")),
+            SubmitError::NotReady(status) => ApiError::ModelUnavailable(format!("model `{model}`: {status:?}")),
             SubmitError::BadInput { .. } => ApiError::Internal(e.to_string()),
         }
     }

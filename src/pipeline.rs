@@ -99,10 +99,15 @@ pub async fn inspect(
     .await
     .map_err(|e| ApiError::Internal(format!("preprocessing task: {e}")))??;
 
+    if Instant::now() >= deadline {
+        metrics::counter!("lineside_dropped_total", "model" => model.name.clone(), "reason" => "deadline").increment(1);
+        return Err(ApiError::DeadlineExceeded(format!("model `{}`: deadline passed before queueing", model.name)));
+    }
     let reply = model.batcher.submit(input, deadline).map_err(|e| ApiError::from_submit(&model.name, e))?;
-    let served = reply
+    let served = tokio::time::timeout_at(deadline.into(), reply)
         .await
-        .map_err(|_| ApiError::Internal("the batcher stopped".into()))?
+        .map_err(|_| ApiError::DeadlineExceeded(format!("model `{}`: no result within the deadline", model.name)))?
+        .map_err(|_| ApiError::Internal("the batcher dropped the request".into()))?
         .map_err(|e| ApiError::from_job(&model.name, e))?;
 
     let mut ranked: Vec<(usize, f32)> = served.output.iter().copied().enumerate().collect();

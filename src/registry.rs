@@ -11,9 +11,11 @@ use lineside_inference::batcher::{Batcher, ModelStatus};
 use lineside_inference::models::{Classifier, LoadedModel, Probabilities};
 use lineside_inference::{HubConfig, ModelFiles, Preprocessor};
 use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::builtin;
 use crate::config::{ModelConfig, VerdictRule};
+use crate::error::ApiError;
 
 /// One served model.
 pub struct ModelEntry {
@@ -27,6 +29,9 @@ pub struct ModelEntry {
     pub verdict: VerdictRule,
     pub batcher: Batcher<Probabilities>,
     pub config: ModelConfig,
+    /// Requests admitted and not yet answered (decoding, queued or computing).
+    /// Bounded so that overload is refused before any decoding work is done.
+    admission: Arc<Semaphore>,
 }
 
 /// What `GET /v1/models` shows of a model.
@@ -48,6 +53,36 @@ pub struct ModelInfo {
 }
 
 impl ModelEntry {
+    /// Admits one request, or refuses at once: 429 when the model already holds
+    /// as many requests as its queue and one batch can take, 503 when it is not serving.
+    pub fn try_admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.check_serving()?;
+        self.admission.clone().try_acquire_owned().map_err(|_| ApiError::Overloaded {
+            model: self.name.clone(),
+            reason: format!("{} requests in flight", self.admission_capacity()),
+        })
+    }
+
+    /// Waits for admission (offline batch mode).
+    pub async fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.admission.clone().acquire_owned().await.map_err(|_| ApiError::Internal("admission closed".into()))
+    }
+
+    fn admission_capacity(&self) -> usize {
+        self.config.queue_capacity + self.config.max_batch_size
+    }
+
+    fn check_serving(&self) -> Result<(), ApiError> {
+        match self.batcher.status() {
+            ModelStatus::Ready => Ok(()),
+            ModelStatus::Loading => Err(ApiError::NotReady(format!("model `{}` is loading", self.name))),
+            ModelStatus::Failed(e) => {
+                Err(ApiError::ModelUnavailable(format!("model `{}` failed to load: {e}", self.name)))
+            }
+            ModelStatus::Stopped => Err(ApiError::ModelUnavailable(format!("model `{}` has stopped", self.name))),
+        }
+    }
+
     pub fn info(&self) -> ModelInfo {
         let (status, error) = match self.batcher.status() {
             ModelStatus::Loading => ("loading", None),
@@ -116,8 +151,10 @@ impl Registry {
     pub fn wait_ready(&self) -> anyhow::Result<()> {
         loop {
             for m in self.models.values() {
-                if let ModelStatus::Failed(e) = m.batcher.status() {
-                    anyhow::bail!("model `{}` failed to load: {e}", m.name);
+                match m.batcher.status() {
+                    ModelStatus::Failed(e) => anyhow::bail!("model `{}` failed to load: {e}", m.name),
+                    ModelStatus::Stopped => anyhow::bail!("model `{}` stopped", m.name),
+                    ModelStatus::Loading | ModelStatus::Ready => {}
                 }
             }
             if self.all_ready() {
@@ -144,6 +181,7 @@ fn start_model(m: &ModelConfig) -> anyhow::Result<ModelEntry> {
         preprocessor: Preprocessor::new(&hub.pretrained_cfg),
         verdict: m.verdict.clone(),
         batcher,
+        admission: Arc::new(Semaphore::new(m.queue_capacity + m.max_batch_size)),
         config: m.clone(),
     })
 }

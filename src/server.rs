@@ -54,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/inspect", post(inspect))
         .route_layer(axum::middleware::from_fn(crate::metrics::track))
         .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_string()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             ApiError::Internal("handler panicked".into()).into_response()
@@ -112,6 +113,8 @@ async fn inspect(
     let name = q.model.unwrap_or_else(|| st.server.default_model.clone());
     let model = st.registry.get(&name).ok_or(ApiError::ModelNotFound(name))?;
     let deadline = arrived + request_timeout(&headers, st.server.default_timeout_ms)?;
+    // Refuse overload before reading or decoding anything; the permit lives until the answer.
+    let _permit = model.try_admit()?;
     let body = image_body(req, st.server.body_limit_bytes).await?;
     let result = pipeline::inspect(&model, body, deadline, st.server.decode_limits(), st.server.top_k).await?;
     metrics::histogram!("lineside_inspection_seconds", "model" => model.name.clone())

@@ -120,6 +120,11 @@ async fn bad_input_gets_specific_json_errors() {
         .unwrap();
     assert_eq!(r.status(), 400);
 
+    // Wrong method.
+    let r = s.client.get(s.url("/v1/inspect")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(error_code(r).await, "method_not_allowed");
+
     // Unknown route.
     let r = s.client.get(s.url("/v1/nothing")).send().await.unwrap();
     assert_eq!(r.status(), 404);
@@ -193,9 +198,14 @@ async fn full_queue_answers_429_at_once() {
 }
 
 async fn dropped_for_deadline(s: &TestServer) -> f64 {
+    dropped(s, "deadline").await
+}
+
+async fn dropped(s: &TestServer, reason: &str) -> f64 {
     let text = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let label = format!("reason=\"{reason}\"");
     text.lines()
-        .filter(|l| l.starts_with("lineside_dropped_total") && l.contains("reason=\"deadline\""))
+        .filter(|l| l.starts_with("lineside_dropped_total") && l.contains(&label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -297,4 +307,41 @@ async fn models_and_metrics_endpoints() {
         assert!(text.contains(name), "/metrics lacks {name}");
     }
     assert!(text.contains("status=\"200\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_of_departed_clients_are_not_computed() {
+    let s = TestServer::ready(
+        r#"
+[[models]]
+name = "steel-surface"
+source = "builtin:steel-surface"
+max_batch_size = 1
+max_queue_delay_ms = 0
+queue_capacity = 64
+"#,
+    )
+    .await;
+    let before = dropped(&s, "client_gone").await;
+    let img = neu_image("pitted_surface_1.jpg");
+    let backlog: Vec<_> = (0..40)
+        .map(|_| {
+            let (c, url, img) = (s.client.clone(), s.url("/v1/inspect"), img.clone());
+            tokio::spawn(async move { c.post(url).body(img).send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    // These clients give up after 20 ms, long before 40 single-image batches clear.
+    for _ in 0..3 {
+        let r = s.client.post(s.url("/v1/inspect")).timeout(Duration::from_millis(20)).body(img.clone()).send().await;
+        assert!(r.is_err(), "the client timed out");
+    }
+    for b in backlog {
+        assert_eq!(b.await.unwrap(), 200);
+    }
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while dropped(&s, "client_gone").await < before + 3.0 {
+        assert!(std::time::Instant::now() < until, "batcher skipped the departed clients' requests");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -217,7 +217,11 @@ where
     M: BatchModel,
     F: FnOnce() -> crate::Result<M>,
 {
-    let model = match load().and_then(|m| warm_up(&m, cfg.max_batch_size).map(|()| m)) {
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        load().and_then(|m| warm_up(&m, cfg.max_batch_size).map(|()| m))
+    }))
+    .unwrap_or_else(|p| Err(crate::Error::config("model", format!("panicked while loading: {}", panic_message(&p)))));
+    let model = match loaded {
         Ok(m) => m,
         Err(e) => {
             tracing::error!(model = %shared.name, error = %e, "model failed to load");
@@ -234,10 +238,18 @@ where
         shared.set_depth(rx.len());
         let jobs = drop_stale(&shared.name, jobs);
         if !jobs.is_empty() {
-            serve(&shared.name, &model, jobs);
+            // A panicking batch drops its jobs (their clients get an error) but not the batcher.
+            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve(&shared.name, &model, jobs)))
+            {
+                tracing::error!(model = %shared.name, panic = panic_message(&p), "batch panicked");
+            }
         }
     }
     shared.set_status(ModelStatus::Stopped);
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default()
 }
 
 fn warm_up<M: BatchModel>(model: &M, batch: usize) -> crate::Result<()> {
@@ -273,14 +285,15 @@ fn drop_stale<O>(model: &str, jobs: Vec<Job<O>>) -> Vec<Job<O>> {
     let now = Instant::now();
     let mut keep = Vec::with_capacity(jobs.len());
     for job in jobs {
-        if job.reply.is_closed() {
-            metrics::counter!("lineside_dropped_total", "model" => model.to_string(), "reason" => "client_gone")
-                .increment(1);
-        } else if now >= job.deadline {
+        // Deadline first: a caller that stopped waiting at its deadline has also closed its reply.
+        if now >= job.deadline {
             metrics::counter!("lineside_dropped_total", "model" => model.to_string(), "reason" => "deadline")
                 .increment(1);
             let waited_ms = now.duration_since(job.enqueued_at).as_millis() as u64;
             let _ = job.reply.send(Err(JobError::DeadlineExceeded { waited_ms }));
+        } else if job.reply.is_closed() {
+            metrics::counter!("lineside_dropped_total", "model" => model.to_string(), "reason" => "client_gone")
+                .increment(1);
         } else {
             keep.push(job);
         }

@@ -70,7 +70,14 @@ impl HubConfig {
             return Err(Error::config("pretrained_cfg.input_size", "only 3-channel models are supported"));
         }
         if !(0.05..=1.0).contains(&self.pretrained_cfg.crop_pct) {
-            return Err(Error::config("pretrained_cfg.crop_pct", "must be in (0, 1]"));
+            return Err(Error::config("pretrained_cfg.crop_pct", "must be in [0.05, 1]"));
+        }
+        if self.num_classes == 0 {
+            return Err(Error::config("num_classes", "must be at least 1"));
+        }
+        let [_, h, w] = self.pretrained_cfg.input_size;
+        if !(8..=4096).contains(&h) || !(8..=4096).contains(&w) {
+            return Err(Error::config("pretrained_cfg.input_size", "height and width must be 8..=4096"));
         }
         if self.pretrained_cfg.crop_mode != "center" {
             return Err(Error::config(

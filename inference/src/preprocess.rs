@@ -53,13 +53,20 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<DynamicImage> {
     })
 }
 
+/// The resize step of timm's eval transform.
+#[derive(Debug, Clone, Copy)]
+enum Scale {
+    ShorterSide(usize),
+    Exact { width: usize, height: usize },
+}
+
 /// timm's eval transform for one model.
 #[derive(Debug, Clone)]
 pub struct Preprocessor {
     height: usize,
     width: usize,
-    /// Shorter side after the resize: `floor(size / crop_pct)`.
-    scale_size: usize,
+    /// Size after the resize, before the crop.
+    scale: Scale,
     filter: ResizeAlg,
     mean: [f32; 3],
     std: [f32; 3],
@@ -69,13 +76,19 @@ impl Preprocessor {
     /// The transform `pretrained_cfg` describes.
     pub fn new(cfg: &PretrainedCfg) -> Self {
         let [_, height, width] = cfg.input_size;
-        let scale_size = (height.min(width) as f64 / cfg.crop_pct as f64).floor() as usize;
+        let scaled = |s: usize| (s as f64 / cfg.crop_pct as f64).floor() as usize;
+        // timm: a square input resizes the shorter side; a non-square one resizes to both sides exactly.
+        let scale = if height == width {
+            Scale::ShorterSide(scaled(height))
+        } else {
+            Scale::Exact { width: scaled(width), height: scaled(height) }
+        };
         let filter = match cfg.interpolation {
             Interpolation::Bicubic => ResizeAlg::Convolution(FilterType::CatmullRom),
             Interpolation::Bilinear => ResizeAlg::Convolution(FilterType::Bilinear),
             Interpolation::Nearest => ResizeAlg::Nearest,
         };
-        Self { height, width, scale_size, filter, mean: cfg.mean, std: cfg.std }
+        Self { height, width, scale, filter, mean: cfg.mean, std: cfg.std }
     }
 
     /// `(channels, height, width)` of the tensors this produces.
@@ -86,8 +99,8 @@ impl Preprocessor {
     /// Resize, center-crop and normalize to a CHW f32 buffer.
     pub fn run(&self, img: &DynamicImage) -> Result<Vec<f32>> {
         let rgb = img.to_rgb8();
-        let resized = self.resize_shorter_side(&rgb)?;
-        Ok(self.crop_normalize(&resized))
+        let cropped = self.resize_crop(&rgb)?;
+        Ok(self.normalize(&cropped))
     }
 
     /// Normalize an RGB image that already has the model's input size.
@@ -95,38 +108,50 @@ impl Preprocessor {
         if (rgb.width() as usize, rgb.height() as usize) != (self.width, self.height) {
             return Err(Error::config("input", format!("expected {}x{}", self.width, self.height)));
         }
-        Ok(self.crop_normalize(rgb))
+        Ok(self.normalize(rgb))
     }
 
-    fn resize_shorter_side(&self, rgb: &RgbImage) -> Result<RgbImage> {
+    /// timm's resize-then-center-crop, computed for the crop window only: the
+    /// same pixels as resizing the whole image, without ever allocating it
+    /// (a 1×16384 strip would otherwise resize to 256×4 million).
+    fn resize_crop(&self, rgb: &RgbImage) -> Result<RgbImage> {
         let (w, h) = (rgb.width() as usize, rgb.height() as usize);
-        // torchvision.Resize(int): the shorter side becomes `scale_size`, the other keeps the aspect (truncated).
-        let (nw, nh) = if w <= h {
-            (self.scale_size, self.scale_size * h / w)
-        } else {
-            (self.scale_size * w / h, self.scale_size)
+        if w == 0 || h == 0 {
+            return Err(Error::Decode("image has no pixels".into()));
+        }
+        let (nw, nh) = match self.scale {
+            // torchvision.Resize(int): the shorter side becomes `s`, the other keeps the aspect (truncated).
+            Scale::ShorterSide(s) if w <= h => (s, (s as u64 * h as u64 / w as u64) as usize),
+            Scale::ShorterSide(s) => ((s as u64 * w as u64 / h as u64) as usize, s),
+            Scale::Exact { width, height } => (width, height),
         };
         let (nw, nh) = (nw.max(self.width), nh.max(self.height));
+        // torchvision.CenterCrop: int(round((size - crop) / 2)) with Python's round-half-even.
+        let top = round_half_even((nh - self.height) as f64 / 2.0);
+        let left = round_half_even((nw - self.width) as f64 / 2.0);
         if (nw, nh) == (w, h) {
-            return Ok(rgb.clone());
+            return Ok(image::imageops::crop_imm(rgb, left as u32, top as u32, self.width as u32, self.height as u32)
+                .to_image());
         }
-        let mut dst = RgbImage::new(nw as u32, nh as u32);
-        fr::Resizer::new()
-            .resize(rgb, &mut dst, &ResizeOptions::new().resize_alg(self.filter))
-            .map_err(|e| Error::Decode(format!("resize failed: {e}")))?;
+        let (sx, sy) = (w as f64 / nw as f64, h as f64 / nh as f64);
+        let options = ResizeOptions::new().resize_alg(self.filter).crop(
+            left as f64 * sx,
+            top as f64 * sy,
+            self.width as f64 * sx,
+            self.height as f64 * sy,
+        );
+        let mut dst = RgbImage::new(self.width as u32, self.height as u32);
+        fr::Resizer::new().resize(rgb, &mut dst, &options).map_err(|e| Error::Decode(format!("resize failed: {e}")))?;
         Ok(dst)
     }
 
-    fn crop_normalize(&self, rgb: &RgbImage) -> Vec<f32> {
-        let (w, h) = (rgb.width() as usize, rgb.height() as usize);
-        // torchvision.CenterCrop: int(round((size - crop) / 2)) with Python's round-half-even.
-        let top = round_half_even((h - self.height) as f64 / 2.0);
-        let left = round_half_even((w - self.width) as f64 / 2.0);
+    fn normalize(&self, rgb: &RgbImage) -> Vec<f32> {
+        let w = rgb.width() as usize;
         let plane = self.height * self.width;
         let mut out = vec![0f32; 3 * plane];
         let raw = rgb.as_raw();
         for y in 0..self.height {
-            let row = &raw[((top + y) * w + left) * 3..((top + y) * w + left + self.width) * 3];
+            let row = &raw[y * w * 3..(y * w + self.width) * 3];
             for (x, px) in row.chunks_exact(3).enumerate() {
                 for c in 0..3 {
                     out[c * plane + y * self.width + x] = (px[c] as f32 / 255.0 - self.mean[c]) / self.std[c];
@@ -146,6 +171,21 @@ fn round_half_even(v: f64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extreme_aspect_ratios_stay_small() {
+        let cfg: PretrainedCfg = serde_json::from_str(
+            r#"{"input_size":[3,224,224],"interpolation":"bicubic","crop_pct":0.875,"mean":[0.5,0.5,0.5],"std":[0.5,0.5,0.5]}"#,
+        )
+        .unwrap();
+        let pre = Preprocessor::new(&cfg);
+        for (w, h) in [(1, 16_384), (16_384, 1), (1, 1), (3, 500)] {
+            let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(w, h, image::Rgb([10, 200, 30])));
+            let out = pre.run(&img).unwrap();
+            assert_eq!(out.len(), 3 * 224 * 224, "{w}x{h}");
+            assert!((out[0] - (10.0 / 255.0 - 0.5) / 0.5).abs() < 0.02, "{w}x{h}: {}", out[0]);
+        }
+    }
 
     #[test]
     fn rounds_like_python() {

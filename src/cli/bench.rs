@@ -16,13 +16,13 @@ pub struct BenchArgs {
     #[arg(long, default_value = "builtin:steel-surface")]
     model: String,
     /// Comma-separated batch sizes.
-    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
-    batch_sizes: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    batch_sizes: Vec<u32>,
     /// Compute threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    #[arg(long, default_value_t = 5)]
-    runs: usize,
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
     #[arg(long, default_value_t = 1500)]
     min_run_ms: u64,
     /// One JSON object per batch size instead of a table.
@@ -56,7 +56,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         println!("model {} ({}), {c}x{h}x{w}, {threads} threads", a.model, model.config.architecture);
         println!("{:>6} {:>12} {:>18} {:>10} {:>10} {:>9}", "batch", "img/s", "spread", "p50 ms", "p99 ms", "RSS MiB");
     }
-    for &batch in &a.batch_sizes {
+    for batch in a.batch_sizes.iter().map(|&b| b as usize) {
         let x = Tensor::randn(0f32, 1.0, (batch, c, h, w), &Device::Cpu)?;
         model.network.forward(&x)?; // warm-up
         let mut rates = Vec::new();

@@ -49,6 +49,8 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
             .map(|path| {
                 let (model, path, server) = (model.clone(), path.clone(), cfg.server.clone());
                 tokio::spawn(async move {
+                    // Waiting for admission keeps the queue from overflowing on long file lists.
+                    let _permit = model.admit().await.map_err(|e| e.to_string())?;
                     let bytes = tokio::fs::read(&path).await.map_err(|e| e.to_string())?;
                     let deadline = Instant::now() + Duration::from_secs(3600);
                     lineside::pipeline::inspect(&model, bytes.into(), deadline, server.decode_limits(), server.top_k)

@@ -19,19 +19,19 @@ pub struct TrainArgs {
     /// Output model folder.
     #[arg(long)]
     out: PathBuf,
-    #[arg(long, default_value_t = 12)]
-    epochs: usize,
-    #[arg(long, default_value_t = 64)]
-    batch_size: usize,
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..))]
+    epochs: u32,
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    batch_size: u32,
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
     #[arg(long, default_value_t = 0.05)]
     weight_decay: f64,
     /// Augmented views per training image (flips/rotations plus brightness and contrast jitter).
-    #[arg(long, default_value_t = 8)]
-    views: usize,
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=8))]
+    views: u32,
     /// Share of each class held out for validation.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, value_parser = fraction)]
     val_fraction: f64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -45,11 +45,11 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         data: a.data,
         backbone: a.backbone,
         out: a.out.clone(),
-        epochs: a.epochs,
-        batch_size: a.batch_size,
+        epochs: a.epochs as usize,
+        batch_size: a.batch_size as usize,
         learning_rate: a.lr,
         weight_decay: a.weight_decay,
-        views: a.views,
+        views: a.views as usize,
         val_fraction: a.val_fraction,
         seed: a.seed,
         fp16: a.fp16,
@@ -65,4 +65,9 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         println!("  {label:>16}: {row:?}");
     }
     Ok(())
+}
+
+fn fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v > 0.0 && v < 1.0 { Ok(v) } else { Err("must be between 0 and 1".into()) }
 }
