@@ -15,13 +15,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the inspection API (default: the built-in steel-surface model on 0.0.0.0:8080).
     Serve(cli::serve::ServeArgs),
-    /// Inspect image files offline and print JSON lines.
     Inspect(cli::inspect::InspectArgs),
-    /// Measure model throughput and latency per batch size.
     Bench(cli::bench::BenchArgs),
-    /// Fine-tune a classifier on a folder of labelled images.
     Train(cli::train::TrainArgs),
 }
 

@@ -87,6 +87,9 @@ pub async fn inspect(
     top_k: usize,
 ) -> Result<Inspection, ApiError> {
     let started = Instant::now();
+    if body.is_empty() {
+        return Err(ApiError::InvalidImage("the request body is empty; send the image bytes".into()));
+    }
     let pre = model.preprocessor.clone();
     // Decoding and resizing are CPU work: off the async workers, and in parallel with the batcher.
     let (input, (width, height), decode_t, pre_t) = tokio::task::spawn_blocking(move || {

@@ -7,8 +7,9 @@ use clap::Args;
 use lineside_inference::LoadedModel;
 use serde::Serialize;
 
-/// Measure model img/s and latency at several batch sizes (model only: no
-/// decode, no HTTP). Each batch size runs `--runs` timed runs of at least
+/// Measure model throughput and latency per batch size.
+///
+/// Model only: no decode, no HTTP (bench/http.sh measures end to end). Each batch size runs `--runs` timed runs of at least
 /// `--min-run-ms` each; the figures are the median run, with the spread.
 #[derive(Args)]
 pub struct BenchArgs {

@@ -7,9 +7,10 @@ use clap::Args;
 use lineside::config::Config;
 use lineside::registry::Registry;
 
-/// Inspect image files with the same pipeline as the server (decode,
-/// preprocess, batched inference, verdict) and print one JSON line per image.
-/// Exits non-zero if any image failed.
+/// Inspect image files offline and print one JSON line per image.
+///
+/// Runs the same pipeline as the server (decode, preprocess, batched
+/// inference, verdict) without HTTP. Exits non-zero if any image failed.
 #[derive(Args)]
 pub struct InspectArgs {
     /// Image files.

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use clap::Args;
 use lineside_training::TrainConfig;
 
+/// Fine-tune a classifier on a folder of labelled images.
+///
 /// Fine-tunes the head of a pretrained timm backbone on labelled images and
 /// writes a timm hub-format folder (config.json with label_names,
 /// model.safetensors) plus training.json with the held-out accuracy.
