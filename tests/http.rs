@@ -156,19 +156,18 @@ async fn body_over_limit_is_413() {
     assert_eq!(r.status(), 200);
 }
 
-/// One image at a time, no waiting for a batch, and room for one queued request.
-const TINY_QUEUE: &str = r#"
-[[models]]
-name = "steel-surface"
-source = "builtin:steel-surface"
-max_batch_size = 1
-max_queue_delay_ms = 0
-queue_capacity = 1
-"#;
+/// The built-in model one image per batch, with no batching delay, so a
+/// backlog takes a predictable number of forward passes.
+fn single_image_batches(queue_capacity: usize) -> String {
+    format!(
+        "[[models]]\nname = \"steel-surface\"\nsource = \"builtin:steel-surface\"\n\
+         max_batch_size = 1\nmax_queue_delay_ms = 0\nqueue_capacity = {queue_capacity}\n"
+    )
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_answers_429_at_once() {
-    let s = TestServer::ready(TINY_QUEUE).await;
+    let s = TestServer::ready(&single_image_batches(1)).await;
     let img = neu_image("inclusion_1.jpg");
     let sends = (0..24).map(|_| {
         let (c, url, img) = (s.client.clone(), s.url("/v1/inspect"), img.clone());
@@ -197,6 +196,16 @@ async fn full_queue_answers_429_at_once() {
     assert!(overloaded >= 1, "a one-slot queue overflows under 24 concurrent requests");
 }
 
+/// `n` concurrent inspections of `img`; each task yields the HTTP status.
+fn spawn_backlog(s: &TestServer, n: usize, img: &[u8]) -> Vec<tokio::task::JoinHandle<u16>> {
+    (0..n)
+        .map(|_| {
+            let (c, url, img) = (s.client.clone(), s.url("/v1/inspect"), img.to_vec());
+            tokio::spawn(async move { c.post(url).body(img).send().await.unwrap().status().as_u16() })
+        })
+        .collect()
+}
+
 async fn dropped_for_deadline(s: &TestServer) -> f64 {
     dropped(s, "deadline").await
 }
@@ -212,17 +221,7 @@ async fn dropped(s: &TestServer, reason: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_requests_are_dropped_before_compute() {
-    let s = TestServer::ready(
-        r#"
-[[models]]
-name = "steel-surface"
-source = "builtin:steel-surface"
-max_batch_size = 1
-max_queue_delay_ms = 0
-queue_capacity = 32
-"#,
-    )
-    .await;
+    let s = TestServer::ready(&single_image_batches(64)).await;
     let before = dropped_for_deadline(&s).await;
     let img = neu_image("patches_1.jpg");
 
@@ -233,12 +232,7 @@ queue_capacity = 32
     assert_eq!(error_code(r).await, "deadline_exceeded");
 
     // A 20 ms deadline behind a backlog of 12 single-image batches.
-    let backlog: Vec<_> = (0..12)
-        .map(|_| {
-            let (c, url, img) = (s.client.clone(), s.url("/v1/inspect"), img.clone());
-            tokio::spawn(async move { c.post(url).body(img).send().await.unwrap().status().as_u16() })
-        })
-        .collect();
+    let backlog = spawn_backlog(&s, 12, &img);
     tokio::time::sleep(Duration::from_millis(30)).await;
     let r = s
         .client
@@ -311,25 +305,10 @@ async fn models_and_metrics_endpoints() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_of_departed_clients_are_not_computed() {
-    let s = TestServer::ready(
-        r#"
-[[models]]
-name = "steel-surface"
-source = "builtin:steel-surface"
-max_batch_size = 1
-max_queue_delay_ms = 0
-queue_capacity = 64
-"#,
-    )
-    .await;
+    let s = TestServer::ready(&single_image_batches(64)).await;
     let before = dropped(&s, "client_gone").await;
     let img = neu_image("pitted_surface_1.jpg");
-    let backlog: Vec<_> = (0..40)
-        .map(|_| {
-            let (c, url, img) = (s.client.clone(), s.url("/v1/inspect"), img.clone());
-            tokio::spawn(async move { c.post(url).body(img).send().await.unwrap().status().as_u16() })
-        })
-        .collect();
+    let backlog = spawn_backlog(&s, 40, &img);
     tokio::time::sleep(Duration::from_millis(30)).await;
     // These clients give up after 20 ms, long before 40 single-image batches clear.
     for _ in 0..3 {
