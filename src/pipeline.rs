@@ -124,7 +124,7 @@ pub async fn inspect(
     Ok(Inspection {
         id: uuid::Uuid::new_v4().to_string(),
         model: ModelRef { name: model.name.clone(), version: model.version.clone() },
-        verdict: model.verdict.judge(&top.label, top.score),
+        verdict: model.config.verdict.judge(&top.label, top.score),
         label: top.label,
         score: top.score,
         predictions,

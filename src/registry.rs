@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::builtin;
-use crate::config::{ModelConfig, VerdictRule};
+use crate::config::ModelConfig;
 use crate::error::ApiError;
 
 /// One served model.
@@ -22,11 +22,9 @@ pub struct ModelEntry {
     pub name: String,
     /// Content hash of the model files.
     pub version: String,
-    pub source: String,
     pub architecture: String,
     pub labels: Vec<String>,
     pub preprocessor: Preprocessor,
-    pub verdict: VerdictRule,
     pub batcher: Batcher<Probabilities>,
     pub config: ModelConfig,
     /// Requests admitted and not yet answered (decoding, queued or computing).
@@ -94,7 +92,7 @@ impl ModelEntry {
         ModelInfo {
             name: self.name.clone(),
             version: self.version.clone(),
-            source: self.source.clone(),
+            source: self.config.source.clone(),
             architecture: self.architecture.clone(),
             status: status.into(),
             error,
@@ -175,11 +173,9 @@ fn start_model(m: &ModelConfig) -> anyhow::Result<ModelEntry> {
     Ok(ModelEntry {
         name: m.name.clone(),
         version,
-        source: m.source.clone(),
         architecture: hub.architecture.clone(),
         labels: hub.labels(),
         preprocessor: Preprocessor::new(&hub.pretrained_cfg),
-        verdict: m.verdict.clone(),
         batcher,
         admission: Arc::new(Semaphore::new(m.queue_capacity + m.max_batch_size)),
         config: m.clone(),

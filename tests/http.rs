@@ -206,10 +206,6 @@ fn spawn_backlog(s: &TestServer, n: usize, img: &[u8]) -> Vec<tokio::task::JoinH
         .collect()
 }
 
-async fn dropped_for_deadline(s: &TestServer) -> f64 {
-    dropped(s, "deadline").await
-}
-
 async fn dropped(s: &TestServer, reason: &str) -> f64 {
     let text = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
     let label = format!("reason=\"{reason}\"");
@@ -222,7 +218,7 @@ async fn dropped(s: &TestServer, reason: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_requests_are_dropped_before_compute() {
     let s = TestServer::ready(&single_image_batches(64)).await;
-    let before = dropped_for_deadline(&s).await;
+    let before = dropped(&s, "deadline").await;
     let img = neu_image("patches_1.jpg");
 
     // A deadline that has passed by the time the request reaches the batcher.
@@ -246,7 +242,7 @@ async fn expired_requests_are_dropped_before_compute() {
     for b in backlog {
         assert_eq!(b.await.unwrap(), 200);
     }
-    assert!(dropped_for_deadline(&s).await >= before + 2.0, "the batcher counted both drops");
+    assert!(dropped(&s, "deadline").await >= before + 2.0, "the batcher counted both drops");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -191,11 +191,6 @@ impl<O: Send + 'static> Batcher<O> {
     pub fn queue_depth(&self) -> usize {
         self.shared.depth.load(Ordering::Relaxed)
     }
-
-    /// Queue capacity.
-    pub fn queue_capacity(&self) -> usize {
-        self.shared.capacity
-    }
 }
 
 fn run<M, F>(shared: Arc<Shared>, cfg: BatcherConfig, rx: Receiver<Job<M::Output>>, load: F)

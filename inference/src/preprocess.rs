@@ -103,14 +103,6 @@ impl Preprocessor {
         Ok(self.normalize(&cropped))
     }
 
-    /// Normalize an RGB image that already has the model's input size.
-    pub fn normalize_exact(&self, rgb: &RgbImage) -> Result<Vec<f32>> {
-        if (rgb.width() as usize, rgb.height() as usize) != (self.width, self.height) {
-            return Err(Error::config("input", format!("expected {}x{}", self.width, self.height)));
-        }
-        Ok(self.normalize(rgb))
-    }
-
     /// timm's resize-then-center-crop, computed for the crop window only: the
     /// same pixels as resizing the whole image, without ever allocating it
     /// (a 1×16384 strip would otherwise resize to 256×4 million).

@@ -37,11 +37,6 @@ impl Weights {
         self.tensors.contains_key(name)
     }
 
-    /// All tensor names.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(String::as_str)
-    }
-
     /// A tensor by name, or an error naming the file and the tensor.
     pub fn get(&self, name: &str) -> Result<&Tensor> {
         self.tensors.get(name).ok_or_else(|| Error::MissingTensor { file: self.file.clone(), name: name.to_string() })
