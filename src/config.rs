@@ -2,7 +2,7 @@
 //! environment variables, then command-line flags.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
@@ -19,6 +19,126 @@ pub struct Config {
     pub server: ServerConfig,
     #[serde(default = "default_models")]
     pub models: Vec<ModelConfig>,
+    #[serde(default)]
+    pub plugins: PluginSettings,
+    /// Per-factory pipelines served at `/v1/factories/{name}/inspect`.
+    #[serde(default)]
+    pub factories: Vec<FactoryConfig>,
+}
+
+/// Settings shared by every plugin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginSettings {
+    /// Where compiled plugins are cached (default: a `lineside-plugin-cache` folder in the OS temp dir).
+    pub cache_dir: Option<PathBuf>,
+    /// How often plugin files are checked for changes; 0 turns hot reload off.
+    pub watch_interval_ms: u64,
+}
+
+impl Default for PluginSettings {
+    fn default() -> Self {
+        Self { cache_dir: None, watch_interval_ms: 250 }
+    }
+}
+
+/// One factory's pipeline: decode → preprocess plugin → model → postprocess plugin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FactoryConfig {
+    /// Name in the URL.
+    pub name: String,
+    /// The model to run (default: `server.default_model`).
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub preprocess: Option<PluginConfig>,
+    #[serde(default)]
+    pub postprocess: Option<PluginConfig>,
+    /// What a failing plugin does to the request.
+    #[serde(default)]
+    pub on_plugin_error: OnPluginError,
+    /// Request headers passed to plugins (besides `x-line-id` and `x-part-id`).
+    #[serde(default)]
+    pub allowed_headers: Vec<String>,
+}
+
+/// One plugin of a factory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The component file (`.wasm`); watched for changes.
+    pub path: PathBuf,
+    /// Settings passed to the plugin's `init`: nested tables become dotted
+    /// keys, lists become comma-separated values.
+    #[serde(default)]
+    pub config: serde_json::Map<String, serde_json::Value>,
+    /// Deadline of one call.
+    #[serde(default = "d_plugin_timeout")]
+    pub timeout_ms: u64,
+    /// Linear memory cap.
+    #[serde(default = "d_plugin_memory")]
+    pub memory_mib: usize,
+    /// Largest image a preprocessor may return.
+    #[serde(default = "d_plugin_output")]
+    pub max_output_mib: usize,
+}
+
+fn d_plugin_timeout() -> u64 {
+    50
+}
+fn d_plugin_memory() -> usize {
+    64
+}
+fn d_plugin_output() -> usize {
+    32
+}
+
+impl PluginConfig {
+    /// The plugin's name in logs and errors: its file name without extension.
+    pub fn name(&self) -> String {
+        self.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "plugin".into())
+    }
+
+    /// `config` as the key/value list the WIT `init` takes.
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (k, v) in &self.config {
+            flatten(k, v, &mut out);
+        }
+        out
+    }
+}
+
+fn flatten(key: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => m.iter().for_each(|(k, v)| flatten(&format!("{key}.{k}"), v, out)),
+        Value::Array(items) => {
+            let parts: Vec<String> = items.iter().map(scalar).collect();
+            out.push((key.to_string(), parts.join(",")));
+        }
+        other => out.push((key.to_string(), scalar(other))),
+    }
+}
+
+fn scalar(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// What happens to a request when one of its factory's plugins fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnPluginError {
+    /// Answer with the plugin's error.
+    #[default]
+    Fail,
+    /// Carry on without the plugin (original image; the model's own verdict)
+    /// and list the failure in the response.
+    PassThrough,
 }
 
 /// HTTP and request handling.
@@ -139,7 +259,12 @@ fn default_models() -> Vec<ModelConfig> {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { server: ServerConfig::default(), models: default_models() }
+        Self {
+            server: ServerConfig::default(),
+            models: default_models(),
+            plugins: PluginSettings::default(),
+            factories: Vec::new(),
+        }
     }
 }
 
@@ -189,6 +314,24 @@ impl Config {
             "default_model `{}` is not among the configured models",
             self.server.default_model
         );
+        let mut factories = std::collections::HashSet::new();
+        for f in &self.factories {
+            anyhow::ensure!(factories.insert(&f.name), "factory `{}` is configured twice", f.name);
+            let model = f.model.as_ref().unwrap_or(&self.server.default_model);
+            anyhow::ensure!(names.contains(model), "factory `{}`: model `{model}` is not configured", f.name);
+            for p in f.preprocess.iter().chain(&f.postprocess) {
+                anyhow::ensure!(
+                    (1..=60_000).contains(&p.timeout_ms),
+                    "factory `{}`: plugin timeout_ms must be 1..=60000",
+                    f.name
+                );
+                anyhow::ensure!(
+                    (1..=4096).contains(&p.memory_mib),
+                    "factory `{}`: plugin memory_mib must be 1..=4096",
+                    f.name
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -223,6 +366,25 @@ mod tests {
         assert_eq!(c.models[0].queue_capacity, 64);
         assert!(Config::from_toml("[server]\nbogus = 1").is_err());
         assert!(Config::from_toml("[server]\ndefault_model = \"nope\"").is_err());
+    }
+
+    #[test]
+    fn factory_plugin_config_flattens_to_pairs() {
+        let c = Config::from_toml(
+            r#"
+            [[factories]]
+            name = "acme"
+            postprocess = { path = "/p/defect-codes.wasm", config = { threshold = 0.4, codes = { crazing = "SS-01" }, pass_labels = ["good", "ok"] } }
+            "#,
+        )
+        .unwrap();
+        let post = c.factories[0].postprocess.as_ref().unwrap();
+        assert_eq!(post.name(), "defect-codes");
+        let mut pairs = post.pairs();
+        pairs.sort();
+        let expect = [("codes.crazing", "SS-01"), ("pass_labels", "good,ok"), ("threshold", "0.4")];
+        assert_eq!(pairs, expect.map(|(k, v)| (k.to_string(), v.to_string())));
+        assert!(Config::from_toml("[[factories]]\nname = \"a\"\nmodel = \"nope\"").is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use lineside_inference::batcher::{JobError, ModelStatus, SubmitError};
+use lineside_plugins::{Failure, PluginError};
 use serde::Serialize;
 
 /// An error answered to an API client.
@@ -36,6 +37,12 @@ pub enum ApiError {
     DeadlineExceeded(String),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("factory `{0}` is not configured here")]
+    FactoryNotFound(String),
+    #[error("factory `{factory}`: {error}")]
+    Plugin { factory: String, error: PluginError },
+    #[error("factory `{factory}`: plugin reload failed, the previous version keeps serving: {message}")]
+    PluginLoad { factory: String, message: String },
 }
 
 #[derive(Serialize)]
@@ -47,6 +54,10 @@ struct Body<'a> {
 struct Detail<'a> {
     code: &'a str,
     message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    factory: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plugin: Option<&'a str>,
 }
 
 impl ApiError {
@@ -62,6 +73,13 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::FactoryNotFound(_) => StatusCode::NOT_FOUND,
+            // The plugin judged the input unusable (an ROI outside the image, say).
+            ApiError::Plugin { error, .. } if error.failure == Failure::Rejected => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Plugin { error, .. } if error.failure == Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            // The factory's code misbehaved: the server is fine, its plugin is not.
+            ApiError::Plugin { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::PluginLoad { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 
@@ -81,6 +99,18 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::DeadlineExceeded(_) => "deadline_exceeded",
             ApiError::Internal(_) => "internal",
+            ApiError::FactoryNotFound(_) => "factory_not_found",
+            ApiError::Plugin { error, .. } => match error.failure {
+                Failure::Timeout => "plugin_timeout",
+                Failure::MemoryLimit => "plugin_memory_limit",
+                Failure::StackOverflow => "plugin_stack_overflow",
+                Failure::Trap => "plugin_trap",
+                Failure::InvalidOutput => "plugin_invalid_output",
+                Failure::OutputTooLarge => "plugin_output_too_large",
+                Failure::Rejected => "plugin_error",
+                Failure::Unavailable => "plugin_unavailable",
+            },
+            ApiError::PluginLoad { .. } => "plugin_load_failed",
         }
     }
 
@@ -122,7 +152,12 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(code = self.code(), error = %self, "request refused");
         }
-        let body = Body { error: Detail { code: self.code(), message: self.to_string() } };
+        let (factory, plugin) = match &self {
+            ApiError::Plugin { factory, error } => (Some(factory.as_str()), Some(error.plugin.as_str())),
+            ApiError::PluginLoad { factory, .. } | ApiError::FactoryNotFound(factory) => (Some(factory.as_str()), None),
+            _ => (None, None),
+        };
+        let body = Body { error: Detail { code: self.code(), message: self.to_string(), factory, plugin } };
         let mut resp = (status, Json(body)).into_response();
         if matches!(self, ApiError::Overloaded { .. } | ApiError::NotReady(_)) {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

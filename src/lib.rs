@@ -3,12 +3,14 @@
 //! A request flows `server` (HTTP, limits, errors) → `pipeline` (decode and
 //! preprocess on the blocking pool, submit to the model's batcher, build the
 //! verdict) → `lineside_inference::batcher` (batched candle inference on its
-//! own thread). `registry` owns the loaded models; `config` is the TOML/env
+//! own thread). Factory pipelines add wasm plugins before and after the
+//! model (`factories`, `lineside_plugins`). `registry` owns the loaded models; `config` is the TOML/env
 //! configuration; `builtin` embeds the default steel-surface model.
 
 pub mod builtin;
 pub mod config;
 pub mod error;
+pub mod factories;
 pub mod metrics;
 pub mod pipeline;
 pub mod registry;

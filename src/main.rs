@@ -1,4 +1,4 @@
-//! The `lineside` command: serve, inspect offline, train, benchmark.
+//! The `lineside` command: serve, inspect offline, train, benchmark, check plugins.
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +19,7 @@ enum Command {
     Inspect(cli::inspect::InspectArgs),
     Bench(cli::bench::BenchArgs),
     Train(cli::train::TrainArgs),
+    Plugin(cli::plugin::PluginArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,6 +34,7 @@ fn main() -> anyhow::Result<()> {
         Command::Inspect(args) => cli::inspect::run(args),
         Command::Bench(args) => cli::bench::run(args),
         Command::Train(args) => cli::train::run(args),
+        Command::Plugin(args) => cli::plugin::run(args),
     }
 }
 

@@ -1,15 +1,22 @@
-//! One inspection: decode → preprocess (blocking pool) → batched inference
-//! (the model's batcher thread) → predictions and verdict. Used by the HTTP
-//! API and by `lineside inspect`.
+//! One inspection: decode → [preprocess plugin] → resize and normalise
+//! (blocking pool) → batched inference (the model's batcher thread) →
+//! predictions → [postprocess plugin] → verdict. Used by the HTTP API and by
+//! `lineside inspect`; the plugin steps run for factory pipelines.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use image::DynamicImage;
 use lineside_inference::preprocess::{DecodeLimits, decode};
+use lineside_plugins::{
+    Decision, Failure, Image as PluginImage, LabelScore, Metadata, ModelOutput, PixelFormat, Plugin, PluginError,
+};
 use serde::Serialize;
 
-use crate::config::VerdictRule;
+use crate::config::{OnPluginError, VerdictRule};
 use crate::error::ApiError;
+use crate::factories::Factory;
 use crate::registry::ModelEntry;
 
 /// The answer to one inspection.
@@ -25,6 +32,52 @@ pub struct Inspection {
     pub verdict: Verdict,
     pub image: ImageInfo,
     pub timings_ms: Timings,
+    /// Factory pipelines only: the factory, its defects and plugin details.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub factory: Option<FactoryResult>,
+}
+
+/// What a factory pipeline adds to an inspection.
+#[derive(Debug, Clone, Serialize)]
+pub struct FactoryResult {
+    pub factory: String,
+    /// Defects with the factory's codes, from the postprocess plugin.
+    pub defects: Vec<DefectOut>,
+    /// Extra fields from the postprocess plugin.
+    pub extra: std::collections::BTreeMap<String, String>,
+    /// Each plugin that ran: name, version and time.
+    pub plugins: Vec<PluginRun>,
+    /// Plugins that failed under `on_plugin_error = "pass_through"`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plugin_errors: Vec<PluginFailure>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DefectOut {
+    pub code: String,
+    pub label: String,
+    pub severity: f32,
+    pub score: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<[u32; 4]>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginRun {
+    pub stage: &'static str,
+    pub name: String,
+    pub sha256: String,
+    pub ms: f64,
+    /// Width and height of the image a preprocessor returned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_size: Option<[u32; 2]>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginFailure {
+    pub plugin: String,
+    pub reason: &'static str,
+    pub message: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -44,6 +97,8 @@ pub struct Prediction {
 pub enum Verdict {
     Pass,
     Fail,
+    /// Send the part to a human (plugins may decide this).
+    Review,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -78,9 +133,45 @@ impl VerdictRule {
     }
 }
 
-/// Runs one encoded image through `model`.
+/// Runs one encoded image through `model` (`/v1/inspect`).
 pub async fn inspect(
     model: &ModelEntry,
+    body: Bytes,
+    deadline: Instant,
+    limits: DecodeLimits,
+    top_k: usize,
+) -> Result<Inspection, ApiError> {
+    run(model, None, body, deadline, limits, top_k).await
+}
+
+/// A factory pipeline's plugins, and what the request said about the part.
+pub struct FactoryCall {
+    pub factory: Arc<Factory>,
+    pub meta: Metadata,
+}
+
+/// Runs one encoded image through a factory's plugins and model.
+pub async fn inspect_factory(
+    call: FactoryCall,
+    body: Bytes,
+    deadline: Instant,
+    limits: DecodeLimits,
+    top_k: usize,
+) -> Result<Inspection, ApiError> {
+    let model = call.factory.model.clone();
+    run(&model, Some(call), body, deadline, limits, top_k).await
+}
+
+/// Plugin runs and failures of one request.
+#[derive(Default)]
+struct Trace {
+    runs: Vec<PluginRun>,
+    failures: Vec<PluginFailure>,
+}
+
+async fn run(
+    model: &ModelEntry,
+    call: Option<FactoryCall>,
     body: Bytes,
     deadline: Instant,
     limits: DecodeLimits,
@@ -91,13 +182,18 @@ pub async fn inspect(
         return Err(ApiError::InvalidImage("the request body is empty; send the image bytes".into()));
     }
     let pre = model.preprocessor.clone();
-    // Decoding and resizing are CPU work: off the async workers, and in parallel with the batcher.
-    let (input, (width, height), decode_t, pre_t) = tokio::task::spawn_blocking(move || {
+    // Decoding, plugins and resizing are CPU work: off the async workers, and in parallel with the batcher.
+    let (input, (width, height), decode_t, pre_t, mut trace, call) = tokio::task::spawn_blocking(move || {
         let t0 = Instant::now();
-        let img = decode(&body, limits).map_err(ApiError::from_image)?;
+        let mut img = decode(&body, limits).map_err(ApiError::from_image)?;
+        let size = (img.width(), img.height());
         let t1 = Instant::now();
+        let mut trace = Trace::default();
+        if let Some(c) = &call {
+            img = run_preprocess(c, img, &mut trace)?;
+        }
         let input = pre.run(&img).map_err(ApiError::from_image)?;
-        Ok::<_, ApiError>((input, (img.width(), img.height()), t1 - t0, t1.elapsed()))
+        Ok::<_, ApiError>((input, size, t1 - t0, t1.elapsed(), trace, call))
     })
     .await
     .map_err(|e| ApiError::Internal(format!("preprocessing task: {e}")))??;
@@ -121,10 +217,33 @@ pub async fn inspect(
         .map(|&(i, score)| Prediction { label: model.labels[i].clone(), score })
         .collect();
     let top = predictions[0].clone();
+    let mut verdict = model.config.verdict.judge(&top.label, top.score);
+    let factory = match call {
+        Some(c) => {
+            let scores: Vec<LabelScore> = served
+                .output
+                .iter()
+                .zip(&model.labels)
+                .map(|(&score, label)| LabelScore { label: label.clone(), score })
+                .collect();
+            // A plugin may spin until its deadline: never on an async worker.
+            let (decision, trace, c) = tokio::task::spawn_blocking(move || {
+                let d = run_postprocess(&c, ModelOutput::Classification(scores), &mut trace);
+                d.map(|d| (d, trace, c))
+            })
+            .await
+            .map_err(|e| ApiError::Internal(format!("postprocessing task: {e}")))??;
+            if let Some(d) = &decision {
+                verdict = from_wit_verdict(d.verdict);
+            }
+            Some(factory_result(&c.factory.name, decision, trace))
+        }
+        None => None,
+    };
     Ok(Inspection {
         id: uuid::Uuid::new_v4().to_string(),
         model: ModelRef { name: model.name.clone(), version: model.version.clone() },
-        verdict: model.config.verdict.judge(&top.label, top.score),
+        verdict,
         label: top.label,
         score: top.score,
         predictions,
@@ -137,6 +256,143 @@ pub async fn inspect(
             batch_size: served.batch_size,
             total: ms(started.elapsed()),
         },
+        factory,
+    })
+}
+
+/// Applies the factory's preprocess plugin, if it has one.
+fn run_preprocess(c: &FactoryCall, img: DynamicImage, trace: &mut Trace) -> Result<DynamicImage, ApiError> {
+    let Some(slot) = &c.factory.preprocess else { return Ok(img) };
+    let plugin = slot.current();
+    let t = Instant::now();
+    let pass_through = c.factory.on_plugin_error == OnPluginError::PassThrough;
+    // Under `fail` the original is not needed again: hand its buffer over instead of copying it.
+    let (input, original) =
+        if pass_through { (to_plugin_image(&img), Some(img)) } else { (into_plugin_image(img), None) };
+    let result = plugin.preprocess(&input, &c.meta).and_then(|out| from_plugin_image(out, &plugin));
+    match result {
+        Ok(out) => {
+            trace.ran(&c.factory.name, "preprocess", &plugin, t, Some([out.width(), out.height()]));
+            Ok(out)
+        }
+        Err(e) => match original {
+            Some(img) => {
+                trace.failed(&c.factory.name, e);
+                Ok(img)
+            }
+            None => Err(plugin_error(&c.factory.name, e)),
+        },
+    }
+}
+
+/// Applies the factory's postprocess plugin, if it has one. `None` means the
+/// model's own verdict stands.
+fn run_postprocess(c: &FactoryCall, output: ModelOutput, trace: &mut Trace) -> Result<Option<Decision>, ApiError> {
+    let Some(slot) = &c.factory.postprocess else { return Ok(None) };
+    let plugin = slot.current();
+    let t = Instant::now();
+    match plugin.postprocess(&output, &c.meta) {
+        Ok(d) => {
+            trace.ran(&c.factory.name, "postprocess", &plugin, t, None);
+            Ok(Some(d))
+        }
+        Err(e) if c.factory.on_plugin_error == OnPluginError::PassThrough => {
+            trace.failed(&c.factory.name, e);
+            Ok(None)
+        }
+        Err(e) => Err(plugin_error(&c.factory.name, e)),
+    }
+}
+
+fn plugin_error(factory: &str, e: PluginError) -> ApiError {
+    metrics::counter!("lineside_plugin_failures_total", "factory" => factory.to_string(), "plugin" => e.plugin.clone(), "reason" => e.failure.as_str())
+        .increment(1);
+    ApiError::Plugin { factory: factory.to_string(), error: e }
+}
+
+impl Trace {
+    fn ran(&mut self, factory: &str, stage: &'static str, plugin: &Plugin, t: Instant, output_size: Option<[u32; 2]>) {
+        let elapsed = t.elapsed();
+        metrics::histogram!("lineside_plugin_seconds", "factory" => factory.to_string(), "plugin" => plugin.info().name.clone(), "stage" => stage)
+            .record(elapsed.as_secs_f64());
+        self.runs.push(PluginRun {
+            stage,
+            name: plugin.info().name.clone(),
+            sha256: plugin.info().sha256.clone(),
+            ms: ms(elapsed),
+            output_size,
+        });
+    }
+
+    fn failed(&mut self, factory: &str, e: PluginError) {
+        tracing::warn!(factory, error = %e, "plugin failed; passing through");
+        let _ = plugin_error(factory, e.clone());
+        self.failures.push(PluginFailure { plugin: e.plugin, reason: e.failure.as_str(), message: e.message });
+    }
+}
+
+fn factory_result(factory: &str, decision: Option<Decision>, trace: Trace) -> FactoryResult {
+    let (defects, extra) = match decision {
+        Some(d) => (
+            d.defects
+                .into_iter()
+                .map(|x| DefectOut {
+                    code: x.code,
+                    label: x.label,
+                    severity: x.severity,
+                    score: x.score,
+                    region: x.region.map(|r| [r.x, r.y, r.width, r.height]),
+                })
+                .collect(),
+            d.extra.into_iter().collect(),
+        ),
+        None => (Vec::new(), Default::default()),
+    };
+    FactoryResult { factory: factory.to_string(), defects, extra, plugins: trace.runs, plugin_errors: trace.failures }
+}
+
+fn from_wit_verdict(v: lineside_plugins::Verdict) -> Verdict {
+    match v {
+        lineside_plugins::Verdict::Pass => Verdict::Pass,
+        lineside_plugins::Verdict::Fail => Verdict::Fail,
+        lineside_plugins::Verdict::Review => Verdict::Review,
+    }
+}
+
+fn to_plugin_image(img: &DynamicImage) -> PluginImage {
+    match img {
+        DynamicImage::ImageLuma8(b) => plugin_image(b.width(), b.height(), PixelFormat::Gray8, b.as_raw().clone()),
+        DynamicImage::ImageRgba8(b) => plugin_image(b.width(), b.height(), PixelFormat::Rgba8, b.as_raw().clone()),
+        DynamicImage::ImageRgb8(b) => plugin_image(b.width(), b.height(), PixelFormat::Rgb8, b.as_raw().clone()),
+        other => into_plugin_image(DynamicImage::ImageRgb8(other.to_rgb8())),
+    }
+}
+
+fn into_plugin_image(img: DynamicImage) -> PluginImage {
+    let (w, h) = (img.width(), img.height());
+    match img {
+        DynamicImage::ImageLuma8(b) => plugin_image(w, h, PixelFormat::Gray8, b.into_raw()),
+        DynamicImage::ImageRgba8(b) => plugin_image(w, h, PixelFormat::Rgba8, b.into_raw()),
+        other => plugin_image(w, h, PixelFormat::Rgb8, other.into_rgb8().into_raw()),
+    }
+}
+
+fn plugin_image(width: u32, height: u32, format: PixelFormat, pixels: Vec<u8>) -> PluginImage {
+    PluginImage { width, height, format, pixels }
+}
+
+fn from_plugin_image(img: PluginImage, plugin: &Plugin) -> Result<DynamicImage, PluginError> {
+    let (w, h) = (img.width, img.height);
+    let out = match img.format {
+        PixelFormat::Gray8 => image::GrayImage::from_raw(w, h, img.pixels).map(DynamicImage::ImageLuma8),
+        PixelFormat::Rgb8 => image::RgbImage::from_raw(w, h, img.pixels).map(DynamicImage::ImageRgb8),
+        PixelFormat::Rgba8 => image::RgbaImage::from_raw(w, h, img.pixels).map(DynamicImage::ImageRgba8),
+    };
+    // Sizes were validated by the host; this only guards the conversion itself.
+    out.ok_or_else(|| PluginError {
+        plugin: plugin.info().name.clone(),
+        failure: Failure::InvalidOutput,
+        message: "image buffer does not match its size".into(),
     })
 }
 

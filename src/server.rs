@@ -7,7 +7,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,8 +17,10 @@ use serde_json::json;
 
 use crate::config::{Config, ServerConfig};
 use crate::error::ApiError;
+use crate::factories::{Factories, Factory};
 use crate::pipeline::{self, Inspection};
 use crate::registry::{ModelInfo, Registry};
+use lineside_plugins::Metadata;
 
 /// Header carrying a per-request deadline in milliseconds.
 pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
@@ -39,6 +41,7 @@ const IMAGE_TYPES: &[&str] = &[
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Arc<Registry>,
+    pub factories: Arc<Factories>,
     pub server: Arc<ServerConfig>,
     pub metrics: PrometheusHandle,
 }
@@ -52,6 +55,9 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/models", get(list_models))
         .route("/v1/inspect", post(inspect))
+        .route("/v1/factories", get(list_factories))
+        .route("/v1/factories/{factory}/inspect", post(inspect_factory))
+        .route("/v1/factories/{factory}/reload", post(reload_factory))
         .route_layer(axum::middleware::from_fn(crate::metrics::track))
         .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_string()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -70,8 +76,15 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let metrics = crate::metrics::handle();
     let registry = Arc::new(Registry::start(&cfg.models)?);
-    tracing::info!(addr = %listener.local_addr()?, models = cfg.models.len(), "listening; models loading");
-    let state = AppState { registry, server: Arc::new(cfg.server), metrics };
+    let factories = Arc::new(Factories::load(&cfg, &registry)?);
+    factories.watch(Duration::from_millis(cfg.plugins.watch_interval_ms));
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        models = cfg.models.len(),
+        factories = cfg.factories.len(),
+        "listening; models loading"
+    );
+    let state = AppState { registry, factories, server: Arc::new(cfg.server), metrics };
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
@@ -120,6 +133,52 @@ async fn inspect(
     metrics::histogram!("lineside_inspection_seconds", "model" => model.name.clone())
         .record(arrived.elapsed().as_secs_f64());
     Ok(Json(result))
+}
+
+async fn list_factories(State(st): State<AppState>) -> Json<serde_json::Value> {
+    let factories: Vec<_> = st.factories.all().map(|f| f.info()).collect();
+    Json(json!({ "factories": factories }))
+}
+
+async fn inspect_factory(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<Json<Inspection>, ApiError> {
+    let arrived = Instant::now();
+    let factory = st.factories.get(&name).ok_or(ApiError::FactoryNotFound(name))?;
+    let deadline = arrived + request_timeout(&headers, st.server.default_timeout_ms)?;
+    let _permit = factory.model.try_admit()?;
+    let body = image_body(req, st.server.body_limit_bytes).await?;
+    let meta = metadata(&factory, &headers);
+    let call = pipeline::FactoryCall { factory: factory.clone(), meta };
+    let result = pipeline::inspect_factory(call, body, deadline, st.server.decode_limits(), st.server.top_k).await?;
+    metrics::histogram!("lineside_inspection_seconds", "model" => factory.model.name.clone())
+        .record(arrived.elapsed().as_secs_f64());
+    Ok(Json(result))
+}
+
+/// What plugins may see of a request: the factory, line and part ids, and allowed headers.
+fn metadata(factory: &Factory, headers: &HeaderMap) -> Metadata {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let allowed = factory.allowed_headers.iter().filter_map(|h| Some((h.clone(), text(h)?))).collect();
+    Metadata { factory: factory.name.clone(), line: text("x-line-id"), part_id: text("x-part-id"), headers: allowed }
+}
+
+/// Reloads a factory's plugin files now (the watcher does the same on change).
+async fn reload_factory(State(st): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let factory = st.factories.get(&name).ok_or_else(|| ApiError::FactoryNotFound(name.clone()))?;
+    let f = factory.clone();
+    let errors = tokio::task::spawn_blocking(move || {
+        f.slots().filter_map(|s| s.reload().err().map(|e| format!("{}: {e}", s.path().display()))).collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("reload task: {e}")))?;
+    if !errors.is_empty() {
+        return Err(ApiError::PluginLoad { factory: name, message: errors.join("; ") });
+    }
+    Ok(Json(json!({ "factory": factory.info() })).into_response())
 }
 
 fn request_timeout(headers: &HeaderMap, default_ms: u64) -> Result<Duration, ApiError> {

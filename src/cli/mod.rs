@@ -2,5 +2,6 @@
 
 pub mod bench;
 pub mod inspect;
+pub mod plugin;
 pub mod serve;
 pub mod train;

@@ -35,6 +35,22 @@ use lineside::config::Config;
 ///   [models.verdict]                 # pass only if top label is listed and score >= min_score
 ///   pass_labels = ["good", "ok", "pass", "normal"]
 ///   min_score = 0.5
+///
+///   [plugins]
+///   # cache_dir = "/var/cache/lineside/plugins"  # compiled plugins (default: OS temp dir)
+///   watch_interval_ms = 250          # hot reload of plugin files; 0 = off
+///
+///   [[factories]]                    # POST /v1/factories/{name}/inspect; see plugins/README.md
+///   name = "acme"
+///   # model = "steel-surface"        # default: server.default_model
+///   on_plugin_error = "fail"         # or "pass_through"
+///   allowed_headers = []             # request headers plugins may see
+///   [factories.preprocess]           # and/or [factories.postprocess]
+///   path = "roi_crop.wasm"
+///   config = { x = 0, y = 0, width = 512, height = 512 }
+///   timeout_ms = 50
+///   memory_mib = 64
+///   max_output_mib = 32
 #[derive(Args, Default)]
 #[command(verbatim_doc_comment)]
 pub struct ServeArgs {

@@ -95,3 +95,24 @@ pub async fn error_code(r: reqwest::Response) -> String {
     assert!(v["error"]["message"].is_string(), "error has a message: {v}");
     v["error"]["code"].as_str().expect("error code").to_string()
 }
+
+/// Builds the guest plugins (once per test binary) and returns the path of
+/// `name`'s component. Needs the wasm32-wasip2 target (`rustup target add wasm32-wasip2`).
+pub fn guest_wasm(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let guest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins/guest");
+        let target = guest.join("target");
+        let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "--target", "wasm32-wasip2", "--quiet"])
+            .current_dir(&guest)
+            .env("CARGO_TARGET_DIR", &target)
+            .status()
+            .expect("running cargo for the guest plugins");
+        assert!(status.success(), "building plugins/guest for wasm32-wasip2 failed");
+        target.join("wasm32-wasip2/release")
+    });
+    let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
+    assert!(path.is_file(), "{} was not built", path.display());
+    path
+}
