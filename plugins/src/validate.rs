@@ -68,3 +68,42 @@ pub(crate) fn decision(d: &Decision, limits: &Limits) -> Result<(), Invalid> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bindings::types::{Defect, PixelFormat, Verdict};
+
+    fn img(w: u32, h: u32, format: PixelFormat, len: usize) -> Image {
+        Image { width: w, height: h, format, pixels: vec![0; len] }
+    }
+
+    #[test]
+    fn images_must_match_their_size_and_the_limit() {
+        let limits = Limits { max_image_bytes: 1000, ..Limits::default() };
+        assert!(image(&img(10, 10, PixelFormat::Rgb8, 300), &limits).is_ok());
+        assert_eq!(image(&img(10, 10, PixelFormat::Rgb8, 299), &limits).unwrap_err().0, Failure::InvalidOutput);
+        assert_eq!(image(&img(0, 10, PixelFormat::Gray8, 0), &limits).unwrap_err().0, Failure::InvalidOutput);
+        assert_eq!(image(&img(40, 40, PixelFormat::Gray8, 1600), &limits).unwrap_err().0, Failure::OutputTooLarge);
+    }
+
+    #[test]
+    fn decisions_need_finite_bounded_values() {
+        let defect = |severity: f32, code: &str| Defect {
+            code: code.into(),
+            label: "x".into(),
+            severity,
+            score: 0.9,
+            region: None,
+        };
+        let d = |defects| Decision { verdict: Verdict::Fail, defects, extra: vec![] };
+        let limits = Limits::default();
+        assert!(decision(&d(vec![defect(0.5, "A")]), &limits).is_ok());
+        assert_eq!(decision(&d(vec![defect(f32::NAN, "A")]), &limits).unwrap_err().0, Failure::InvalidOutput);
+        assert_eq!(decision(&d(vec![defect(1.5, "A")]), &limits).unwrap_err().0, Failure::InvalidOutput);
+        let long = "C".repeat(MAX_TEXT + 1);
+        assert_eq!(decision(&d(vec![defect(0.5, &long)]), &limits).unwrap_err().0, Failure::OutputTooLarge);
+        let many = (0..3000).map(|_| defect(0.5, "A")).collect();
+        assert_eq!(decision(&d(many), &limits).unwrap_err().0, Failure::OutputTooLarge);
+    }
+}
