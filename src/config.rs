@@ -159,6 +159,10 @@ pub struct ServerConfig {
     pub max_image_side: u32,
     /// Largest decoder allocation, in bytes.
     pub max_decode_bytes: u64,
+    /// Where `POST /v1/models/{name}/fit` writes the models it fits.
+    pub model_dir: PathBuf,
+    /// Backbone for fits that name none: a timm hub-format folder or `builtin:steel-surface`.
+    pub fit_backbone: String,
 }
 
 impl Default for ServerConfig {
@@ -171,6 +175,8 @@ impl Default for ServerConfig {
             top_k: 5,
             max_image_side: 16_384,
             max_decode_bytes: 512 * 1024 * 1024,
+            model_dir: PathBuf::from("lineside-data/models"),
+            fit_backbone: "builtin:steel-surface".into(),
         }
     }
 }
@@ -217,6 +223,19 @@ fn d_queue() -> usize {
 }
 
 impl ModelConfig {
+    /// A model with the default batching and verdict settings.
+    pub fn new(name: &str, source: &str) -> Self {
+        Self {
+            name: name.into(),
+            source: source.into(),
+            max_batch_size: d_batch(),
+            max_queue_delay_ms: d_delay(),
+            queue_capacity: d_queue(),
+            threads: None,
+            verdict: VerdictRule::default(),
+        }
+    }
+
     pub fn batcher(&self) -> BatcherConfig {
         BatcherConfig {
             max_batch_size: self.max_batch_size,
@@ -246,15 +265,7 @@ impl Default for VerdictRule {
 }
 
 fn default_models() -> Vec<ModelConfig> {
-    vec![ModelConfig {
-        name: "steel-surface".into(),
-        source: "builtin:steel-surface".into(),
-        max_batch_size: d_batch(),
-        max_queue_delay_ms: d_delay(),
-        queue_capacity: d_queue(),
-        threads: None,
-        verdict: VerdictRule::default(),
-    }]
+    vec![ModelConfig::new("steel-surface", "builtin:steel-surface")]
 }
 
 impl Default for Config {

@@ -37,6 +37,10 @@ pub enum ApiError {
     DeadlineExceeded(String),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("fit failed: {0}")]
+    FitFailed(String),
     #[error("factory `{0}` is not configured here")]
     FactoryNotFound(String),
     #[error("factory `{factory}`: {error}")]
@@ -74,6 +78,8 @@ impl ApiError {
             ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::FactoryNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::FitFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
             // The plugin judged the input unusable (an ROI outside the image, say).
             ApiError::Plugin { error, .. } if error.failure == Failure::Rejected => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Plugin { error, .. } if error.failure == Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -100,6 +106,8 @@ impl ApiError {
             ApiError::DeadlineExceeded(_) => "deadline_exceeded",
             ApiError::Internal(_) => "internal",
             ApiError::FactoryNotFound(_) => "factory_not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::FitFailed(_) => "fit_failed",
             ApiError::Plugin { error, .. } => match error.failure {
                 Failure::Timeout => "plugin_timeout",
                 Failure::MemoryLimit => "plugin_memory_limit",

@@ -11,6 +11,7 @@ pub mod builtin;
 pub mod config;
 pub mod error;
 pub mod factories;
+pub mod fit;
 pub mod metrics;
 pub mod pipeline;
 pub mod registry;

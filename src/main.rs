@@ -1,4 +1,4 @@
-//! The `lineside` command: serve, inspect offline, train, benchmark, check plugins.
+//! The `lineside` command: serve, inspect offline, train, benchmark, check plugins, fit and evaluate anomaly models.
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +20,8 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     Train(cli::train::TrainArgs),
     Plugin(cli::plugin::PluginArgs),
+    Fit(cli::fit::FitArgs),
+    Eval(cli::eval::EvalArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,6 +37,8 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => cli::bench::run(args),
         Command::Train(args) => cli::train::run(args),
         Command::Plugin(args) => cli::plugin::run(args),
+        Command::Fit(args) => cli::fit::run(args),
+        Command::Eval(args) => cli::eval::run(args),
     }
 }
 

@@ -6,18 +6,23 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use image::DynamicImage;
+use lineside_inference::anomaly::{AnomalyMap, regions as anomaly_regions, render};
+use lineside_inference::models::Output;
 use lineside_inference::preprocess::{DecodeLimits, decode};
 use lineside_plugins::{
-    Decision, Failure, Image as PluginImage, LabelScore, Metadata, ModelOutput, PixelFormat, Plugin, PluginError,
+    AnomalyMap as WitAnomalyMap, Decision, Failure, Image as PluginImage, LabelScore, Metadata, ModelOutput,
+    PixelFormat, Plugin, PluginError,
 };
 use serde::Serialize;
 
 use crate::config::{OnPluginError, VerdictRule};
 use crate::error::ApiError;
 use crate::factories::Factory;
-use crate::registry::ModelEntry;
+use crate::registry::{ModelEntry, ModelKind};
 
 /// The answer to one inspection.
 #[derive(Debug, Clone, Serialize)]
@@ -32,9 +37,42 @@ pub struct Inspection {
     pub verdict: Verdict,
     pub image: ImageInfo,
     pub timings_ms: Timings,
+    /// Anomaly models only: score, regions and, on request, heatmap PNGs.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub anomaly: Option<AnomalyResult>,
     /// Factory pipelines only: the factory, its defects and plugin details.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub factory: Option<FactoryResult>,
+}
+
+/// What an anomaly model adds to an inspection.
+#[derive(Debug, Clone, Serialize)]
+pub struct AnomalyResult {
+    /// Normalised score: 0.5 is the model's threshold.
+    pub anomaly_score: f32,
+    pub is_anomalous: bool,
+    /// Connected regions of the thresholded map, in the pixels of the image the model saw.
+    pub regions: Vec<RegionOut>,
+    /// Base64 PNG: the heatmap over the part (with `?heatmap=png`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heatmap_png: Option<String>,
+    /// Base64 PNG: the thresholded map as a binary mask (with `?heatmap=png`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask_png: Option<String>,
+}
+
+/// One anomalous region.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegionOut {
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+    /// Area in image pixels, and as a share of the image.
+    pub area: u32,
+    pub area_percent: f32,
+    /// Highest normalised map value inside.
+    pub peak: f32,
 }
 
 /// What a factory pipeline adds to an inspection.
@@ -133,15 +171,24 @@ impl VerdictRule {
     }
 }
 
+/// What a caller asks of one inspection.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub limits: DecodeLimits,
+    /// Predictions returned (classifiers).
+    pub top_k: usize,
+    /// Attach heatmap and mask PNGs (anomaly models).
+    pub heatmap: bool,
+}
+
 /// Runs one encoded image through `model` (`/v1/inspect`).
 pub async fn inspect(
     model: &ModelEntry,
     body: Bytes,
     deadline: Instant,
-    limits: DecodeLimits,
-    top_k: usize,
+    opts: Options,
 ) -> Result<Inspection, ApiError> {
-    run(model, None, body, deadline, limits, top_k).await
+    run(model, None, body, deadline, opts).await
 }
 
 /// A factory pipeline's plugins, and what the request said about the part.
@@ -155,11 +202,10 @@ pub async fn inspect_factory(
     call: FactoryCall,
     body: Bytes,
     deadline: Instant,
-    limits: DecodeLimits,
-    top_k: usize,
+    opts: Options,
 ) -> Result<Inspection, ApiError> {
     let model = call.factory.model.clone();
-    run(&model, Some(call), body, deadline, limits, top_k).await
+    run(&model, Some(call), body, deadline, opts).await
 }
 
 /// Plugin runs and failures of one request.
@@ -174,16 +220,18 @@ async fn run(
     call: Option<FactoryCall>,
     body: Bytes,
     deadline: Instant,
-    limits: DecodeLimits,
-    top_k: usize,
+    opts: Options,
 ) -> Result<Inspection, ApiError> {
     let started = Instant::now();
     if body.is_empty() {
         return Err(ApiError::InvalidImage("the request body is empty; send the image bytes".into()));
     }
     let pre = model.preprocessor.clone();
+    let limits = opts.limits;
+    // Only an anomaly heatmap needs the picture again after inference.
+    let keep_image = opts.heatmap && model.kind == ModelKind::Anomaly;
     // Decoding, plugins and resizing are CPU work: off the async workers, and in parallel with the batcher.
-    let (input, (width, height), decode_t, pre_t, mut trace, call) = tokio::task::spawn_blocking(move || {
+    let (input, (width, height), seen, decode_t, pre_t, mut trace, call) = tokio::task::spawn_blocking(move || {
         let t0 = Instant::now();
         let mut img = decode(&body, limits).map_err(ApiError::from_image)?;
         let size = (img.width(), img.height());
@@ -193,7 +241,8 @@ async fn run(
             img = run_preprocess(c, img, &mut trace)?;
         }
         let input = pre.run(&img).map_err(ApiError::from_image)?;
-        Ok::<_, ApiError>((input, size, t1 - t0, t1.elapsed(), trace, call))
+        let seen = Seen { width: img.width(), height: img.height(), image: keep_image.then(|| img.to_rgb8()) };
+        Ok::<_, ApiError>((input, size, seen, t1 - t0, t1.elapsed(), trace, call))
     })
     .await
     .map_err(|e| ApiError::Internal(format!("preprocessing task: {e}")))??;
@@ -209,26 +258,16 @@ async fn run(
         .map_err(|_| ApiError::Internal("the batcher dropped the request".into()))?
         .map_err(|e| ApiError::from_job(&model.name, e))?;
 
-    let mut ranked: Vec<(usize, f32)> = served.output.iter().copied().enumerate().collect();
-    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let predictions: Vec<Prediction> = ranked
-        .iter()
-        .take(top_k.max(1))
-        .map(|&(i, score)| Prediction { label: model.labels[i].clone(), score })
-        .collect();
-    let top = predictions[0].clone();
-    let mut verdict = model.config.verdict.judge(&top.label, top.score);
+    let outcome = match served.output {
+        Output::Classes(probs) => classification(model, probs, opts.top_k),
+        Output::Anomaly(map) => anomaly(model, map, seen).await?,
+    };
+    let Outcome { label, score, predictions, mut verdict, anomaly, plugin_input } = outcome;
     let factory = match call {
         Some(c) => {
-            let scores: Vec<LabelScore> = served
-                .output
-                .iter()
-                .zip(&model.labels)
-                .map(|(&score, label)| LabelScore { label: label.clone(), score })
-                .collect();
             // A plugin may spin until its deadline: never on an async worker.
             let (decision, trace, c) = tokio::task::spawn_blocking(move || {
-                let d = run_postprocess(&c, ModelOutput::Classification(scores), &mut trace);
+                let d = run_postprocess(&c, plugin_input, &mut trace);
                 d.map(|d| (d, trace, c))
             })
             .await
@@ -244,10 +283,11 @@ async fn run(
         id: uuid::Uuid::new_v4().to_string(),
         model: ModelRef { name: model.name.clone(), version: model.version.clone() },
         verdict,
-        label: top.label,
-        score: top.score,
+        label,
+        score,
         predictions,
         image: ImageInfo { width, height },
+        anomaly,
         timings_ms: Timings {
             decode: ms(decode_t),
             preprocess: ms(pre_t),
@@ -349,6 +389,104 @@ fn factory_result(factory: &str, decision: Option<Decision>, trace: Trace) -> Fa
         None => (Vec::new(), Default::default()),
     };
     FactoryResult { factory: factory.to_string(), defects, extra, plugins: trace.runs, plugin_errors: trace.failures }
+}
+
+/// The image the model saw (after any preprocess plugin).
+struct Seen {
+    width: u32,
+    height: u32,
+    /// Kept only when a heatmap was asked for.
+    image: Option<image::RgbImage>,
+}
+
+/// A model's answer in response terms, and what a postprocess plugin gets.
+struct Outcome {
+    label: String,
+    score: f32,
+    predictions: Vec<Prediction>,
+    verdict: Verdict,
+    anomaly: Option<AnomalyResult>,
+    plugin_input: ModelOutput,
+}
+
+fn classification(model: &ModelEntry, probs: Vec<f32>, top_k: usize) -> Outcome {
+    let mut ranked: Vec<(usize, f32)> = probs.iter().copied().enumerate().collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let predictions: Vec<Prediction> = ranked
+        .iter()
+        .take(top_k.max(1))
+        .map(|&(i, score)| Prediction { label: model.labels[i].clone(), score })
+        .collect();
+    let top = predictions[0].clone();
+    let scores =
+        probs.iter().zip(&model.labels).map(|(&score, label)| LabelScore { label: label.clone(), score }).collect();
+    Outcome {
+        verdict: model.config.verdict.judge(&top.label, top.score),
+        label: top.label,
+        score: top.score,
+        predictions,
+        anomaly: None,
+        plugin_input: ModelOutput::Classification(scores),
+    }
+}
+
+async fn anomaly(model: &ModelEntry, map: AnomalyMap, seen: Seen) -> Result<Outcome, ApiError> {
+    let size = map.size;
+    let (w, h) = (seen.width, seen.height);
+    let found = anomaly_regions(&map.map, size, size, 0.5);
+    let scale = |v: u32, to: u32| (v as u64 * to as u64 / size as u64) as u32;
+    let regions = found
+        .iter()
+        .map(|r| RegionOut {
+            x: scale(r.x, w),
+            y: scale(r.y, h),
+            width: scale(r.width, w).max(1),
+            height: scale(r.height, h).max(1),
+            area: (r.area as f64 * w as f64 * h as f64 / (size * size) as f64).round() as u32,
+            area_percent: r.area_percent,
+            peak: r.peak,
+        })
+        .collect();
+    let (heatmap_png, mask_png) = match seen.image {
+        Some(img) => {
+            let m = map.map.clone();
+            tokio::task::spawn_blocking(move || {
+                let heat = render::png(&render::overlay(&img, &m, size, &found));
+                let mask = render::png(&render::mask(&m, size, img.width(), img.height()));
+                (Some(BASE64.encode(heat)), Some(BASE64.encode(mask)))
+            })
+            .await
+            .map_err(|e| ApiError::Internal(format!("heatmap task: {e}")))?
+        }
+        None => (None, None),
+    };
+    let anomalous = map.is_anomalous();
+    let label = if anomalous { "anomalous" } else { "good" };
+    let top = if anomalous { map.score } else { 1.0 - map.score };
+    let mut predictions = vec![
+        Prediction { label: "anomalous".into(), score: map.score },
+        Prediction { label: "good".into(), score: 1.0 - map.score },
+    ];
+    predictions.sort_by(|a, b| b.score.total_cmp(&a.score));
+    Ok(Outcome {
+        verdict: model.config.verdict.judge(label, top),
+        label: label.into(),
+        score: top,
+        predictions,
+        anomaly: Some(AnomalyResult {
+            anomaly_score: map.score,
+            is_anomalous: anomalous,
+            regions,
+            heatmap_png,
+            mask_png,
+        }),
+        plugin_input: ModelOutput::Anomaly(WitAnomalyMap {
+            width: size as u32,
+            height: size as u32,
+            image_score: map.score,
+            scores: map.map,
+        }),
+    })
 }
 
 fn from_wit_verdict(v: lineside_plugins::Verdict) -> Verdict {

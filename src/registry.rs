@@ -3,12 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use candle_core::Device;
+use lineside_inference::anomaly::PatchCore;
+use lineside_inference::anomaly::patchcore::input_transform;
 use lineside_inference::batcher::{Batcher, ModelStatus};
-use lineside_inference::models::{Classifier, LoadedModel, Probabilities};
+use lineside_inference::models::{Classifier, LoadedModel, Output};
 use lineside_inference::{HubConfig, ModelFiles, Preprocessor};
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -25,17 +27,29 @@ pub struct ModelEntry {
     pub architecture: String,
     pub labels: Vec<String>,
     pub preprocessor: Preprocessor,
-    pub batcher: Batcher<Probabilities>,
+    pub kind: ModelKind,
+    pub batcher: Batcher<Output>,
     pub config: ModelConfig,
     /// Requests admitted and not yet answered (decoding, queued or computing).
     /// Bounded so that overload is refused before any decoding work is done.
     admission: Arc<Semaphore>,
 }
 
+/// What a model computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// Class probabilities (a timm classifier).
+    Classifier,
+    /// An anomaly score and map (PatchCore).
+    Anomaly,
+}
+
 /// What `GET /v1/models` shows of a model.
 #[derive(Debug, Serialize)]
 pub struct ModelInfo {
     pub name: String,
+    pub kind: ModelKind,
     pub version: String,
     pub source: String,
     pub architecture: String,
@@ -91,6 +105,7 @@ impl ModelEntry {
         let (c, h, w) = self.preprocessor.input_shape();
         ModelInfo {
             name: self.name.clone(),
+            kind: self.kind,
             version: self.version.clone(),
             source: self.config.source.clone(),
             architecture: self.architecture.clone(),
@@ -115,9 +130,11 @@ pub fn read_source(source: &str) -> anyhow::Result<ModelFiles> {
     ModelFiles::from_dir(Path::new(source)).with_context(|| format!("reading model folder {source}"))
 }
 
-/// All served models by name.
+/// All served models by name. Models can be added while serving (a fitted
+/// anomaly model); requests hold their entry, so a replaced model finishes
+/// what it has admitted.
 pub struct Registry {
-    models: BTreeMap<String, Arc<ModelEntry>>,
+    models: RwLock<BTreeMap<String, Arc<ModelEntry>>>,
 }
 
 impl Registry {
@@ -129,26 +146,38 @@ impl Registry {
             let entry = start_model(m).with_context(|| format!("model `{}`", m.name))?;
             map.insert(m.name.clone(), Arc::new(entry));
         }
-        Ok(Self { models: map })
+        Ok(Self { models: RwLock::new(map) })
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<ModelEntry>> {
-        self.models.get(name).cloned()
+        self.read().get(name).cloned()
     }
 
-    pub fn all(&self) -> impl Iterator<Item = &Arc<ModelEntry>> {
-        self.models.values()
+    /// Every model, by name.
+    pub fn all(&self) -> Vec<Arc<ModelEntry>> {
+        self.read().values().cloned().collect()
+    }
+
+    /// Starts `m` and serves it under its name, replacing a model of that name.
+    pub fn add(&self, m: &ModelConfig) -> anyhow::Result<Arc<ModelEntry>> {
+        let entry = Arc::new(start_model(m).with_context(|| format!("model `{}`", m.name))?);
+        self.models.write().expect("registry lock").insert(m.name.clone(), entry.clone());
+        Ok(entry)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<ModelEntry>>> {
+        self.models.read().expect("registry lock")
     }
 
     /// True when every model has loaded and run its warm-up batch.
     pub fn all_ready(&self) -> bool {
-        self.models.values().all(|m| m.batcher.status() == ModelStatus::Ready)
+        self.read().values().all(|m| m.batcher.status() == ModelStatus::Ready)
     }
 
     /// Blocks until every model is ready or one failed (for the offline CLI).
     pub fn wait_ready(&self) -> anyhow::Result<()> {
         loop {
-            for m in self.models.values() {
+            for m in self.all() {
                 match m.batcher.status() {
                     ModelStatus::Failed(e) => anyhow::bail!("model `{}` failed to load: {e}", m.name),
                     ModelStatus::Stopped => anyhow::bail!("model `{}` stopped", m.name),
@@ -163,7 +192,16 @@ impl Registry {
     }
 }
 
-fn start_model(m: &ModelConfig) -> anyhow::Result<ModelEntry> {
+/// The folder of a PatchCore model source, if `source` is one.
+fn anomaly_dir(source: &str) -> Option<&Path> {
+    let dir = Path::new(source);
+    (!source.starts_with(builtin::SCHEME) && PatchCore::is_model_dir(dir)).then_some(dir)
+}
+
+pub(crate) fn start_model(m: &ModelConfig) -> anyhow::Result<ModelEntry> {
+    if let Some(dir) = anomaly_dir(&m.source) {
+        return start_anomaly_model(m, dir);
+    }
     let files = read_source(&m.source)?;
     let hub = HubConfig::from_json(&files.config_json)?;
     let version = files.content_version();
@@ -172,10 +210,31 @@ fn start_model(m: &ModelConfig) -> anyhow::Result<ModelEntry> {
     })?;
     Ok(ModelEntry {
         name: m.name.clone(),
+        kind: ModelKind::Classifier,
         version,
         architecture: hub.architecture.clone(),
         labels: hub.labels(),
         preprocessor: Preprocessor::new(&hub.pretrained_cfg),
+        batcher,
+        admission: Arc::new(Semaphore::new(m.queue_capacity + m.max_batch_size)),
+        config: m.clone(),
+    })
+}
+
+fn start_anomaly_model(m: &ModelConfig, dir: &Path) -> anyhow::Result<ModelEntry> {
+    let manifest = PatchCore::read_manifest(dir)?;
+    let files = ModelFiles::from_dir(dir)?;
+    let hub = HubConfig::from_json(&files.config_json)?;
+    let version = PatchCore::content_version(dir)?;
+    let owned = dir.to_path_buf();
+    let batcher = Batcher::spawn(&m.name, m.batcher(), move || PatchCore::load(&owned))?;
+    Ok(ModelEntry {
+        name: m.name.clone(),
+        kind: ModelKind::Anomaly,
+        version,
+        architecture: format!("patchcore/{}", manifest.backbone),
+        labels: vec!["good".into(), "anomalous".into()],
+        preprocessor: input_transform(&hub.pretrained_cfg, manifest.image_size),
         batcher,
         admission: Arc::new(Semaphore::new(m.queue_capacity + m.max_batch_size)),
         config: m.clone(),

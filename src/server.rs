@@ -19,7 +19,7 @@ use crate::config::{Config, ServerConfig};
 use crate::error::ApiError;
 use crate::factories::{Factories, Factory};
 use crate::pipeline::{self, Inspection};
-use crate::registry::{ModelInfo, Registry};
+use crate::registry::{ModelInfo, ModelKind, Registry};
 use lineside_plugins::Metadata;
 
 /// Header carrying a per-request deadline in milliseconds.
@@ -41,6 +41,8 @@ const IMAGE_TYPES: &[&str] = &[
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Arc<Registry>,
+    /// Held while an anomaly model is being fitted: one fit at a time.
+    pub fitting: Arc<tokio::sync::Mutex<()>>,
     pub factories: Arc<Factories>,
     pub server: Arc<ServerConfig>,
     pub metrics: PrometheusHandle,
@@ -55,6 +57,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/models", get(list_models))
         .route("/v1/inspect", post(inspect))
+        .route("/v1/models/{name}/fit", post(fit_model))
         .route("/v1/factories", get(list_factories))
         .route("/v1/factories/{factory}/inspect", post(inspect_factory))
         .route("/v1/factories/{factory}/reload", post(reload_factory))
@@ -84,7 +87,7 @@ pub async fn serve(
         factories = cfg.factories.len(),
         "listening; models loading"
     );
-    let state = AppState { registry, factories, server: Arc::new(cfg.server), metrics };
+    let state = AppState { registry, fitting: Default::default(), factories, server: Arc::new(cfg.server), metrics };
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
@@ -94,7 +97,7 @@ async fn health() -> Json<serde_json::Value> {
 }
 
 async fn ready(State(st): State<AppState>) -> Response {
-    let models: Vec<ModelInfo> = st.registry.all().map(|m| m.info()).collect();
+    let models: Vec<ModelInfo> = st.registry.all().iter().map(|m| m.info()).collect();
     let status = if st.registry.all_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let state = if status == StatusCode::OK { "ready" } else { "not_ready" };
     let models: Vec<_> = models.iter().map(|m| json!({"name": m.name, "status": m.status, "error": m.error})).collect();
@@ -106,13 +109,31 @@ async fn metrics(State(st): State<AppState>) -> Response {
 }
 
 async fn list_models(State(st): State<AppState>) -> Json<serde_json::Value> {
-    let models: Vec<ModelInfo> = st.registry.all().map(|m| m.info()).collect();
+    let models: Vec<ModelInfo> = st.registry.all().iter().map(|m| m.info()).collect();
     Json(json!({"default": st.server.default_model, "models": models}))
 }
 
 #[derive(Deserialize)]
 struct InspectQuery {
     model: Option<String>,
+    /// `png`: attach heatmap and mask PNGs (anomaly models).
+    heatmap: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct FactoryQuery {
+    heatmap: Option<String>,
+}
+
+fn options(server: &ServerConfig, heatmap: Option<&str>) -> Result<pipeline::Options, ApiError> {
+    let heatmap = match heatmap {
+        None | Some("none") => false,
+        Some("png") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!("heatmap=`{other}`: the accepted values are `png` and `none`")));
+        }
+    };
+    Ok(pipeline::Options { limits: server.decode_limits(), top_k: server.top_k, heatmap })
 }
 
 async fn inspect(
@@ -123,16 +144,89 @@ async fn inspect(
 ) -> Result<Json<Inspection>, ApiError> {
     let arrived = Instant::now();
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let opts = options(&st.server, q.heatmap.as_deref())?;
     let name = q.model.unwrap_or_else(|| st.server.default_model.clone());
     let model = st.registry.get(&name).ok_or(ApiError::ModelNotFound(name))?;
     let deadline = arrived + request_timeout(&headers, st.server.default_timeout_ms)?;
     // Refuse overload before reading or decoding anything; the permit lives until the answer.
     let _permit = model.try_admit()?;
     let body = image_body(req, st.server.body_limit_bytes).await?;
-    let result = pipeline::inspect(&model, body, deadline, st.server.decode_limits(), st.server.top_k).await?;
+    let result = pipeline::inspect(&model, body, deadline, opts).await?;
     metrics::histogram!("lineside_inspection_seconds", "model" => model.name.clone())
         .record(arrived.elapsed().as_secs_f64());
     Ok(Json(result))
+}
+
+#[derive(Deserialize)]
+struct FitQuery {
+    backbone: Option<String>,
+    coreset_ratio: Option<f32>,
+    image_size: Option<usize>,
+}
+
+/// Fits an anomaly model from the good images in a multipart body (`image`
+/// fields), saves it under `server.model_dir` and serves it as `name`.
+async fn fit_model(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    query: Result<Query<FitQuery>, QueryRejection>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    // Read the body before refusing anything: answering mid-upload resets the
+    // connection and the client never sees the error.
+    let images = multipart_images(req).await?;
+    if !crate::fit::valid_name(&name) {
+        return Err(ApiError::BadRequest(format!("model name `{name}`: use 1-64 letters, digits, `-` and `_`")));
+    }
+    if st.registry.get(&name).is_some_and(|m| m.kind != ModelKind::Anomaly) {
+        return Err(ApiError::Conflict(format!("model `{name}` is a configured classifier; fit under another name")));
+    }
+    let coreset_ratio = q.coreset_ratio.unwrap_or(0.1);
+    let image_size = q.image_size.unwrap_or(224);
+    let valid = coreset_ratio > 0.0 && coreset_ratio <= 1.0 && (32..=1024).contains(&image_size);
+    if !valid {
+        return Err(ApiError::BadRequest("coreset_ratio must be in (0, 1] and image_size in 32..=1024".into()));
+    }
+    let Ok(_guard) = st.fitting.clone().try_lock_owned() else {
+        return Err(ApiError::Conflict("another fit is running; retry when it is done".into()));
+    };
+    if images.len() < 5 {
+        return Err(ApiError::BadRequest(format!(
+            "send at least 5 good images as `image` fields, got {}",
+            images.len()
+        )));
+    }
+    let fit = crate::fit::FitRequest {
+        name: name.clone(),
+        backbone: q.backbone.unwrap_or_else(|| st.server.fit_backbone.clone()),
+        coreset_ratio,
+        image_size,
+        images,
+    };
+    let dir = st.server.model_dir.clone();
+    let (path, manifest) = tokio::task::spawn_blocking(move || crate::fit::fit_and_save(&fit, &dir))
+        .await
+        .map_err(|e| ApiError::Internal(format!("fit task: {e}")))?
+        .map_err(|e| ApiError::FitFailed(format!("{e:#}")))?;
+    let entry = st
+        .registry
+        .add(&crate::config::ModelConfig::new(&name, &path.display().to_string()))
+        .map_err(|e| ApiError::FitFailed(format!("{e:#}")))?;
+    tracing::info!(model = %name, path = %path.display(), bank = manifest.memory_bank_size, "anomaly model fitted");
+    Ok((StatusCode::CREATED, Json(json!({ "model": entry.info(), "fit": manifest }))).into_response())
+}
+
+/// Every `image` field of a multipart body.
+async fn multipart_images(req: Request) -> Result<Vec<Bytes>, ApiError> {
+    let mut mp = Multipart::from_request(req, &()).await.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let mut images = Vec::new();
+    while let Some(field) = mp.next_field().await.map_err(|e| ApiError::BadRequest(e.body_text()))? {
+        if field.name() == Some("image") {
+            images.push(field.bytes().await.map_err(|e| ApiError::BadRequest(e.body_text()))?);
+        }
+    }
+    Ok(images)
 }
 
 async fn list_factories(State(st): State<AppState>) -> Json<serde_json::Value> {
@@ -143,17 +237,20 @@ async fn list_factories(State(st): State<AppState>) -> Json<serde_json::Value> {
 async fn inspect_factory(
     State(st): State<AppState>,
     Path(name): Path<String>,
+    query: Result<Query<FactoryQuery>, QueryRejection>,
     headers: HeaderMap,
     req: Request,
 ) -> Result<Json<Inspection>, ApiError> {
     let arrived = Instant::now();
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let opts = options(&st.server, q.heatmap.as_deref())?;
     let factory = st.factories.get(&name).ok_or(ApiError::FactoryNotFound(name))?;
     let deadline = arrived + request_timeout(&headers, st.server.default_timeout_ms)?;
     let _permit = factory.model.try_admit()?;
     let body = image_body(req, st.server.body_limit_bytes).await?;
     let meta = metadata(&factory, &headers);
     let call = pipeline::FactoryCall { factory: factory.clone(), meta };
-    let result = pipeline::inspect_factory(call, body, deadline, st.server.decode_limits(), st.server.top_k).await?;
+    let result = pipeline::inspect_factory(call, body, deadline, opts).await?;
     metrics::histogram!("lineside_inspection_seconds", "model" => factory.model.name.clone())
         .record(arrived.elapsed().as_secs_f64());
     Ok(Json(result))

@@ -7,6 +7,7 @@
 //! [`batcher`]. There is no HTTP in this crate: the server and the offline CLI
 //! both drive it through [`batcher::Batcher`].
 
+pub mod anomaly;
 pub mod batcher;
 pub mod error;
 pub mod hub_config;

@@ -91,6 +91,13 @@ impl Preprocessor {
         Self { height, width, scale, filter, mean: cfg.mean, std: cfg.std }
     }
 
+    /// Resizes the whole image to `input_size` (no crop, aspect not kept),
+    /// then normalises: for models whose output maps onto the full image.
+    pub fn stretch(cfg: &PretrainedCfg) -> Self {
+        let [_, height, width] = cfg.input_size;
+        Self { scale: Scale::Exact { width, height }, ..Self::new(cfg) }
+    }
+
     /// `(channels, height, width)` of the tensors this produces.
     pub fn input_shape(&self) -> (usize, usize, usize) {
         (3, self.height, self.width)

@@ -54,9 +54,18 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                     let _permit = model.admit().await.map_err(|e| e.to_string())?;
                     let bytes = tokio::fs::read(&path).await.map_err(|e| e.to_string())?;
                     let deadline = Instant::now() + Duration::from_secs(3600);
-                    lineside::pipeline::inspect(&model, bytes.into(), deadline, server.decode_limits(), server.top_k)
-                        .await
-                        .map_err(|e| e.to_string())
+                    lineside::pipeline::inspect(
+                        &model,
+                        bytes.into(),
+                        deadline,
+                        lineside::pipeline::Options {
+                            limits: server.decode_limits(),
+                            top_k: server.top_k,
+                            heatmap: false,
+                        },
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
                 })
             })
             .collect();

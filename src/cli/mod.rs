@@ -1,6 +1,8 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod eval;
+pub mod fit;
 pub mod inspect;
 pub mod plugin;
 pub mod serve;

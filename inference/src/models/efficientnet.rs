@@ -261,6 +261,23 @@ impl ImageModel for EfficientNet {
         Ok((features, Some(out)))
     }
 
+    fn forward_features_until(&self, x: &Tensor, last: usize) -> Result<Vec<Tensor>> {
+        let mut x = self.stem.forward(x)?;
+        let mut features = Vec::with_capacity(last + 1);
+        for (i, stage) in self.stages.iter().enumerate() {
+            for b in stage {
+                x = b.forward(&x)?;
+            }
+            if self.feature_stages.contains(&i) {
+                features.push(x.clone());
+                if features.len() > last {
+                    break;
+                }
+            }
+        }
+        Ok(features)
+    }
+
     fn feature_info(&self) -> &[FeatureInfo] {
         &self.feature_info
     }

@@ -44,6 +44,14 @@ pub trait ImageModel: Send + Sync {
     fn forward_features(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         Ok(self.forward_all(x, false)?.0)
     }
+
+    /// The feature maps up to index `last`, skipping the stages after it
+    /// (PatchCore needs only mid-level maps).
+    fn forward_features_until(&self, x: &Tensor, last: usize) -> Result<Vec<Tensor>> {
+        let mut f = self.forward_features(x)?;
+        f.truncate(last + 1);
+        Ok(f)
+    }
 }
 
 /// Architectures lineside can build, for error messages and `--help`.
@@ -131,6 +139,15 @@ impl LoadedModel {
 /// Class probabilities for one image.
 pub type Probabilities = Vec<f32>;
 
+/// What a served model yields for one image.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// Softmax probabilities, in label order.
+    Classes(Probabilities),
+    /// An anomaly score and map.
+    Anomaly(crate::anomaly::AnomalyMap),
+}
+
 /// A classifier: batched logits → per-image softmax probabilities.
 pub struct Classifier {
     pub model: LoadedModel,
@@ -146,7 +163,7 @@ impl Classifier {
 }
 
 impl crate::batcher::BatchModel for Classifier {
-    type Output = Probabilities;
+    type Output = Output;
 
     fn input_shape(&self) -> (usize, usize, usize) {
         self.model.preprocessor.input_shape()
@@ -156,7 +173,7 @@ impl crate::batcher::BatchModel for Classifier {
         &self.model.device
     }
 
-    fn infer(&self, batch: &Tensor) -> Result<Vec<Probabilities>> {
-        self.classify(batch)
+    fn infer(&self, batch: &Tensor) -> Result<Vec<Output>> {
+        Ok(self.classify(batch)?.into_iter().map(Output::Classes).collect())
     }
 }
