@@ -33,6 +33,10 @@ pub struct EvalArgs {
     /// One JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Set the model's image and pixel thresholds to the F1-best ones on this
+    /// (labelled) dataset, as anomalib's F1-adaptive threshold, and save them.
+    #[arg(long)]
+    adapt_thresholds: bool,
 }
 
 #[derive(Serialize)]
@@ -46,6 +50,8 @@ struct Report {
     pixel_auroc: f64,
     image_f1: f64,
     image_f1_best: f64,
+    /// Where the thresholds the F1 figure uses came from.
+    threshold_source: String,
     defects_with_region_on_ground_truth: f64,
     good_flagged: usize,
     images_per_second: f64,
@@ -70,7 +76,7 @@ fn samples(dataset: &Path) -> anyhow::Result<Vec<Sample>> {
 }
 
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
-    let model = PatchCore::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let mut model = PatchCore::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     let size = model.manifest.image_size;
     let samples = samples(&a.dataset)?;
     if let Some(dir) = &a.heatmaps {
@@ -79,7 +85,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let (c, h, w) = model.preprocessor.input_shape();
     let (mut image_scores, mut labels) = (Vec::new(), Vec::new());
     let (mut pixel_scores, mut pixel_labels) = (Vec::new(), Vec::new());
-    let (mut hits, mut defects, mut good_flagged) = (0usize, 0usize, 0usize);
+    let (mut hits, mut defects) = (0usize, 0usize);
     let mut compute = 0f64;
     for chunk in samples.chunks(a.batch_size.max(1)) {
         let images = chunk
@@ -95,18 +101,17 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         compute += t.elapsed().as_secs_f64();
         for ((s, img), r) in chunk.iter().zip(&images).zip(results) {
             let anomalous = s.kind != "good";
-            image_scores.push(r.score);
+            // Raw scores: the normalised ones are clipped at 1 and would tie.
+            image_scores.push(r.raw_score);
             labels.push(anomalous);
             let truth = ground_truth(s.mask.as_deref(), size)?;
-            pixel_scores.extend_from_slice(&r.map);
+            pixel_scores.extend_from_slice(&r.raw_map);
             pixel_labels.extend(truth.iter().copied());
             let found = regions(&r.map, size, size, 0.5);
             if anomalous {
                 defects += 1;
                 let on_truth = found.iter().any(|g| region_touches(g, &truth, size));
                 hits += usize::from(on_truth);
-            } else if r.is_anomalous() {
-                good_flagged += 1;
             }
             if let Some(dir) = &a.heatmaps {
                 let name = format!("{}_{}.png", s.kind, s.path.file_stem().and_then(|n| n.to_str()).unwrap_or("image"));
@@ -114,6 +119,14 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let (image_best_t, image_best_f1) = metrics::best_f1(&image_scores, &labels);
+    if a.adapt_thresholds {
+        let (pixel_t, _) = metrics::best_f1(&pixel_scores, &pixel_labels);
+        model.set_thresholds(&a.model, image_best_t, pixel_t, "f1_adaptive")?;
+        eprintln!("thresholds set from {}: image {image_best_t:.4}, pixel {pixel_t:.4}", a.dataset.display());
+    }
+    let image_threshold = model.manifest.image_threshold;
+    let good_flagged = image_scores.iter().zip(&labels).filter(|&(&s, &l)| !l && s >= image_threshold).count();
     let report = Report {
         model: a.model.display().to_string(),
         backbone: model.manifest.backbone.clone(),
@@ -122,8 +135,9 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         test_images: samples.len(),
         image_auroc: metrics::auroc(&image_scores, &labels).context("image AUROC needs good and defective images")?,
         pixel_auroc: metrics::auroc(&pixel_scores, &pixel_labels).context("pixel AUROC needs ground-truth masks")?,
-        image_f1: metrics::f1_at(&image_scores, &labels, 0.5),
-        image_f1_best: metrics::best_f1(&image_scores, &labels).1,
+        image_f1: metrics::f1_at(&image_scores, &labels, image_threshold),
+        image_f1_best: image_best_f1,
+        threshold_source: model.manifest.threshold_source.clone(),
         defects_with_region_on_ground_truth: hits as f64 / defects.max(1) as f64,
         good_flagged,
         images_per_second: samples.len() as f64 / compute,
@@ -137,8 +151,8 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         );
         println!("image AUROC {:.4}  pixel AUROC {:.4}", report.image_auroc, report.pixel_auroc);
         println!(
-            "image F1 {:.4} at the model's threshold (best over thresholds {:.4}); good images flagged: {}",
-            report.image_f1, report.image_f1_best, report.good_flagged
+            "image F1 {:.4} at the model's threshold ({}; best over thresholds {:.4}); good images flagged: {}",
+            report.image_f1, report.threshold_source, report.image_f1_best, report.good_flagged
         );
         println!(
             "defective images with a region on the ground truth: {:.1}%",

@@ -24,10 +24,12 @@ use lineside::config::Config;
 ///   top_k = 5                        # predictions per response
 ///   max_image_side = 16384           # larger images are refused from the header (413)
 ///   max_decode_bytes = 536870912     # largest decoder allocation
+///   model_dir = "lineside-data/models"       # where POST /v1/models/{name}/fit saves models
+///   fit_backbone = "builtin:steel-surface"   # backbone for fits that name none
 ///
 ///   [[models]]                       # repeat per model
 ///   name = "steel-surface"
-///   source = "builtin:steel-surface" # or a timm hub-format folder
+///   source = "builtin:steel-surface" # or a timm hub-format folder, or a PatchCore folder (lineside fit)
 ///   max_batch_size = 8
 ///   max_queue_delay_ms = 5           # wait after the oldest request before running a partial batch
 ///   queue_capacity = 64              # 429 with Retry-After when full

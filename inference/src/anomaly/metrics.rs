@@ -42,13 +42,29 @@ pub fn f1_at(scores: &[f32], labels: &[bool], threshold: f32) -> f64 {
 }
 
 /// The threshold with the best F1 among the observed scores (anomalib's
-/// F1-adaptive threshold), and that F1.
+/// F1-adaptive threshold), and that F1. One sort and one sweep, so it works
+/// on millions of pixel scores.
 pub fn best_f1(scores: &[f32], labels: &[bool]) -> (f32, f64) {
+    let positives = labels.iter().filter(|&&l| l).count() as f64;
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_unstable_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let (mut tp, mut fp) = (0f64, 0f64);
     let mut best = (f32::INFINITY, 0.0);
-    for &t in scores {
-        let f = f1_at(scores, labels, t);
-        if f > best.1 {
-            best = (t, f);
+    let mut i = 0;
+    while i < order.len() {
+        // Everything at or above this score is called anomalous.
+        let t = scores[order[i]];
+        while i < order.len() && scores[order[i]] == t {
+            if labels[order[i]] {
+                tp += 1.0
+            } else {
+                fp += 1.0
+            }
+            i += 1;
+        }
+        let f1 = if tp == 0.0 { 0.0 } else { 2.0 * tp / (tp + fp + positives) };
+        if f1 > best.1 {
+            best = (t, f1);
         }
     }
     best
@@ -77,5 +93,10 @@ mod tests {
         let (t, f) = best_f1(&s, &l);
         assert_eq!(t, 0.35);
         assert!((f - 0.8).abs() < 1e-9);
+        // Agrees with the brute force over every threshold.
+        let s: Vec<f32> = (0..200).map(|i| ((i * 37) % 101) as f32 / 100.0).collect();
+        let l: Vec<bool> = (0..200).map(|i| (i * 13) % 7 < 3).collect();
+        let brute = s.iter().map(|&t| f1_at(&s, &l, t)).fold(0.0, f64::max);
+        assert!((best_f1(&s, &l).1 - brute).abs() < 1e-12);
     }
 }

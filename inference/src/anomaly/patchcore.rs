@@ -95,7 +95,14 @@ pub struct Manifest {
     pub image_threshold: f32,
     /// Raw anomaly-map value normalised to 0.5.
     pub pixel_threshold: f32,
+    /// Where the thresholds came from: `held_out_good` or `f1_adaptive`.
+    #[serde(default = "held_out_good")]
+    pub threshold_source: String,
     pub fit: FitReport,
+}
+
+fn held_out_good() -> String {
+    "held_out_good".into()
 }
 
 /// How a model was fitted.
@@ -132,6 +139,8 @@ pub struct AnomalyMap {
     pub score: f32,
     /// Normalised, blurred per-pixel map, `size × size`, row-major.
     pub map: Vec<f32>,
+    /// The same map before normalisation (for evaluation and thresholds).
+    pub raw_map: Vec<f32>,
     pub size: usize,
 }
 
@@ -258,6 +267,7 @@ impl PatchCore {
             blur_sigma: s.blur_sigma,
             image_threshold: 1.0,
             pixel_threshold: 1.0,
+            threshold_source: held_out_good(),
             fit: FitReport {
                 good_images: good.len(),
                 bank_images: bank_images.len(),
@@ -307,7 +317,8 @@ impl PatchCore {
             .map(|(raw, map)| AnomalyMap {
                 raw_score: raw,
                 score: norm(raw, m.image_threshold),
-                map: map.into_iter().map(|v| norm(v, m.pixel_threshold)).collect(),
+                map: map.iter().map(|&v| norm(v, m.pixel_threshold)).collect(),
+                raw_map: map,
                 size: m.image_size,
             })
             .collect())
@@ -384,6 +395,15 @@ impl PatchCore {
         let exps: Vec<f32> = dists.iter().map(|d| (d - max).exp()).collect();
         let weight = 1.0 - exps[0] / exps.iter().sum::<f32>();
         Ok(weight * top)
+    }
+
+    /// Sets raw thresholds chosen on labelled data and rewrites the manifest in `dir`.
+    pub fn set_thresholds(&mut self, dir: &Path, image: f32, pixel: f32, source: &str) -> Result<()> {
+        self.manifest.image_threshold = image.max(f32::EPSILON);
+        self.manifest.pixel_threshold = pixel.max(f32::EPSILON);
+        self.manifest.threshold_source = source.into();
+        let manifest = serde_json::to_string_pretty(&self.manifest).expect("manifest serializes");
+        std::fs::write(dir.join(MANIFEST), manifest).map_err(|source| Error::Io { path: dir.join(MANIFEST), source })
     }
 
     /// Writes the model as a folder: manifest, memory bank, backbone.
