@@ -10,7 +10,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use image::DynamicImage;
-use lineside_inference::anomaly::{AnomalyMap, regions as anomaly_regions, render};
+use lineside_inference::anomaly::{AnomalyMap, Region, regions as anomaly_regions, render};
 use lineside_inference::models::Output;
 use lineside_inference::preprocess::{DecodeLimits, decode};
 use lineside_plugins::{
@@ -52,27 +52,13 @@ pub struct AnomalyResult {
     pub anomaly_score: f32,
     pub is_anomalous: bool,
     /// Connected regions of the thresholded map, in the pixels of the image the model saw.
-    pub regions: Vec<RegionOut>,
+    pub regions: Vec<Region>,
     /// Base64 PNG: the heatmap over the part (with `?heatmap=png`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heatmap_png: Option<String>,
     /// Base64 PNG: the thresholded map as a binary mask (with `?heatmap=png`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mask_png: Option<String>,
-}
-
-/// One anomalous region.
-#[derive(Debug, Clone, Serialize)]
-pub struct RegionOut {
-    pub x: u32,
-    pub y: u32,
-    pub width: u32,
-    pub height: u32,
-    /// Area in image pixels, and as a share of the image.
-    pub area: u32,
-    pub area_percent: f32,
-    /// Highest normalised map value inside.
-    pub peak: f32,
 }
 
 /// What a factory pipeline adds to an inspection.
@@ -437,7 +423,7 @@ async fn anomaly(model: &ModelEntry, map: AnomalyMap, seen: Seen) -> Result<Outc
     let scale = |v: u32, to: u32| (v as u64 * to as u64 / size as u64) as u32;
     let regions = found
         .iter()
-        .map(|r| RegionOut {
+        .map(|r| Region {
             x: scale(r.x, w),
             y: scale(r.y, h),
             width: scale(r.width, w).max(1),

@@ -19,8 +19,9 @@ use crate::config::{Config, ServerConfig};
 use crate::error::ApiError;
 use crate::factories::{Factories, Factory};
 use crate::pipeline::{self, Inspection};
-use crate::registry::{ModelInfo, ModelKind, Registry};
+use crate::registry::{ModelEntry, ModelInfo, ModelKind, Registry};
 use lineside_plugins::Metadata;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// Header carrying a per-request deadline in milliseconds.
 pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
@@ -147,13 +148,9 @@ async fn inspect(
     let opts = options(&st.server, q.heatmap.as_deref())?;
     let name = q.model.unwrap_or_else(|| st.server.default_model.clone());
     let model = st.registry.get(&name).ok_or(ApiError::ModelNotFound(name))?;
-    let deadline = arrived + request_timeout(&headers, st.server.default_timeout_ms)?;
-    // Refuse overload before reading or decoding anything; the permit lives until the answer.
-    let _permit = model.try_admit()?;
-    let body = image_body(req, st.server.body_limit_bytes).await?;
+    let (_permit, body, deadline) = admit(&st, &model, &headers, arrived, req).await?;
     let result = pipeline::inspect(&model, body, deadline, opts).await?;
-    metrics::histogram!("lineside_inspection_seconds", "model" => model.name.clone())
-        .record(arrived.elapsed().as_secs_f64());
+    record(&model, arrived);
     Ok(Json(result))
 }
 
@@ -245,14 +242,11 @@ async fn inspect_factory(
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let opts = options(&st.server, q.heatmap.as_deref())?;
     let factory = st.factories.get(&name).ok_or(ApiError::FactoryNotFound(name))?;
-    let deadline = arrived + request_timeout(&headers, st.server.default_timeout_ms)?;
-    let _permit = factory.model.try_admit()?;
-    let body = image_body(req, st.server.body_limit_bytes).await?;
+    let (_permit, body, deadline) = admit(&st, &factory.model, &headers, arrived, req).await?;
     let meta = metadata(&factory, &headers);
     let call = pipeline::FactoryCall { factory: factory.clone(), meta };
     let result = pipeline::inspect_factory(call, body, deadline, opts).await?;
-    metrics::histogram!("lineside_inspection_seconds", "model" => factory.model.name.clone())
-        .record(arrived.elapsed().as_secs_f64());
+    record(&factory.model, arrived);
     Ok(Json(result))
 }
 
@@ -276,6 +270,27 @@ async fn reload_factory(State(st): State<AppState>, Path(name): Path<String>) ->
         return Err(ApiError::PluginLoad { factory: name, message: errors.join("; ") });
     }
     Ok(Json(json!({ "factory": factory.info() })).into_response())
+}
+
+/// The steps every inspection route shares: its deadline, admission (overload
+/// is refused before anything is read or decoded; the permit lives until the
+/// answer) and the image body.
+async fn admit(
+    st: &AppState,
+    model: &ModelEntry,
+    headers: &HeaderMap,
+    arrived: Instant,
+    req: Request,
+) -> Result<(OwnedSemaphorePermit, Bytes, Instant), ApiError> {
+    let deadline = arrived + request_timeout(headers, st.server.default_timeout_ms)?;
+    let permit = model.try_admit()?;
+    let body = image_body(req, st.server.body_limit_bytes).await?;
+    Ok((permit, body, deadline))
+}
+
+fn record(model: &ModelEntry, arrived: Instant) {
+    metrics::histogram!("lineside_inspection_seconds", "model" => model.name.clone())
+        .record(arrived.elapsed().as_secs_f64());
 }
 
 fn request_timeout(headers: &HeaderMap, default_ms: u64) -> Result<Duration, ApiError> {

@@ -225,6 +225,12 @@ postprocess = {{ path = "{}", config = {{ codes = {} }} }}
     assert!(answers.len() >= 20, "the load ran: {} requests", answers.len());
     assert!(answers.iter().all(|(_, status, _)| *status == 200), "no failed requests during the swap");
     assert!(answers.iter().filter(|(t, ..)| *t < swapped_at).all(|(.., v)| v == "fail"), "old rule before the swap");
+    let first_new = answers.iter().filter(|(_, _, v)| v == "review").map(|(t, ..)| *t).min();
+    eprintln!(
+        "{} requests, all 200; first answer from the new plugin {:?} after the file was replaced",
+        answers.len(),
+        first_new.map(|t| t.saturating_sub(swapped_at))
+    );
     let late: Vec<_> = answers.iter().filter(|(t, ..)| *t > swapped_at + Duration::from_secs(1)).collect();
     assert!(!late.is_empty() && late.iter().all(|(.., v)| v == "review"), "new rule within a second: {late:?}");
 
