@@ -1,6 +1,8 @@
 //! Model definitions and loading of timm hub-format model folders.
 
+pub mod convnext;
 pub mod efficientnet;
+pub mod resnet;
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -56,7 +58,7 @@ pub trait ImageModel: Send + Sync {
 
 /// Architectures lineside can build, for error messages and `--help`.
 pub fn supported_architectures() -> Vec<&'static str> {
-    efficientnet::SUPPORTED.to_vec()
+    efficientnet::SUPPORTED.iter().chain(resnet::SUPPORTED).chain(convnext::SUPPORTED).copied().collect()
 }
 
 /// The two files of a timm hub-format model, from disk or embedded in the binary.
@@ -113,6 +115,10 @@ impl LoadedModel {
         let weights = Weights::from_buffer(format!("{}/model.safetensors", files.origin), &files.weights, device)?;
         let network: Box<dyn ImageModel> = if efficientnet::EfficientNet::supports(&config.architecture) {
             Box::new(efficientnet::EfficientNet::load(&config.architecture, &weights)?)
+        } else if resnet::ResNet::supports(&config.architecture) {
+            Box::new(resnet::ResNet::load(&config.architecture, &weights)?)
+        } else if convnext::ConvNeXt::supports(&config.architecture) {
+            Box::new(convnext::ConvNeXt::load(&config.architecture, &weights)?)
         } else {
             return Err(Error::UnsupportedArchitecture {
                 found: config.architecture.clone(),
