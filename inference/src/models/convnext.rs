@@ -1,5 +1,6 @@
-//! timm's ConvNeXt (`timm/models/convnext.py`): convnext_atto … convnext_base
-//! and `test_convnext`, with the default `conv_mlp=False` blocks.
+//! timm's ConvNeXt (`timm/models/convnext.py`): convnext_tiny/small/base and
+//! `test_convnext`, the members with `conv_mlp=False` blocks (atto … nano use
+//! 1×1-conv MLPs and are refused with a clear error).
 //!
 //! Depths and widths come from the weights (`stages.{i}.blocks.{j}`), so one
 //! loader covers every size. Norms are channel LayerNorms; the MLP runs
@@ -17,10 +18,6 @@ use crate::{Error, Result};
 /// Architectures this module builds.
 pub const SUPPORTED: &[&str] = &[
     "test_convnext",
-    "convnext_atto",
-    "convnext_femto",
-    "convnext_pico",
-    "convnext_nano",
     "convnext_tiny",
     "convnext_small",
     "convnext_base",
