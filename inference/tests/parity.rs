@@ -112,3 +112,13 @@ fn test_convnext_logits_match_timm() {
 fn test_convnext_raw_images_match_timm() {
     check_raw_images("test_convnext.random6");
 }
+
+#[test]
+fn test_efficientnet_matches_timm() {
+    check_reference_input("test_efficientnet.random6");
+}
+
+#[test]
+fn test_efficientnet_raw_images_match_timm() {
+    check_raw_images("test_efficientnet.random6");
+}

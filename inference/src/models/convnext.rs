@@ -16,12 +16,7 @@ use crate::weights::Weights;
 use crate::{Error, Result};
 
 /// Architectures this module builds.
-pub const SUPPORTED: &[&str] = &[
-    "test_convnext",
-    "convnext_tiny",
-    "convnext_small",
-    "convnext_base",
-];
+pub const SUPPORTED: &[&str] = &["test_convnext", "convnext_tiny", "convnext_small", "convnext_base"];
 
 /// The settings that vary between family members.
 #[derive(Debug, Clone, Copy)]

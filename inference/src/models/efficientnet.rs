@@ -20,6 +20,10 @@ enum BlockKind {
     DepthwiseSeparable,
     /// `ir`: pointwise expand → depthwise → pointwise project.
     InvertedResidual,
+    /// `cn`: one conv + BatchNorm + activation.
+    ConvBnAct,
+    /// `er`: full conv expand → pointwise project (EfficientNet-EdgeTPU).
+    EdgeResidual,
 }
 
 /// One decoded block string.
@@ -32,6 +36,10 @@ struct BlockArgs {
     expansion: f32,
     out_chs: usize,
     noskip: bool,
+    /// `skip`: a `cn` block with a residual.
+    skip: bool,
+    /// Squeeze-and-excitation ratio (`se0.25`), relative to the block's input channels.
+    se: Option<f32>,
 }
 
 fn decode_block(s: &str) -> Result<BlockArgs> {
@@ -40,13 +48,29 @@ fn decode_block(s: &str) -> Result<BlockArgs> {
     let kind = match parts.next() {
         Some("ds") => BlockKind::DepthwiseSeparable,
         Some("ir") => BlockKind::InvertedResidual,
+        Some("cn") => BlockKind::ConvBnAct,
+        Some("er") => BlockKind::EdgeResidual,
         other => return Err(bad(format!("unsupported block type {other:?}"))),
     };
-    let mut args = BlockArgs { kind, repeats: 1, kernel: 3, stride: 1, expansion: 1.0, out_chs: 0, noskip: false };
+    let mut args = BlockArgs {
+        kind,
+        repeats: 1,
+        kernel: 3,
+        stride: 1,
+        expansion: 1.0,
+        out_chs: 0,
+        noskip: false,
+        skip: false,
+        se: None,
+    };
     for p in parts {
         let num = |v: &str| v.parse::<usize>().map_err(|e| bad(format!("`{p}`: {e}")));
         if p == "noskip" {
             args.noskip = true;
+        } else if p == "skip" {
+            args.skip = true;
+        } else if let Some(v) = p.strip_prefix("se") {
+            args.se = Some(v.parse().map_err(|e| bad(format!("`{p}`: {e}")))?);
         } else if let Some(v) = p.strip_prefix('r') {
             args.repeats = num(v)?;
         } else if let Some(v) = p.strip_prefix('k') {
@@ -94,8 +118,17 @@ const EFFICIENTNET_LITE_STAGES: &[&str] = &[
     "ir_r1_k3_s1_e6_c320",
 ];
 
+/// timm's `test_efficientnet`: one block of each kind, SiLU, squeeze-excitation.
+const TEST_EFFICIENTNET_STAGES: &[&str] = &[
+    "cn_r1_k3_s1_e1_c16_skip",
+    "er_r1_k3_s2_e4_c24",
+    "er_r1_k3_s2_e4_c32",
+    "ir_r1_k3_s2_e4_c48_se0.25",
+    "ir_r1_k3_s2_e4_c64_se0.25",
+];
+
 /// Architecture names this module builds.
-pub const SUPPORTED: &[&str] = &["mobilenetv2_100", "tf_efficientnet_lite0", "efficientnet_lite0"];
+pub const SUPPORTED: &[&str] = &["mobilenetv2_100", "tf_efficientnet_lite0", "efficientnet_lite0", "test_efficientnet"];
 
 fn arch_spec(name: &str) -> Option<ArchSpec> {
     let base = |stages, eps, tf| ArchSpec {
@@ -111,6 +144,12 @@ fn arch_spec(name: &str) -> Option<ArchSpec> {
         // tf_ ports keep TensorFlow's BatchNorm epsilon and "SAME" padding.
         "tf_efficientnet_lite0" => Some(base(EFFICIENTNET_LITE_STAGES, 1e-3, true)),
         "efficientnet_lite0" => Some(base(EFFICIENTNET_LITE_STAGES, 1e-5, false)),
+        "test_efficientnet" => Some(ArchSpec {
+            stem_chs: 24,
+            num_features: 256,
+            act: Activation::Silu,
+            ..base(TEST_EFFICIENTNET_STAGES, 1e-5, false)
+        }),
         _ => None,
     }
 }
@@ -120,16 +159,61 @@ pub fn bn_eps(architecture: &str) -> Option<f64> {
     arch_spec(architecture).map(|s| s.bn_eps)
 }
 
+/// Squeeze-and-excitation: channel gates from the globally pooled map.
+struct SqueezeExcite {
+    /// `[C, rd]` and `[rd, C]`, for `pooled · W`.
+    reduce_w: Tensor,
+    reduce_b: Tensor,
+    expand_w: Tensor,
+    expand_b: Tensor,
+    act: Activation,
+}
+
+impl SqueezeExcite {
+    fn load(w: &Weights, p: &str, act: Activation) -> Result<Self> {
+        let mat = |name: &str| -> Result<Tensor> {
+            let t = w.get(&format!("{p}.{name}.weight"))?;
+            let (o, i, _, _) = t.dims4()?;
+            Ok(t.reshape((o, i))?.t()?.contiguous()?)
+        };
+        Ok(Self {
+            reduce_w: mat("conv_reduce")?,
+            reduce_b: w.get(&format!("{p}.conv_reduce.bias"))?.clone(),
+            expand_w: mat("conv_expand")?,
+            expand_b: w.get(&format!("{p}.conv_expand.bias"))?.clone(),
+            act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, c, _, _) = x.dims4()?;
+        let s = x.mean((2, 3))?.matmul(&self.reduce_w)?.broadcast_add(&self.reduce_b)?;
+        let s = self.act.apply(&s)?.matmul(&self.expand_w)?.broadcast_add(&self.expand_b)?;
+        let gate = candle_nn::ops::sigmoid(&s)?.reshape((n, c, 1, 1))?;
+        Ok(x.broadcast_mul(&gate)?)
+    }
+}
+
 enum Block {
     DepthwiseSeparable { dw: ConvBnAct, pw: ConvBnAct, skip: bool },
-    InvertedResidual { pw: ConvBnAct, dw: ConvBnAct, pwl: ConvBnAct, skip: bool },
+    InvertedResidual { pw: ConvBnAct, dw: ConvBnAct, se: Option<SqueezeExcite>, pwl: ConvBnAct, skip: bool },
+    Conv { conv: ConvBnAct, skip: bool },
+    EdgeResidual { exp: ConvBnAct, pwl: ConvBnAct, skip: bool },
 }
 
 impl Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, skip) = match self {
             Block::DepthwiseSeparable { dw, pw, skip } => (pw.forward(&dw.forward(x)?)?, *skip),
-            Block::InvertedResidual { pw, dw, pwl, skip } => (pwl.forward(&dw.forward(&pw.forward(x)?)?)?, *skip),
+            Block::InvertedResidual { pw, dw, se, pwl, skip } => {
+                let mut y = dw.forward(&pw.forward(x)?)?;
+                if let Some(se) = se {
+                    y = se.forward(&y)?;
+                }
+                (pwl.forward(&y)?, *skip)
+            }
+            Block::Conv { conv, skip } => (conv.forward(x)?, *skip),
+            Block::EdgeResidual { exp, pwl, skip } => (pwl.forward(&exp.forward(x)?)?, *skip),
         };
         Ok(if skip { (y + x)? } else { y })
     }
@@ -182,8 +266,13 @@ impl EfficientNet {
             for bi in 0..args.repeats {
                 let p = format!("blocks.{si}.{bi}");
                 let stride = if bi == 0 { args.stride } else { 1 };
-                let skip = stride == 1 && in_chs == args.out_chs && !args.noskip;
+                let residual_ok = stride == 1 && in_chs == args.out_chs;
+                let skip = residual_ok && !args.noskip;
                 let mid = (in_chs as f32 * args.expansion).round() as usize;
+                let se = match args.se {
+                    Some(_) => Some(SqueezeExcite::load(w, &format!("{p}.se"), act)?),
+                    None => None,
+                };
                 let block = match args.kind {
                     BlockKind::DepthwiseSeparable => Block::DepthwiseSeparable {
                         dw: conv(&format!("{p}.conv_dw"), &format!("{p}.bn1"), stride, in_chs, act)?,
@@ -193,7 +282,18 @@ impl EfficientNet {
                     BlockKind::InvertedResidual => Block::InvertedResidual {
                         pw: conv(&format!("{p}.conv_pw"), &format!("{p}.bn1"), 1, 1, act)?,
                         dw: conv(&format!("{p}.conv_dw"), &format!("{p}.bn2"), stride, mid, act)?,
+                        se,
                         pwl: conv(&format!("{p}.conv_pwl"), &format!("{p}.bn3"), 1, 1, Activation::Identity)?,
+                        skip,
+                    },
+                    // timm's ConvBnAct block has a residual only when asked (`skip`).
+                    BlockKind::ConvBnAct => Block::Conv {
+                        conv: conv(&format!("{p}.conv"), &format!("{p}.bn1"), stride, 1, act)?,
+                        skip: residual_ok && args.skip,
+                    },
+                    BlockKind::EdgeResidual => Block::EdgeResidual {
+                        exp: conv(&format!("{p}.conv_exp"), &format!("{p}.bn1"), stride, 1, act)?,
+                        pwl: conv(&format!("{p}.conv_pwl"), &format!("{p}.bn2"), 1, 1, Activation::Identity)?,
                         skip,
                     },
                 };
