@@ -194,6 +194,8 @@ impl SqueezeExcite {
     }
 }
 
+// Built once per model and kept in a Vec: variant size does not matter here.
+#[allow(clippy::large_enum_variant)]
 enum Block {
     DepthwiseSeparable { dw: ConvBnAct, pw: ConvBnAct, skip: bool },
     InvertedResidual { pw: ConvBnAct, dw: ConvBnAct, se: Option<SqueezeExcite>, pwl: ConvBnAct, skip: bool },
@@ -403,10 +405,15 @@ mod tests {
                 stride: 2,
                 expansion: 6.0,
                 out_chs: 40,
-                noskip: false
+                noskip: false,
+                skip: false,
+                se: None,
             }
         );
         assert!(decode_block("ds_r1_k3_s1_c16_noskip").unwrap().noskip);
+        let cn = decode_block("cn_r1_k3_s1_e1_c16_skip").unwrap();
+        assert!(cn.kind == BlockKind::ConvBnAct && cn.skip);
+        assert_eq!(decode_block("ir_r1_k3_s2_e4_c48_se0.25").unwrap().se, Some(0.25));
         assert!(decode_block("xx_r1").is_err());
         assert!(decode_block("ir_r1_q4").is_err());
     }
