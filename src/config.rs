@@ -163,6 +163,10 @@ pub struct ServerConfig {
     pub model_dir: PathBuf,
     /// Backbone for fits that name none: a timm hub-format folder or `builtin:steel-surface`.
     pub fit_backbone: String,
+    /// Bearer token for the admin API (model swaps, rollbacks, fits, plugin
+    /// reloads); unset disables it. Best set as `LINESIDE_SERVER__ADMIN_TOKEN`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -177,6 +181,7 @@ impl Default for ServerConfig {
             max_decode_bytes: 512 * 1024 * 1024,
             model_dir: PathBuf::from("lineside-data/models"),
             fit_backbone: "builtin:steel-surface".into(),
+            admin_token: None,
         }
     }
 }

@@ -39,8 +39,14 @@ pub enum ApiError {
     Internal(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("fit failed: {0}")]
     FitFailed(String),
+    #[error("the new version cannot be loaded; the served version stays: {0}")]
+    LoadFailed(String),
     #[error("factory `{0}` is not configured here")]
     FactoryNotFound(String),
     #[error("factory `{factory}`: {error}")]
@@ -79,7 +85,9 @@ impl ApiError {
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::FactoryNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::FitFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::FitFailed(_) | ApiError::LoadFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
             // The plugin judged the input unusable (an ROI outside the image, say).
             ApiError::Plugin { error, .. } if error.failure == Failure::Rejected => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Plugin { error, .. } if error.failure == Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -107,7 +115,10 @@ impl ApiError {
             ApiError::Internal(_) => "internal",
             ApiError::FactoryNotFound(_) => "factory_not_found",
             ApiError::Conflict(_) => "conflict",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "admin_disabled",
             ApiError::FitFailed(_) => "fit_failed",
+            ApiError::LoadFailed(_) => "load_failed",
             ApiError::Plugin { error, .. } => match error.failure {
                 Failure::Timeout => "plugin_timeout",
                 Failure::MemoryLimit => "plugin_memory_limit",

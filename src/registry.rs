@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::Context;
 use candle_core::Device;
@@ -130,11 +130,31 @@ pub fn read_source(source: &str) -> anyhow::Result<ModelFiles> {
     ModelFiles::from_dir(Path::new(source)).with_context(|| format!("reading model folder {source}"))
 }
 
-/// All served models by name. Models can be added while serving (a fitted
-/// anomaly model); requests hold their entry, so a replaced model finishes
-/// what it has admitted.
+/// All served models by name. A model can be replaced while serving (a new
+/// version, a fitted anomaly model): requests hold the entry they were
+/// admitted to, so the old version finishes what it has taken on.
 pub struct Registry {
     models: RwLock<BTreeMap<String, Arc<ModelEntry>>>,
+    history: Mutex<BTreeMap<String, History>>,
+}
+
+/// What a model's name has been through besides its current version.
+#[derive(Default)]
+struct History {
+    /// The version served before the last swap, kept warm for a rollback.
+    previous: Option<Arc<ModelEntry>>,
+    /// A version loading in the background.
+    pending: Option<String>,
+    /// Why the last load failed, if it did.
+    last_error: Option<String>,
+}
+
+/// What `GET /v1/models/{name}` adds to [`ModelInfo`].
+#[derive(Debug, Serialize)]
+pub struct VersionInfo {
+    pub previous_version: Option<String>,
+    pub pending_version: Option<String>,
+    pub last_error: Option<String>,
 }
 
 impl Registry {
@@ -146,7 +166,7 @@ impl Registry {
             let entry = start_model(m).with_context(|| format!("model `{}`", m.name))?;
             map.insert(m.name.clone(), Arc::new(entry));
         }
-        Ok(Self { models: RwLock::new(map) })
+        Ok(Self { models: RwLock::new(map), history: Mutex::new(BTreeMap::new()) })
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<ModelEntry>> {
@@ -158,11 +178,87 @@ impl Registry {
         self.read().values().cloned().collect()
     }
 
-    /// Starts `m` and serves it under its name, replacing a model of that name.
+    /// Starts `m` and serves it under its name at once, replacing (and
+    /// keeping for a rollback) a model of that name.
     pub fn add(&self, m: &ModelConfig) -> anyhow::Result<Arc<ModelEntry>> {
         let entry = Arc::new(start_model(m).with_context(|| format!("model `{}`", m.name))?);
-        self.models.write().expect("registry lock").insert(m.name.clone(), entry.clone());
+        self.swap_in(entry.clone());
         Ok(entry)
+    }
+
+    /// Starts loading `m` next to the version being served and swaps it in
+    /// once it has loaded and warmed up; a failed load leaves the served
+    /// version alone and is recorded. Returns the new version. Reading the
+    /// files happens here (blocking); loading continues in the background.
+    pub fn stage(self: &Arc<Self>, m: &ModelConfig) -> anyhow::Result<String> {
+        let entry = match start_model(m) {
+            Ok(e) => Arc::new(e),
+            Err(e) => {
+                let message = format!("{e:#}");
+                self.with_history(&m.name, |h| h.last_error = Some(message));
+                return Err(e);
+            }
+        };
+        let version = entry.version.clone();
+        self.with_history(&m.name, |h| {
+            h.pending = Some(version.clone());
+            h.last_error = None;
+        });
+        let registry = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match entry.batcher.status() {
+                    ModelStatus::Loading => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+                    ModelStatus::Ready => {
+                        tracing::info!(model = %entry.name, version = %entry.version, "new version ready; swapping it in");
+                        registry.swap_in(entry);
+                        return;
+                    }
+                    ModelStatus::Failed(e) => {
+                        tracing::error!(model = %entry.name, version = %entry.version, error = %e, "new version failed to load; the served version stays");
+                        registry.with_history(&entry.name, |h| {
+                            h.pending = None;
+                            h.last_error = Some(format!("version {}: {e}", entry.version));
+                        });
+                        return;
+                    }
+                    ModelStatus::Stopped => return,
+                }
+            }
+        });
+        Ok(version)
+    }
+
+    /// Serves the previous version of `name` again; the current one becomes the previous.
+    pub fn rollback(&self, name: &str) -> Option<Arc<ModelEntry>> {
+        let previous = self.with_history(name, |h| h.previous.take())?;
+        self.swap_in(previous.clone());
+        Some(previous)
+    }
+
+    /// Versions around the served one.
+    pub fn versions(&self, name: &str) -> VersionInfo {
+        let h = self.history.lock().expect("registry history");
+        let h = h.get(name);
+        VersionInfo {
+            previous_version: h.and_then(|h| h.previous.as_ref().map(|p| p.version.clone())),
+            pending_version: h.and_then(|h| h.pending.clone()),
+            last_error: h.and_then(|h| h.last_error.clone()),
+        }
+    }
+
+    fn swap_in(&self, entry: Arc<ModelEntry>) {
+        let name = entry.name.clone();
+        let old = self.models.write().expect("registry lock").insert(name.clone(), entry);
+        self.with_history(&name, |h| {
+            h.previous = old;
+            h.pending = None;
+            h.last_error = None;
+        });
+    }
+
+    fn with_history<R>(&self, name: &str, f: impl FnOnce(&mut History) -> R) -> R {
+        f(self.history.lock().expect("registry history").entry(name.to_string()).or_default())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<ModelEntry>>> {

@@ -58,6 +58,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/models", get(list_models))
         .route("/v1/inspect", post(inspect))
+        .route("/v1/models/{name}", get(get_model).put(put_model))
+        .route("/v1/models/{name}/rollback", post(rollback_model))
         .route("/v1/models/{name}/fit", post(fit_model))
         .route("/v1/factories", get(list_factories))
         .route("/v1/factories/{factory}/inspect", post(inspect_factory))
@@ -154,6 +156,84 @@ async fn inspect(
     Ok(Json(result))
 }
 
+/// Admin routes need `Authorization: Bearer <server.admin_token>`.
+fn check_admin(server: &ServerConfig, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &server.admin_token else {
+        return Err(ApiError::Forbidden("the admin API is disabled: set server.admin_token".into()));
+    };
+    let sent = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match sent {
+        Some(s) if constant_time_eq(s.as_bytes(), token.as_bytes()) => Ok(()),
+        _ => Err(ApiError::Unauthorized("send `Authorization: Bearer <admin token>`".into())),
+    }
+}
+
+/// Compares without an early exit, so response times do not leak the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A model and the versions around it.
+async fn get_model(State(st): State<AppState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    let model = st.registry.get(&name).ok_or_else(|| ApiError::ModelNotFound(name.clone()))?;
+    Ok(Json(json!({ "model": model.info(), "versions": st.registry.versions(&name) })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutModel {
+    /// A timm hub-format folder, a PatchCore folder or `builtin:NAME`.
+    source: String,
+    revision: Option<String>,
+}
+
+/// Loads a new version of `name` next to the served one and swaps it in when
+/// it is warm (202 at once; `GET /v1/models/{name}` shows progress).
+async fn put_model(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<PutModel>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    check_admin(&st.server, &headers)?;
+    let Json(put) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    if put.revision.is_some() {
+        return Err(ApiError::BadRequest(
+            "`revision` needs a hub source (hf://), which this build cannot fetch yet".into(),
+        ));
+    }
+    if !crate::fit::valid_name(&name) {
+        return Err(ApiError::BadRequest(format!("model name `{name}`: use 1-64 letters, digits, `-` and `_`")));
+    }
+    let cfg = match st.registry.get(&name) {
+        Some(m) => crate::config::ModelConfig { source: put.source.clone(), ..m.config.clone() },
+        None => crate::config::ModelConfig::new(&name, &put.source),
+    };
+    let registry = st.registry.clone();
+    let version = tokio::task::spawn_blocking(move || registry.stage(&cfg))
+        .await
+        .map_err(|e| ApiError::Internal(format!("load task: {e}")))?
+        .map_err(|e| ApiError::LoadFailed(format!("{e:#}")))?;
+    tracing::info!(model = %name, %version, source = %put.source, "loading a new version");
+    Ok((StatusCode::ACCEPTED, Json(json!({ "model": name, "pending_version": version, "source": put.source })))
+        .into_response())
+}
+
+/// Serves the previous version again.
+async fn rollback_model(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_admin(&st.server, &headers)?;
+    let entry = st
+        .registry
+        .rollback(&name)
+        .ok_or_else(|| ApiError::Conflict(format!("model `{name}` has no previous version to roll back to")))?;
+    tracing::info!(model = %name, version = %entry.version, "rolled back");
+    Ok(Json(json!({ "model": entry.info(), "versions": st.registry.versions(&name) })))
+}
+
 #[derive(Deserialize)]
 struct FitQuery {
     backbone: Option<String>,
@@ -167,12 +247,15 @@ async fn fit_model(
     State(st): State<AppState>,
     Path(name): Path<String>,
     query: Result<Query<FitQuery>, QueryRejection>,
+    headers: HeaderMap,
     req: Request,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let authorized = check_admin(&st.server, &headers);
     // Read the body before refusing anything: answering mid-upload resets the
     // connection and the client never sees the error.
     let images = multipart_images(req).await?;
+    authorized?;
     if !crate::fit::valid_name(&name) {
         return Err(ApiError::BadRequest(format!("model name `{name}`: use 1-64 letters, digits, `-` and `_`")));
     }
@@ -258,7 +341,12 @@ fn metadata(factory: &Factory, headers: &HeaderMap) -> Metadata {
 }
 
 /// Reloads a factory's plugin files now (the watcher does the same on change).
-async fn reload_factory(State(st): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn reload_factory(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_admin(&st.server, &headers)?;
     let factory = st.factories.get(&name).ok_or_else(|| ApiError::FactoryNotFound(name.clone()))?;
     let f = factory.clone();
     let errors = tokio::task::spawn_blocking(move || {

@@ -46,7 +46,7 @@ async fn fit_over_the_api_then_inspect_with_heatmaps() {
     let _ = std::fs::remove_dir_all(&dir);
     let backbone = shared().join("models/mobilenetv2_100.imagenet");
     let s = TestServer::ready(&format!(
-        "[server]\nmodel_dir = \"{}\"\nfit_backbone = \"{}\"\n",
+        "[server]\nmodel_dir = \"{}\"\nfit_backbone = \"{}\"\nadmin_token = \"t0ken\"\n",
         dir.display(),
         backbone.display()
     ))
@@ -60,16 +60,19 @@ async fn fit_over_the_api_then_inspect_with_heatmaps() {
         })
     };
     let fit = |name: &str| s.url(&format!("/v1/models/{name}/fit"));
-    let r = s.client.post(fit("bottle")).multipart(form(2)).send().await.unwrap();
+    let r = s.client.post(fit("bottle")).multipart(form(6)).send().await.unwrap();
+    assert_eq!(r.status(), 401, "fitting is an admin call");
+    let post = |name: &str| s.client.post(fit(name)).bearer_auth("t0ken");
+    let r = post("bottle").multipart(form(2)).send().await.unwrap();
     assert_eq!(r.status(), 400);
-    let r = s.client.post(fit("steel-surface")).multipart(form(6)).send().await.unwrap();
+    let r = post("steel-surface").multipart(form(6)).send().await.unwrap();
     assert_eq!(r.status(), 409);
     assert_eq!(error_code(r).await, "conflict");
-    let r = s.client.post(fit("bad.name")).multipart(form(6)).send().await.unwrap();
+    let r = post("bad.name").multipart(form(6)).send().await.unwrap();
     assert_eq!(r.status(), 400);
 
     // Fit from 20 good bottles.
-    let r = s.client.post(fit("bottle")).multipart(form(20)).send().await.unwrap();
+    let r = post("bottle").multipart(form(20)).send().await.unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["model"]["kind"], "anomaly");

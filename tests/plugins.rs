@@ -35,6 +35,9 @@ source = "builtin:steel-surface"
 max_batch_size = 4
 max_queue_delay_ms = 2
 
+[server]
+admin_token = "t0ken"
+
 [plugins]
 cache_dir = "{}"
 watch_interval_ms = 100
@@ -245,12 +248,14 @@ postprocess = {{ path = "{}", config = {{ codes = {} }} }}
     assert!(slot["last_error"].as_str().unwrap().contains("component"), "{slot}");
     assert_eq!(slot["reloads"], 1);
     let r = s.client.post(s.url("/v1/factories/swap/reload")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "reloading is an admin call");
+    let r = s.client.post(s.url("/v1/factories/swap/reload")).bearer_auth("t0ken").send().await.unwrap();
     assert_eq!(r.status(), 422);
     assert_eq!(error_code(r).await, "plugin_load_failed");
 
     // The admin API swaps a fixed file in at once.
     replace(&rule, &std::fs::read(guest_wasm("defect-codes")).unwrap());
-    let r = s.client.post(s.url("/v1/factories/swap/reload")).send().await.unwrap();
+    let r = s.client.post(s.url("/v1/factories/swap/reload")).bearer_auth("t0ken").send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(post(&s, "swap", img).await.json::<Value>().await.unwrap()["verdict"], "fail");
 }

@@ -26,6 +26,8 @@ use lineside::config::Config;
 ///   max_decode_bytes = 536870912     # largest decoder allocation
 ///   model_dir = "lineside-data/models"       # where POST /v1/models/{name}/fit saves models
 ///   fit_backbone = "builtin:steel-surface"   # backbone for fits that name none
+///   # admin_token = "…"                     # enables the admin API (swaps, rollbacks, fits, reloads);
+///                                          # better: LINESIDE_SERVER__ADMIN_TOKEN
 ///
 ///   [[models]]                       # repeat per model
 ///   name = "steel-surface"
