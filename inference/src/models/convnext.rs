@@ -196,7 +196,8 @@ impl ConvNeXt {
         })
     }
 
-    fn run(&self, x: &Tensor, last: usize, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+    fn run(&self, x: &Tensor, last: Option<usize>, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+        let last = if logits { usize::MAX } else { last.unwrap_or(usize::MAX) };
         let mut x = self.stem_norm.forward_2d(&self.stem_conv.forward(x)?)?;
         let mut features = Vec::new();
         for stage in &self.stages {
@@ -220,14 +221,8 @@ impl ConvNeXt {
 }
 
 impl ImageModel for ConvNeXt {
-    fn forward_all(&self, x: &Tensor, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
-        self.run(x, usize::MAX, logits)
-    }
-
-    fn forward_features_until(&self, x: &Tensor, last: usize) -> Result<Vec<Tensor>> {
-        let mut f = self.run(x, last, false)?.0;
-        f.truncate(last + 1);
-        Ok(f)
+    fn forward_maps(&self, x: &Tensor, last: Option<usize>, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+        self.run(x, last, logits)
     }
 
     fn feature_info(&self) -> &[FeatureInfo] {

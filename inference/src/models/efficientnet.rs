@@ -344,10 +344,14 @@ fn check_channels(layer: &ConvBnAct, want: usize, name: &str) -> Result<()> {
 }
 
 impl ImageModel for EfficientNet {
-    fn forward_all(&self, x: &Tensor, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+    fn forward_maps(&self, x: &Tensor, last: Option<usize>, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+        let last = if logits { usize::MAX } else { last.unwrap_or(usize::MAX) };
         let mut x = self.stem.forward(x)?;
         let mut features = Vec::with_capacity(self.feature_stages.len());
         for (i, stage) in self.stages.iter().enumerate() {
+            if features.len() > last {
+                break;
+            }
             for b in stage {
                 x = b.forward(&x)?;
             }
@@ -361,23 +365,6 @@ impl ImageModel for EfficientNet {
         let pooled = self.head.forward(&x)?.mean((2, 3))?;
         let out = pooled.matmul(&self.classifier_w)?.broadcast_add(&self.classifier_b)?;
         Ok((features, Some(out)))
-    }
-
-    fn forward_features_until(&self, x: &Tensor, last: usize) -> Result<Vec<Tensor>> {
-        let mut x = self.stem.forward(x)?;
-        let mut features = Vec::with_capacity(last + 1);
-        for (i, stage) in self.stages.iter().enumerate() {
-            for b in stage {
-                x = b.forward(&x)?;
-            }
-            if self.feature_stages.contains(&i) {
-                features.push(x.clone());
-                if features.len() > last {
-                    break;
-                }
-            }
-        }
-        Ok(features)
     }
 
     fn feature_info(&self) -> &[FeatureInfo] {

@@ -26,9 +26,16 @@ pub struct FeatureInfo {
 
 /// A vision backbone with a classification head.
 pub trait ImageModel: Send + Sync {
-    /// Runs the network on an `[N, 3, H, W]` batch, returning the feature maps
-    /// timm's `features_only=True` would, and the logits when `logits` is set.
-    fn forward_all(&self, x: &Tensor, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)>;
+    /// Runs the network on an `[N, 3, H, W]` batch. Returns the feature maps
+    /// timm's `features_only=True` would (with `last`, only up to that index,
+    /// and the network stops there) and, when `logits` is set, the logits
+    /// (which need the whole network, so `last` is then ignored).
+    fn forward_maps(&self, x: &Tensor, last: Option<usize>, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)>;
+
+    /// Every feature map, and the logits when `logits` is set.
+    fn forward_all(&self, x: &Tensor, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+        self.forward_maps(x, None, logits)
+    }
 
     /// timm's `feature_info` for [`ImageModel::forward_all`]'s feature maps.
     fn feature_info(&self) -> &[FeatureInfo];
@@ -50,7 +57,7 @@ pub trait ImageModel: Send + Sync {
     /// The feature maps up to index `last`, skipping the stages after it
     /// (PatchCore needs only mid-level maps).
     fn forward_features_until(&self, x: &Tensor, last: usize) -> Result<Vec<Tensor>> {
-        let mut f = self.forward_features(x)?;
+        let mut f = self.forward_maps(x, Some(last), false)?.0;
         f.truncate(last + 1);
         Ok(f)
     }

@@ -184,7 +184,8 @@ fn load_block(w: &Weights, p: &str, stride: usize) -> Result<Block> {
 }
 
 impl ResNet {
-    fn run(&self, x: &Tensor, last: usize, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+    fn run(&self, x: &Tensor, last: Option<usize>, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+        let last = if logits { usize::MAX } else { last.unwrap_or(usize::MAX) };
         let mut x = x.clone();
         for conv in &self.stem {
             x = conv.forward(&x)?;
@@ -212,14 +213,8 @@ impl ResNet {
 }
 
 impl ImageModel for ResNet {
-    fn forward_all(&self, x: &Tensor, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
-        self.run(x, usize::MAX, logits)
-    }
-
-    fn forward_features_until(&self, x: &Tensor, last: usize) -> Result<Vec<Tensor>> {
-        let mut f = self.run(x, last, false)?.0;
-        f.truncate(last + 1);
-        Ok(f)
+    fn forward_maps(&self, x: &Tensor, last: Option<usize>, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+        self.run(x, last, logits)
     }
 
     fn feature_info(&self) -> &[FeatureInfo] {
