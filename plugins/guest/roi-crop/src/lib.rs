@@ -23,8 +23,7 @@ impl Preprocessor for RoiCrop {
     }
 
     fn process(&self, image: Image, _: &Metadata) -> Result<Image, String> {
-        let roi = image.crop(self.roi)?;
-        Ok(if self.grayscale { roi.to_gray() } else { roi })
+        if self.grayscale { image.crop_gray(self.roi) } else { image.crop(self.roi) }
     }
 }
 

@@ -74,12 +74,7 @@ pub mod pre {
     impl Image {
         /// The part of the image inside `r`, clipped to the image; an error if nothing is left.
         pub fn crop(&self, r: Region) -> Result<Image, String> {
-            let (x0, y0) = (r.x.min(self.width), r.y.min(self.height));
-            let x1 = r.x.saturating_add(r.width).min(self.width);
-            let y1 = r.y.saturating_add(r.height).min(self.height);
-            if x1 <= x0 || y1 <= y0 {
-                return Err(format!("region {r:?} lies outside the {}×{} image", self.width, self.height));
-            }
+            let (x0, y0, x1, y1) = self.clip(r)?;
             let c = self.format.channels();
             let (row, w) = (self.width as usize * c, (x1 - x0) as usize * c);
             let mut pixels = Vec::with_capacity(w * (y1 - y0) as usize);
@@ -90,19 +85,48 @@ pub mod pre {
             Ok(Image { width: x1 - x0, height: y1 - y0, format: self.format, pixels })
         }
 
+        /// [`Image::crop`] then [`Image::to_gray`] in one pass over the pixels.
+        pub fn crop_gray(&self, r: Region) -> Result<Image, String> {
+            if matches!(self.format, PixelFormat::Gray8) {
+                return self.crop(r);
+            }
+            let (x0, y0, x1, y1) = self.clip(r)?;
+            let c = self.format.channels();
+            let row = self.width as usize * c;
+            let mut pixels = Vec::with_capacity(((x1 - x0) * (y1 - y0)) as usize);
+            for y in y0..y1 {
+                let start = y as usize * row + x0 as usize * c;
+                let line = &self.pixels[start..start + (x1 - x0) as usize * c];
+                pixels.extend(line.chunks_exact(c).map(luma));
+            }
+            Ok(Image { width: x1 - x0, height: y1 - y0, format: PixelFormat::Gray8, pixels })
+        }
+
+        /// `r` clipped to the image, as `(x0, y0, x1, y1)`; an error if nothing is left.
+        fn clip(&self, r: Region) -> Result<(u32, u32, u32, u32), String> {
+            let (x0, y0) = (r.x.min(self.width), r.y.min(self.height));
+            let x1 = r.x.saturating_add(r.width).min(self.width);
+            let y1 = r.y.saturating_add(r.height).min(self.height);
+            if x1 <= x0 || y1 <= y0 {
+                return Err(format!("region {r:?} lies outside the {}×{} image", self.width, self.height));
+            }
+            Ok((x0, y0, x1, y1))
+        }
+
         /// Luma (ITU-R BT.601, integer weights) as a one-channel image.
         pub fn to_gray(&self) -> Image {
             let c = self.format.channels();
             let pixels = match self.format {
                 PixelFormat::Gray8 => self.pixels.clone(),
-                _ => self
-                    .pixels
-                    .chunks_exact(c)
-                    .map(|p| ((77 * p[0] as u32 + 150 * p[1] as u32 + 29 * p[2] as u32 + 128) >> 8) as u8)
-                    .collect(),
+                _ => self.pixels.chunks_exact(c).map(luma).collect(),
             };
             Image { width: self.width, height: self.height, format: PixelFormat::Gray8, pixels }
         }
+    }
+
+    /// BT.601 luma of an RGB(A) pixel, with integer weights.
+    fn luma(p: &[u8]) -> u8 {
+        ((77 * p[0] as u32 + 150 * p[1] as u32 + 29 * p[2] as u32 + 128) >> 8) as u8
     }
 
     /// Registers a [`Preprocessor`] as the component's export.
