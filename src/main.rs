@@ -22,6 +22,7 @@ enum Command {
     Plugin(cli::plugin::PluginArgs),
     Fit(cli::fit::FitArgs),
     Eval(cli::eval::EvalArgs),
+    Models(cli::models::ModelsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +40,7 @@ fn main() -> anyhow::Result<()> {
         Command::Plugin(args) => cli::plugin::run(args),
         Command::Fit(args) => cli::fit::run(args),
         Command::Eval(args) => cli::eval::run(args),
+        Command::Models(args) => cli::models::run(args),
     }
 }
 

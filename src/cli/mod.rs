@@ -4,6 +4,7 @@ pub mod bench;
 pub mod eval;
 pub mod fit;
 pub mod inspect;
+pub mod models;
 pub mod plugin;
 pub mod serve;
 pub mod train;
