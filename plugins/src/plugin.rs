@@ -119,10 +119,6 @@ impl Plugin {
         &self.info
     }
 
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     /// A fresh instance, initialised with the plugin's config.
     pub fn sandbox(&self) -> Result<Sandbox<'_>, PluginError> {
         let mut store = Store::new(self.engine.engine(), StoreState::new(&self.info.name, self.limits.memory_bytes));

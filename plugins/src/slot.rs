@@ -86,10 +86,6 @@ impl PluginSlot {
         &self.path
     }
 
-    pub fn kind(&self) -> Kind {
-        self.kind
-    }
-
     pub fn status(&self) -> SlotStatus {
         self.state.lock().expect("slot state").status.clone()
     }

@@ -121,9 +121,9 @@ pub struct PatchCore {
     pub manifest: Manifest,
     backbone: Box<dyn ImageModel>,
     pub preprocessor: Preprocessor,
-    /// `[M, D]` memory bank and its squared row norms `[M]`.
+    /// `[M, D]` memory bank and its squared row norms, read once per model.
     bank: Tensor,
-    bank_sq: Tensor,
+    bank_sq: Vec<f32>,
     /// `[D, M]`, contiguous: the right-hand side of the distance GEMM.
     bank_t: Tensor,
     /// The backbone's files, kept to save the model as one folder.
@@ -302,7 +302,7 @@ impl PatchCore {
         bank: Tensor,
         backbone_files: ModelFiles,
     ) -> Result<Self> {
-        let bank_sq = bank.sqr()?.sum(1)?;
+        let bank_sq = bank.sqr()?.sum(1)?.to_vec1::<f32>()?;
         let bank_t = bank.t()?.contiguous()?;
         Ok(Self { manifest, backbone, preprocessor, bank, bank_sq, bank_t, backbone_files })
     }
@@ -347,7 +347,7 @@ impl PatchCore {
         // pass over it that finds each row's minimum (no [P, M] temporaries).
         let dot = p.matmul(&self.bank_t)?;
         let pp = p.sqr()?.sum(1)?.to_vec1::<f32>()?;
-        let mm = self.bank_sq.to_vec1::<f32>()?;
+        let mm = &self.bank_sq;
         let m = mm.len();
         let (storage, layout) = dot.storage_and_layout();
         let candle_core::Storage::Cpu(cpu) = &*storage else {
@@ -359,7 +359,7 @@ impl PatchCore {
             .zip(&pp)
             .map(|(row, &pp)| {
                 let (mut min, mut arg) = (f32::INFINITY, 0u32);
-                for (j, (&d, &mm)) in row.iter().zip(&mm).enumerate() {
+                for (j, (&d, &mm)) in row.iter().zip(mm).enumerate() {
                     let v = mm - 2.0 * d;
                     if v < min {
                         (min, arg) = (v, j as u32);
