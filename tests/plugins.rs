@@ -62,12 +62,15 @@ postprocess = {{ path = "{codes}", config = {{ threshold = 0.5, codes = {table} 
 }
 
 fn hostile_toml(mode: &str, policy: &str) -> String {
+    // Filling 64 MiB or building a 16 MB image can take longer than the default
+    // 50 ms on a busy machine; a long deadline makes the limit under test the one that stops them.
+    let timeout = if matches!(mode, "memory" | "huge") { 5000 } else { 50 };
     format!(
         r#"
 [[factories]]
 name = "hostile-{mode}-{policy}"
 on_plugin_error = "{policy}"
-preprocess = {{ path = "{}", max_output_mib = 4, config = {{ mode = "{mode}" }} }}
+preprocess = {{ path = "{}", max_output_mib = 4, timeout_ms = {timeout}, config = {{ mode = "{mode}" }} }}
 "#,
         guest_wasm("hostile").display(),
     )
