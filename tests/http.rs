@@ -311,9 +311,11 @@ async fn requests_of_departed_clients_are_not_computed() {
     let img = neu_image("pitted_surface_1.jpg");
     let backlog = spawn_backlog(&s, 40, &img);
     tokio::time::sleep(Duration::from_millis(30)).await;
-    // These clients give up after 20 ms, long before 40 single-image batches clear.
-    for _ in 0..3 {
-        let r = s.client.post(s.url("/v1/inspect")).timeout(Duration::from_millis(20)).body(img.clone()).send().await;
+    // Three clients that give up after 300 ms: time enough to be decoded and
+    // queued even on a busy machine, long before 40 single-image batches clear.
+    let leavers = (0..3)
+        .map(|_| s.client.post(s.url("/v1/inspect")).timeout(Duration::from_millis(300)).body(img.clone()).send());
+    for r in futures_util::future::join_all(leavers).await {
         assert!(r.is_err(), "the client timed out");
     }
     for b in backlog {
