@@ -21,6 +21,9 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     #[serde(default)]
     pub plugins: PluginSettings,
+    /// Where `hf://` model sources come from and are cached.
+    #[serde(default)]
+    pub hub: crate::hub::HubSettings,
     /// Per-factory pipelines served at `/v1/factories/{name}/inspect`.
     #[serde(default)]
     pub factories: Vec<FactoryConfig>,
@@ -202,7 +205,7 @@ impl ServerConfig {
 pub struct ModelConfig {
     /// Name used in `?model=` and in responses.
     pub name: String,
-    /// A timm hub-format folder, or `builtin:steel-surface`.
+    /// `builtin:NAME`, a timm hub-format or lineside model folder, or `hf://owner/name[@revision]`.
     pub source: String,
     #[serde(default = "d_batch")]
     pub max_batch_size: usize,
@@ -279,6 +282,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             models: default_models(),
             plugins: PluginSettings::default(),
+            hub: Default::default(),
             factories: Vec::new(),
         }
     }

@@ -47,6 +47,8 @@ pub enum ApiError {
     FitFailed(String),
     #[error("the new version cannot be loaded; the served version stays: {0}")]
     LoadFailed(String),
+    #[error("the model hub cannot be reached and the files are not cached; the served version stays: {0}")]
+    HubUnavailable(String),
     #[error("factory `{0}` is not configured here")]
     FactoryNotFound(String),
     #[error("factory `{factory}`: {error}")]
@@ -88,6 +90,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::FitFailed(_) | ApiError::LoadFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::HubUnavailable(_) => StatusCode::BAD_GATEWAY,
             // The plugin judged the input unusable (an ROI outside the image, say).
             ApiError::Plugin { error, .. } if error.failure == Failure::Rejected => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Plugin { error, .. } if error.failure == Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -119,6 +122,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "admin_disabled",
             ApiError::FitFailed(_) => "fit_failed",
             ApiError::LoadFailed(_) => "load_failed",
+            ApiError::HubUnavailable(_) => "hub_unavailable",
             ApiError::Plugin { error, .. } => match error.failure {
                 Failure::Timeout => "plugin_timeout",
                 Failure::MemoryLimit => "plugin_memory_limit",
@@ -148,6 +152,15 @@ impl ApiError {
         match e {
             JobError::DeadlineExceeded { .. } => ApiError::DeadlineExceeded(format!("model `{model}`: {e}")),
             JobError::Inference(m) => ApiError::Internal(m),
+        }
+    }
+
+    /// Maps a failure to fetch or read a new model version.
+    pub fn from_load(e: &anyhow::Error) -> Self {
+        let message = format!("{e:#}");
+        match e.downcast_ref::<crate::hub::HubError>() {
+            Some(h) if h.is_unavailable() => ApiError::HubUnavailable(message),
+            _ => ApiError::LoadFailed(message),
         }
     }
 

@@ -10,7 +10,7 @@ use lineside_inference::anomaly::patchcore::{FitSettings, Manifest, PatchCore};
 /// What to fit.
 pub struct FitRequest {
     pub name: String,
-    pub backbone: String,
+    pub backbone: crate::source::LocalModel,
     pub coreset_ratio: f32,
     pub image_size: usize,
     pub images: Vec<Bytes>,
@@ -18,7 +18,7 @@ pub struct FitRequest {
 
 /// Fits and saves the model; returns its folder and manifest. Blocking: CPU work.
 pub fn fit_and_save(req: &FitRequest, model_dir: &Path) -> anyhow::Result<(PathBuf, Manifest)> {
-    let files = crate::registry::read_source(&req.backbone)?;
+    let files = req.backbone.files()?;
     let out = model_dir.join(&req.name);
     let upload = model_dir.join(format!(".{}.upload", req.name));
     let _ = std::fs::remove_dir_all(&upload);

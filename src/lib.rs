@@ -4,15 +4,17 @@
 //! preprocess on the blocking pool, submit to the model's batcher, build the
 //! verdict) → `lineside_inference::batcher` (batched candle inference on its
 //! own thread). Factory pipelines add wasm plugins before and after the
-//! model (`factories`, `lineside_plugins`). `registry` owns the loaded models; `config` is the TOML/env
-//! configuration; `builtin` embeds the default steel-surface model.
+//! model (`factories`, `lineside_plugins`). `registry` owns the loaded models; `source` and `hub` turn model sources (folders, `hf://` repos) into
+//! local files; `config` is the TOML/env configuration; `builtin` embeds the default steel-surface model.
 
 pub mod builtin;
 pub mod config;
 pub mod error;
 pub mod factories;
 pub mod fit;
+pub mod hub;
 pub mod metrics;
 pub mod pipeline;
 pub mod registry;
 pub mod server;
+pub mod source;

@@ -15,9 +15,10 @@ use lineside_inference::{HubConfig, ModelFiles, Preprocessor};
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::builtin;
 use crate::config::ModelConfig;
 use crate::error::ApiError;
+use crate::hub::{Hub, Want};
+use crate::source::{LocalModel, ModelSource};
 
 /// One served model.
 pub struct ModelEntry {
@@ -30,6 +31,8 @@ pub struct ModelEntry {
     pub kind: ModelKind,
     pub batcher: Batcher<Output>,
     pub config: ModelConfig,
+    /// The hub commit the files came from, for hub sources.
+    pub commit: Option<String>,
     /// Requests admitted and not yet answered (decoding, queued or computing).
     /// Bounded so that overload is refused before any decoding work is done.
     admission: Arc<Semaphore>,
@@ -52,6 +55,8 @@ pub struct ModelInfo {
     pub kind: ModelKind,
     pub version: String,
     pub source: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
     pub architecture: String,
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -108,6 +113,7 @@ impl ModelEntry {
             kind: self.kind,
             version: self.version.clone(),
             source: self.config.source.clone(),
+            commit: self.commit.clone(),
             architecture: self.architecture.clone(),
             status: status.into(),
             error,
@@ -121,21 +127,13 @@ impl ModelEntry {
     }
 }
 
-/// Reads a model source: `builtin:NAME` or a timm hub-format folder.
-pub fn read_source(source: &str) -> anyhow::Result<ModelFiles> {
-    if let Some(name) = source.strip_prefix(builtin::SCHEME) {
-        return builtin::get(name)
-            .with_context(|| format!("no built-in model `{name}` (built-in: {})", builtin::NAMES.join(", ")));
-    }
-    ModelFiles::from_dir(Path::new(source)).with_context(|| format!("reading model folder {source}"))
-}
-
 /// All served models by name. A model can be replaced while serving (a new
 /// version, a fitted anomaly model): requests hold the entry they were
 /// admitted to, so the old version finishes what it has taken on.
 pub struct Registry {
     models: RwLock<BTreeMap<String, Arc<ModelEntry>>>,
     history: Mutex<BTreeMap<String, History>>,
+    hub: Hub,
 }
 
 /// What a model's name has been through besides its current version.
@@ -143,6 +141,8 @@ pub struct Registry {
 struct History {
     /// The version served before the last swap, kept warm for a rollback.
     previous: Option<Arc<ModelEntry>>,
+    /// A source being fetched from the hub.
+    fetching: Option<String>,
     /// A version loading in the background.
     pending: Option<String>,
     /// Why the last load failed, if it did.
@@ -153,20 +153,32 @@ struct History {
 #[derive(Debug, Serialize)]
 pub struct VersionInfo {
     pub previous_version: Option<String>,
+    /// A hub source being downloaded for the next version.
+    pub fetching: Option<String>,
     pub pending_version: Option<String>,
     pub last_error: Option<String>,
 }
 
 impl Registry {
-    /// Reads every model's files and starts its batcher; loading and warm-up
-    /// continue on the batcher threads.
-    pub fn start(models: &[ModelConfig]) -> anyhow::Result<Self> {
+    /// Fetches hub sources, reads every model's files and starts its batcher;
+    /// loading and warm-up continue on the batcher threads.
+    pub async fn start(models: &[ModelConfig], hub: Hub) -> anyhow::Result<Self> {
         let mut map = BTreeMap::new();
         for m in models {
-            let entry = start_model(m).with_context(|| format!("model `{}`", m.name))?;
+            let entry = async {
+                let local = LocalModel::resolve(ModelSource::parse(&m.source)?, &hub, Want::Serve).await?;
+                start_model(m, &local)
+            }
+            .await
+            .with_context(|| format!("model `{}`", m.name))?;
             map.insert(m.name.clone(), Arc::new(entry));
         }
-        Ok(Self { models: RwLock::new(map), history: Mutex::new(BTreeMap::new()) })
+        Ok(Self { models: RwLock::new(map), history: Mutex::new(BTreeMap::new()), hub })
+    }
+
+    /// The hub client models are fetched with.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<ModelEntry>> {
@@ -178,29 +190,37 @@ impl Registry {
         self.read().values().cloned().collect()
     }
 
-    /// Starts `m` and serves it under its name at once, replacing (and
-    /// keeping for a rollback) a model of that name.
-    pub fn add(&self, m: &ModelConfig) -> anyhow::Result<Arc<ModelEntry>> {
-        let entry = Arc::new(start_model(m).with_context(|| format!("model `{}`", m.name))?);
+    /// Starts `m` from `local` and serves it under its name at once, replacing
+    /// (and keeping for a rollback) a model of that name.
+    pub fn add(&self, m: &ModelConfig, local: &LocalModel) -> anyhow::Result<Arc<ModelEntry>> {
+        let entry = Arc::new(start_model(m, local).with_context(|| format!("model `{}`", m.name))?);
         self.swap_in(entry.clone());
         Ok(entry)
     }
 
     /// Starts loading `m` next to the version being served and swaps it in
     /// once it has loaded and warmed up; a failed load leaves the served
-    /// version alone and is recorded. Returns the new version. Reading the
-    /// files happens here (blocking); loading continues in the background.
-    pub fn stage(self: &Arc<Self>, m: &ModelConfig) -> anyhow::Result<String> {
-        let entry = match start_model(m) {
+    /// version alone and is recorded. Returns the new version. Fetching hub
+    /// files and reading them happen here; loading continues in the background.
+    pub async fn stage(self: &Arc<Self>, m: ModelConfig) -> anyhow::Result<String> {
+        self.with_history(&m.name, |h| h.fetching = Some(m.source.clone()));
+        let name = m.name.clone();
+        let started = async {
+            let local = LocalModel::resolve(ModelSource::parse(&m.source)?, &self.hub, Want::Serve).await?;
+            tokio::task::spawn_blocking(move || start_model(&m, &local)).await?
+        }
+        .await;
+        self.with_history(&name, |h| h.fetching = None);
+        let entry = match started {
             Ok(e) => Arc::new(e),
             Err(e) => {
                 let message = format!("{e:#}");
-                self.with_history(&m.name, |h| h.last_error = Some(message));
+                self.with_history(&name, |h| h.last_error = Some(message));
                 return Err(e);
             }
         };
         let version = entry.version.clone();
-        self.with_history(&m.name, |h| {
+        self.with_history(&name, |h| {
             h.pending = Some(version.clone());
             h.last_error = None;
         });
@@ -242,6 +262,7 @@ impl Registry {
         let h = h.get(name);
         VersionInfo {
             previous_version: h.and_then(|h| h.previous.as_ref().map(|p| p.version.clone())),
+            fetching: h.and_then(|h| h.fetching.clone()),
             pending_version: h.and_then(|h| h.pending.clone()),
             last_error: h.and_then(|h| h.last_error.clone()),
         }
@@ -288,17 +309,11 @@ impl Registry {
     }
 }
 
-/// The folder of a PatchCore model source, if `source` is one.
-fn anomaly_dir(source: &str) -> Option<&Path> {
-    let dir = Path::new(source);
-    (!source.starts_with(builtin::SCHEME) && PatchCore::is_model_dir(dir)).then_some(dir)
-}
-
-pub(crate) fn start_model(m: &ModelConfig) -> anyhow::Result<ModelEntry> {
-    if let Some(dir) = anomaly_dir(&m.source) {
-        return start_anomaly_model(m, dir);
+pub(crate) fn start_model(m: &ModelConfig, local: &LocalModel) -> anyhow::Result<ModelEntry> {
+    if let Some(dir) = local.anomaly_dir() {
+        return start_anomaly_model(m, dir, local.commit.clone());
     }
-    let files = read_source(&m.source)?;
+    let files = local.files()?;
     let hub = HubConfig::from_json(&files.config_json)?;
     let version = files.content_version();
     let batcher = Batcher::spawn(&m.name, m.batcher(), move || {
@@ -314,10 +329,11 @@ pub(crate) fn start_model(m: &ModelConfig) -> anyhow::Result<ModelEntry> {
         batcher,
         admission: Arc::new(Semaphore::new(m.queue_capacity + m.max_batch_size)),
         config: m.clone(),
+        commit: local.commit.clone(),
     })
 }
 
-fn start_anomaly_model(m: &ModelConfig, dir: &Path) -> anyhow::Result<ModelEntry> {
+fn start_anomaly_model(m: &ModelConfig, dir: &Path, commit: Option<String>) -> anyhow::Result<ModelEntry> {
     let manifest = PatchCore::read_manifest(dir)?;
     let files = ModelFiles::from_dir(dir)?;
     let hub = HubConfig::from_json(&files.config_json)?;
@@ -334,5 +350,6 @@ fn start_anomaly_model(m: &ModelConfig, dir: &Path) -> anyhow::Result<ModelEntry
         batcher,
         admission: Arc::new(Semaphore::new(m.queue_capacity + m.max_batch_size)),
         config: m.clone(),
+        commit,
     })
 }

@@ -20,6 +20,7 @@ use crate::error::ApiError;
 use crate::factories::{Factories, Factory};
 use crate::pipeline::{self, Inspection};
 use crate::registry::{ModelEntry, ModelInfo, ModelKind, Registry};
+use crate::source::{LocalModel, ModelSource};
 use lineside_plugins::Metadata;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -81,7 +82,8 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = crate::metrics::handle();
-    let registry = Arc::new(Registry::start(&cfg.models)?);
+    let hub = crate::hub::Hub::new(&cfg.hub)?;
+    let registry = Arc::new(Registry::start(&cfg.models, hub).await?);
     let factories = Arc::new(Factories::load(&cfg, &registry)?);
     factories.watch(Duration::from_millis(cfg.plugins.watch_interval_ms));
     tracing::info!(
@@ -182,8 +184,9 @@ async fn get_model(State(st): State<AppState>, Path(name): Path<String>) -> Resu
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PutModel {
-    /// A timm hub-format folder, a PatchCore folder or `builtin:NAME`.
+    /// `hf://owner/name[@revision]`, a timm hub-format folder, a PatchCore folder or `builtin:NAME`.
     source: String,
+    /// A branch, tag or commit of a hub source (or give it as `@revision` in `source`).
     revision: Option<String>,
 }
 
@@ -197,25 +200,27 @@ async fn put_model(
 ) -> Result<Response, ApiError> {
     check_admin(&st.server, &headers)?;
     let Json(put) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    if put.revision.is_some() {
-        return Err(ApiError::BadRequest(
-            "`revision` needs a hub source (hf://), which this build cannot fetch yet".into(),
-        ));
-    }
     if !crate::fit::valid_name(&name) {
         return Err(ApiError::BadRequest(format!("model name `{name}`: use 1-64 letters, digits, `-` and `_`")));
     }
+    let mut source = ModelSource::parse(&put.source).map_err(|e| ApiError::BadRequest(format!("{e:#}")))?;
+    if let Some(rev) = &put.revision {
+        source = source.at_revision(rev).map_err(|e| ApiError::BadRequest(format!("{e:#}")))?;
+    }
+    let source = source.to_string();
     let cfg = match st.registry.get(&name) {
-        Some(m) => crate::config::ModelConfig { source: put.source.clone(), ..m.config.clone() },
-        None => crate::config::ModelConfig::new(&name, &put.source),
+        Some(m) => crate::config::ModelConfig { source: source.clone(), ..m.config.clone() },
+        None => crate::config::ModelConfig::new(&name, &source),
     };
+    tracing::info!(model = %name, %source, "fetching a new version");
+    // A task of its own, so a client hanging up mid-download does not cancel it.
     let registry = st.registry.clone();
-    let version = tokio::task::spawn_blocking(move || registry.stage(&cfg))
+    let version = tokio::spawn(async move { registry.stage(cfg).await })
         .await
         .map_err(|e| ApiError::Internal(format!("load task: {e}")))?
-        .map_err(|e| ApiError::LoadFailed(format!("{e:#}")))?;
-    tracing::info!(model = %name, %version, source = %put.source, "loading a new version");
-    Ok((StatusCode::ACCEPTED, Json(json!({ "model": name, "pending_version": version, "source": put.source })))
+        .map_err(|e| ApiError::from_load(&e))?;
+    tracing::info!(model = %name, %version, %source, "loading a new version");
+    Ok((StatusCode::ACCEPTED, Json(json!({ "model": name, "pending_version": version, "source": source })))
         .into_response())
 }
 
@@ -277,21 +282,24 @@ async fn fit_model(
             images.len()
         )));
     }
-    let fit = crate::fit::FitRequest {
-        name: name.clone(),
-        backbone: q.backbone.unwrap_or_else(|| st.server.fit_backbone.clone()),
-        coreset_ratio,
-        image_size,
-        images,
-    };
+    let backbone = q.backbone.unwrap_or_else(|| st.server.fit_backbone.clone());
+    let backbone = ModelSource::parse(&backbone).map_err(|e| ApiError::BadRequest(format!("{e:#}")))?;
+    let backbone = LocalModel::resolve(backbone, st.registry.hub(), crate::hub::Want::Serve)
+        .await
+        .map_err(|e| ApiError::FitFailed(format!("{e:#}")))?;
+    let fit = crate::fit::FitRequest { name: name.clone(), backbone, coreset_ratio, image_size, images };
     let dir = st.server.model_dir.clone();
     let (path, manifest) = tokio::task::spawn_blocking(move || crate::fit::fit_and_save(&fit, &dir))
         .await
         .map_err(|e| ApiError::Internal(format!("fit task: {e}")))?
         .map_err(|e| ApiError::FitFailed(format!("{e:#}")))?;
+    let source = ModelSource::Folder(path.clone());
+    let local = LocalModel::resolve(source, st.registry.hub(), crate::hub::Want::Serve)
+        .await
+        .map_err(|e| ApiError::FitFailed(format!("{e:#}")))?;
     let entry = st
         .registry
-        .add(&crate::config::ModelConfig::new(&name, &path.display().to_string()))
+        .add(&crate::config::ModelConfig::new(&name, &path.display().to_string()), &local)
         .map_err(|e| ApiError::FitFailed(format!("{e:#}")))?;
     tracing::info!(model = %name, path = %path.display(), bank = manifest.memory_bank_size, "anomaly model fitted");
     Ok((StatusCode::CREATED, Json(json!({ "model": entry.info(), "fit": manifest }))).into_response())

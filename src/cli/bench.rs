@@ -50,7 +50,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     // SAFETY: set before any other thread exists in this process.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
-    let files = lineside::registry::read_source(&a.model)?;
+    let files = lineside::source::LocalModel::read_files(&a.model)?;
     let model = LoadedModel::load(&files, &Device::Cpu)?;
     let (c, h, w) = model.preprocessor.input_shape();
     if !a.json {

@@ -48,7 +48,7 @@ pub struct FitArgs {
 }
 
 pub fn run(a: FitArgs) -> anyhow::Result<()> {
-    let files = lineside::registry::read_source(&a.backbone)?;
+    let files = lineside::source::LocalModel::read_files(&a.backbone)?;
     let good = image_files(&a.good)?;
     anyhow::ensure!(!good.is_empty(), "no images in {}", a.good.display());
     let settings = FitSettings {

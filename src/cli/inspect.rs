@@ -37,11 +37,11 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
         cfg.models = vec![m];
     }
     let name = a.model.unwrap_or_else(|| cfg.server.default_model.clone());
-    let registry = Registry::start(&cfg.models)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let registry = rt.block_on(Registry::start(&cfg.models, lineside::hub::Hub::new(&cfg.hub)?))?;
     let model = registry.get(&name).ok_or_else(|| anyhow::anyhow!("model `{name}` is not configured"))?;
     registry.wait_ready()?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let failures = rt.block_on(async {
         // All images are submitted at once so the batcher can batch them.
         let tasks: Vec<_> = a

@@ -1,15 +1,26 @@
-//! `lineside models`: check model folders before serving them.
+//! `lineside models`: fetch models from the hub, list the cache, and check
+//! a model against its PyTorch reference before serving it.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use anyhow::Context;
 use candle_core::Device;
 use clap::{Args, Subcommand};
+use hf_hub::progress::{DownloadEvent, Progress, ProgressEvent, ProgressHandler};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use lineside::hub::{Hub, Want, cached_models};
+use lineside::source::{LocalModel, ModelSource};
 use lineside_inference::models::{LoadedModel, supported_architectures};
 use lineside_inference::parity;
 
-/// Check model folders and list what lineside can load.
+/// Fetch, list and check models.
+///
+/// Hub sources are `hf://owner/name[@revision]` (a branch, tag or commit; default main).
+/// The hub client honours HF_ENDPOINT, HF_TOKEN, HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE,
+/// and shares its cache with Python's huggingface_hub.
 #[derive(Args)]
+#[command(verbatim_doc_comment)]
 pub struct ModelsArgs {
     #[command(subcommand)]
     command: ModelsCommand,
@@ -17,15 +28,32 @@ pub struct ModelsArgs {
 
 #[derive(Subcommand)]
 enum ModelsCommand {
+    Pull(PullArgs),
+    List(ListArgs),
     Verify(VerifyArgs),
     Architectures,
 }
 
-/// Load a model source; when the folder has a ref.safetensors (input, logits, features.i from
-/// PyTorch/timm), compare every output and exit non-zero above the tolerance.
+/// Download a hub model into the cache; print the resolved commit and the snapshot folder.
+#[derive(Args)]
+struct PullArgs {
+    /// `hf://owner/name[@revision]`.
+    source: String,
+}
+
+/// List the models in the hub cache.
+#[derive(Args)]
+struct ListArgs {
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Load a model; when it has a ref.safetensors (input, logits, features.i from PyTorch/timm),
+/// compare every output and exit non-zero above the tolerance.
 #[derive(Args)]
 struct VerifyArgs {
-    /// A timm hub-format folder or `builtin:NAME`.
+    /// A folder, `builtin:NAME` or `hf://owner/name[@revision]`.
     source: String,
     /// Largest max-abs error allowed, relative to each reference tensor's max abs value.
     #[arg(long, default_value_t = 1e-3)]
@@ -34,6 +62,8 @@ struct VerifyArgs {
 
 pub fn run(a: ModelsArgs) -> anyhow::Result<()> {
     match a.command {
+        ModelsCommand::Pull(p) => pull(p),
+        ModelsCommand::List(l) => list(l),
         ModelsCommand::Verify(v) => verify(v),
         ModelsCommand::Architectures => {
             supported_architectures().iter().for_each(|a| println!("{a}"));
@@ -42,20 +72,57 @@ pub fn run(a: ModelsArgs) -> anyhow::Result<()> {
     }
 }
 
-fn verify(a: VerifyArgs) -> anyhow::Result<()> {
-    let files = lineside::registry::read_source(&a.source)?;
-    let model = LoadedModel::load(&files, &Device::Cpu).with_context(|| format!("loading {}", a.source))?;
-    let (c, h, w) = model.preprocessor.input_shape();
-    println!(
-        "{}: {} loads ({} classes, input {c}x{h}x{w}, version {})",
-        a.source, model.config.architecture, model.config.num_classes, model.version
+fn pull(a: PullArgs) -> anyhow::Result<()> {
+    let source = ModelSource::parse(&a.source)?;
+    anyhow::ensure!(
+        matches!(source, ModelSource::Hub(_)),
+        "`{}` is not a hub source (hf://owner/name[@revision])",
+        a.source
     );
-    let dir = PathBuf::from(&a.source);
-    if !dir.join("ref.safetensors").is_file() {
-        println!("no ref.safetensors: loading is all that was checked");
+    let hub = Hub::from_env()?.with_progress(Progress::new(Bars::default()));
+    eprintln!("fetching {source} from {} into {}", hub.endpoint(), hub.cache_dir().display());
+    let local = LocalModel::resolve_blocking(&a.source, &hub, Want::WithReference)?;
+    let dir = local.dir().context("a hub model has a folder")?;
+    println!("commit   {}", local.commit.as_deref().unwrap_or("?"));
+    println!("snapshot {}", dir.display());
+    Ok(())
+}
+
+fn list(a: ListArgs) -> anyhow::Result<()> {
+    let hub = Hub::from_env()?;
+    let revisions = cached_models(hub.cache_dir());
+    if a.json {
+        for r in &revisions {
+            println!("{}", serde_json::to_string(r)?);
+        }
         return Ok(());
     }
-    let refs = parity::load_refs(&dir, &Device::Cpu)?;
+    println!("cache {}", hub.cache_dir().display());
+    if revisions.is_empty() {
+        println!("(no models)");
+    }
+    for r in &revisions {
+        let refs = if r.refs.is_empty() { String::new() } else { format!(" ({})", r.refs.join(", ")) };
+        println!("hf://{}@{}{refs}  {:.1} MB", r.repo, r.commit, r.bytes as f64 / 1e6);
+    }
+    Ok(())
+}
+
+fn verify(a: VerifyArgs) -> anyhow::Result<()> {
+    let local = LocalModel::resolve_blocking(&a.source, &Hub::from_env()?, Want::WithReference)?;
+    let files = local.files()?;
+    let model = LoadedModel::load(&files, &Device::Cpu).with_context(|| format!("loading {}", a.source))?;
+    let (c, h, w) = model.preprocessor.input_shape();
+    let commit = local.commit.as_deref().map(|c| format!(", commit {c}")).unwrap_or_default();
+    println!(
+        "{}: {} loads ({} classes, input {c}x{h}x{w}, version {}{commit})",
+        a.source, model.config.architecture, model.config.num_classes, model.version
+    );
+    let Some(dir) = local.dir().filter(|d| d.join("ref.safetensors").is_file()) else {
+        println!("no ref.safetensors: loading is all that was checked");
+        return Ok(());
+    };
+    let refs = parity::load_refs(dir, &Device::Cpu)?;
     let report = parity::check_loaded(&model, &refs, &a.source)?;
     for t in &report.tensors {
         let flag = if t.relative <= a.tolerance { "ok" } else { "MISMATCH" };
@@ -70,4 +137,32 @@ fn verify(a: VerifyArgs) -> anyhow::Result<()> {
         a.tolerance
     );
     Ok(())
+}
+
+/// One progress bar per downloaded file. hf-hub reports each file's size at
+/// its start and then byte deltas by file name.
+#[derive(Default)]
+struct Bars {
+    multi: MultiProgress,
+    bars: Mutex<HashMap<String, ProgressBar>>,
+}
+
+impl ProgressHandler for Bars {
+    fn on_progress(&self, event: &ProgressEvent) {
+        let ProgressEvent::Download(DownloadEvent::Progress { files }) = event else { return };
+        let mut bars = self.bars.lock().expect("progress bars");
+        for f in files {
+            let bar = bars.entry(f.filename.clone()).or_insert_with(|| {
+                let bar = self.multi.add(ProgressBar::new(f.total_bytes));
+                bar.set_style(
+                    ProgressStyle::with_template("{msg:24} {bar:30} {bytes:>10}/{total_bytes:<10} {bytes_per_sec}")
+                        .expect("progress template"),
+                );
+                bar.set_message(f.filename.clone());
+                bar
+            });
+            bar.set_length(f.total_bytes.max(f.bytes_completed));
+            bar.set_position(f.bytes_completed);
+        }
+    }
 }

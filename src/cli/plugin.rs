@@ -133,7 +133,7 @@ fn bench(a: PluginBenchArgs) -> anyhow::Result<()> {
     })?;
 
     // End to end in process: decode the JPEG, crop, resize and normalise, one batch-1 forward pass.
-    let files = lineside::registry::read_source(&a.model)?;
+    let files = lineside::source::LocalModel::read_files(&a.model)?;
     let model = LoadedModel::load(&files, &Device::Cpu)?;
     let jpeg = encode_jpeg(&rgb)?;
     let (c, h, w) = model.preprocessor.input_shape();

@@ -31,7 +31,8 @@ use lineside::config::Config;
 ///
 ///   [[models]]                       # repeat per model
 ///   name = "steel-surface"
-///   source = "builtin:steel-surface" # or a timm hub-format folder, or a PatchCore folder (lineside fit)
+///   source = "builtin:steel-surface" # or a timm hub-format folder, a PatchCore folder (lineside fit),
+///                                    # or hf://org/repo[@revision] (fetched into the hub cache)
 ///   max_batch_size = 8
 ///   max_queue_delay_ms = 5           # wait after the oldest request before running a partial batch
 ///   queue_capacity = 64              # 429 with Retry-After when full
@@ -39,6 +40,13 @@ use lineside::config::Config;
 ///   [models.verdict]                 # pass only if top label is listed and score >= min_score
 ///   pass_labels = ["good", "ok", "pass", "normal"]
 ///   min_score = 0.5
+///
+///   [hub]                            # hf:// sources; each key falls back to the env variable
+///   # endpoint = "https://huggingface.co"   # HF_ENDPOINT
+///   # cache_dir = "~/.cache/huggingface/hub" # HF_HUB_CACHE, else $HF_HOME/hub
+///   # offline = false                # HF_HUB_OFFLINE: read only the cache
+///   # retries = 1                    # before falling back to the cache
+///   # (the token is read from HF_TOKEN only, never from this file)
 ///
 ///   [plugins]
 ///   # cache_dir = "/var/cache/lineside/plugins"  # compiled plugins (default: OS temp dir)

@@ -1,6 +1,8 @@
 //! A real lineside server on a loopback port, and NEU test images.
 #![allow(dead_code)]
 
+pub mod hub;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
