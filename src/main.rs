@@ -4,10 +4,6 @@ use clap::{Parser, Subcommand};
 
 mod cli;
 
-#[cfg(not(target_env = "msvc"))]
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 /// lineside — AI visual inspection server for production lines.
 #[derive(Parser)]
 #[command(name = "lineside", version, about, long_about = None)]
