@@ -46,9 +46,13 @@ struct BatchResult {
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    // candle sizes its GEMM parallelism from RAYON_NUM_THREADS.
+    // candle and the `gemm` crate size their parallelism from RAYON_NUM_THREADS,
+    // `matrixmultiply` (wide convolution GEMMs) from MATMUL_NUM_THREADS.
     // SAFETY: set before any other thread exists in this process.
-    unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        std::env::set_var("MATMUL_NUM_THREADS", threads.to_string());
+    }
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
     let files = lineside::source::LocalModel::read_files(&a.model)?;
     let model = LoadedModel::load(&files, &Device::Cpu)?;
