@@ -8,11 +8,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use common::hub::LocalHub;
-use common::{TestServer, neu_image, shared};
+use common::{TestServer, shared, spawn_load, stop_load, wait_for};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "hub-t0ken";
@@ -67,24 +67,12 @@ async fn status(s: &TestServer) -> Value {
     s.client.get(s.url("/v1/models/line")).send().await.unwrap().json().await.unwrap()
 }
 
-async fn wait_for(s: &TestServer, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v = status(s).await;
-        if done(&v) {
-            return v;
-        }
-        assert!(Instant::now() < until, "{what}: {v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The load error reported for a broken revision, after checking that the served version stayed.
 async fn refused(s: &TestServer, revision: &str, served: &str) -> String {
     let r = put(s, revision).await;
     let code = r.status().as_u16();
     let error = if code == 202 {
-        let v = wait_for(s, revision, |v| v["versions"]["last_error"].is_string()).await;
+        let v = wait_for(s, "/v1/models/line", revision, |v| v["versions"]["last_error"].is_string()).await;
         v["versions"]["last_error"].as_str().unwrap().to_string()
     } else {
         assert_eq!(code, 422, "{revision}");
@@ -115,28 +103,14 @@ async fn pull_by_revision_under_load_refuse_broken_revisions_and_serve_from_cach
 
     // 4 clients until told to stop, recording who answered.
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let (s, stop) = (s.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let r = s.inspect("", "image/jpeg", neu_image("crazing_1.jpg")).await;
-                    let status = r.status().as_u16();
-                    let v: Value = r.json().await.unwrap();
-                    seen.push((status, v["model"]["version"].as_str().unwrap_or_default().to_string()));
-                }
-                seen
-            })
-        })
-        .collect();
+    let clients = spawn_load(&s, 4, &stop);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Pull B by revision while the load runs.
     let r = put(&s, "v2").await;
     assert_eq!(r.status(), 202);
     let v_b = r.json::<Value>().await.unwrap()["pending_version"].as_str().unwrap().to_string();
-    let b = wait_for(&s, "B swapped in", |v| v["model"]["version"] == v_b.as_str()).await;
+    let b = wait_for(&s, "/v1/models/line", "B swapped in", |v| v["model"]["version"] == v_b.as_str()).await;
     assert_eq!(b["model"]["commit"], c2.as_str());
     assert_eq!(b["model"]["source"], format!("hf://{REPO}@v2"));
     assert_eq!(b["model"]["architecture"], "test_convnext");
@@ -153,11 +127,7 @@ async fn pull_by_revision_under_load_refuse_broken_revisions_and_serve_from_cach
     let e = refused(&s, "unsupported", &v_b).await;
     assert!(e.contains("vit_base_patch16_224") && e.contains("supported:") && e.contains("resnet50"), "{e}");
 
-    stop.store(true, Ordering::Relaxed);
-    let mut answers = Vec::new();
-    for c in clients {
-        answers.extend(c.await.unwrap());
-    }
+    let answers = stop_load(&stop, clients).await;
     let on_b = answers.iter().filter(|(_, v)| *v == v_b).count();
     eprintln!(
         "{} requests during the pull and the broken revisions: {} by A, {} by B",
@@ -176,7 +146,7 @@ async fn pull_by_revision_under_load_refuse_broken_revisions_and_serve_from_cach
     let (code, body) = (r.status(), r.text().await.unwrap());
     eprintln!("hub down, cached v1: HTTP {code} in {:?}: {body}", t.elapsed());
     assert_eq!(code, 202);
-    let back = wait_for(&s, "cached A swapped in", |v| v["model"]["version"] == v_a.as_str()).await;
+    let back = wait_for(&s, "/v1/models/line", "cached A swapped in", |v| v["model"]["version"] == v_a.as_str()).await;
     assert_eq!(back["model"]["commit"], c1.as_str());
     let t = Instant::now();
     let r = put(&s, "v3").await;

@@ -5,10 +5,10 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
-use common::{TestServer, error_code, neu_image, shared};
+use common::{TestServer, error_code, neu_image, shared, spawn_load, stop_load, wait_for};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "swap-t0ken";
@@ -23,19 +23,6 @@ async fn put(s: &TestServer, source: &str) -> reqwest::Response {
 
 async fn versions(s: &TestServer) -> Value {
     s.client.get(s.url("/v1/models/line")).send().await.unwrap().json().await.unwrap()
-}
-
-/// Waits until `GET /v1/models/line` satisfies `done`.
-async fn wait_for(s: &TestServer, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v = versions(s).await;
-        if done(&v) {
-            return v;
-        }
-        assert!(Instant::now() < until, "{what}: {v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// A copy of `from` with its config edited, or its weights taken from `weights_of`.
@@ -69,21 +56,7 @@ async fn swap_under_load_refuse_broken_versions_and_roll_back() {
 
     // Load: 4 clients until told to stop, recording which version answered.
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let (s, stop) = (s.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let r = s.inspect("", "image/jpeg", neu_image("crazing_1.jpg")).await;
-                    let status = r.status().as_u16();
-                    let v: Value = r.json().await.unwrap();
-                    seen.push((status, v["model"]["version"].as_str().unwrap_or_default().to_string()));
-                }
-                seen
-            })
-        })
-        .collect();
+    let clients = spawn_load(&s, 4, &stop);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Swap to ConvNeXt under load.
@@ -91,7 +64,7 @@ async fn swap_under_load_refuse_broken_versions_and_roll_back() {
     assert_eq!(r.status(), 202);
     let v_b = r.json::<Value>().await.unwrap()["pending_version"].as_str().unwrap().to_string();
     assert_ne!(v_a, v_b);
-    let v = wait_for(&s, "B swapped in", |v| v["model"]["version"] == v_b.as_str()).await;
+    let v = wait_for(&s, "/v1/models/line", "B swapped in", |v| v["model"]["version"] == v_b.as_str()).await;
     assert_eq!(v["model"]["architecture"], "test_convnext");
     assert_eq!(v["versions"]["previous_version"], v_a.as_str());
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -103,7 +76,7 @@ async fn swap_under_load_refuse_broken_versions_and_roll_back() {
     assert!(error_code(r).await == "load_failed");
     let wrong_shapes = broken_folder("wrong-shapes", "test_resnet.random6", |_| {}, Some("test_convnext.random6"));
     assert_eq!(put(&s, &wrong_shapes).await.status(), 202, "reading works; loading fails in the background");
-    let v = wait_for(&s, "wrong shapes reported", |v| v["versions"]["last_error"].is_string()).await;
+    let v = wait_for(&s, "/v1/models/line", "wrong shapes reported", |v| v["versions"]["last_error"].is_string()).await;
     let error = v["versions"]["last_error"].as_str().unwrap();
     eprintln!("wrong shapes: {error}");
     assert!(error.contains("lack tensor") || error.contains("shape"), "{error}");
@@ -115,7 +88,7 @@ async fn swap_under_load_refuse_broken_versions_and_roll_back() {
         Some("test_resnet.random6"),
     );
     assert_eq!(put(&s, &unsupported).await.status(), 202);
-    let v = wait_for(&s, "unsupported architecture reported", |v| {
+    let v = wait_for(&s, "/v1/models/line", "unsupported architecture reported", |v| {
         v["versions"]["last_error"].as_str().is_some_and(|e| e.contains("vit_base_patch16_224"))
     })
     .await;
@@ -124,11 +97,7 @@ async fn swap_under_load_refuse_broken_versions_and_roll_back() {
     assert!(error.contains("supported:") && error.contains("resnet50"), "lists what is supported: {error}");
     assert_eq!(v["model"]["version"], v_b.as_str(), "B still serves");
 
-    stop.store(true, Ordering::Relaxed);
-    let mut answers = Vec::new();
-    for c in clients {
-        answers.extend(c.await.unwrap());
-    }
+    let answers = stop_load(&stop, clients).await;
     let on_b = answers.iter().filter(|(_, v)| *v == v_b).count();
     eprintln!("{} requests during the swaps: {} by A, {} by B", answers.len(), answers.len() - on_b, on_b);
     assert!(answers.iter().all(|(status, _)| *status == 200), "no failed requests");

@@ -4,6 +4,8 @@
 pub mod hub;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use lineside::config::Config;
@@ -117,4 +119,59 @@ pub fn guest_wasm(name: &str) -> PathBuf {
     let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
     assert!(path.is_file(), "{} was not built", path.display());
     path
+}
+
+/// Starts `clients` loops that inspect a NEU image until `stop` is set; each
+/// returns the (status, model version) of every answer it got.
+pub fn spawn_load(
+    s: &Arc<TestServer>,
+    clients: usize,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<(u16, String)>>> {
+    (0..clients)
+        .map(|_| {
+            let (s, stop) = (s.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = s.inspect("", "image/jpeg", neu_image("crazing_1.jpg")).await;
+                    let status = r.status().as_u16();
+                    let v: serde_json::Value = r.json().await.unwrap();
+                    seen.push((status, v["model"]["version"].as_str().unwrap_or_default().to_string()));
+                }
+                seen
+            })
+        })
+        .collect()
+}
+
+/// Stops the load and gathers every answer.
+pub async fn stop_load(
+    stop: &AtomicBool,
+    clients: Vec<tokio::task::JoinHandle<Vec<(u16, String)>>>,
+) -> Vec<(u16, String)> {
+    stop.store(true, Ordering::Relaxed);
+    let mut answers = Vec::new();
+    for c in clients {
+        answers.extend(c.await.unwrap());
+    }
+    answers
+}
+
+/// Polls `GET path` until its JSON satisfies `done` (60 s at most).
+pub async fn wait_for(
+    s: &TestServer,
+    path: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v: serde_json::Value = s.client.get(s.url(path)).send().await.unwrap().json().await.unwrap();
+        if done(&v) {
+            return v;
+        }
+        assert!(Instant::now() < until, "{what}: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
