@@ -128,7 +128,8 @@ const TEST_EFFICIENTNET_STAGES: &[&str] = &[
 ];
 
 /// Architecture names this module builds.
-pub const SUPPORTED: &[&str] = &["mobilenetv2_100", "tf_efficientnet_lite0", "efficientnet_lite0", "test_efficientnet"];
+pub const SUPPORTED: &[&str] =
+    &["mobilenetv2_100", "tf_efficientnet_lite0", "efficientnet_lite0", "efficientnet_b0", "test_efficientnet"];
 
 fn arch_spec(name: &str) -> Option<ArchSpec> {
     let base = |stages, eps, tf| ArchSpec {
@@ -144,6 +145,7 @@ fn arch_spec(name: &str) -> Option<ArchSpec> {
         // tf_ ports keep TensorFlow's BatchNorm epsilon and "SAME" padding.
         "tf_efficientnet_lite0" => Some(base(EFFICIENTNET_LITE_STAGES, 1e-3, true)),
         "efficientnet_lite0" => Some(base(EFFICIENTNET_LITE_STAGES, 1e-5, false)),
+        "efficientnet_b0" => Some(ArchSpec { act: Activation::Silu, ..base(EFFICIENTNET_B0_STAGES, 1e-5, false) }),
         "test_efficientnet" => Some(ArchSpec {
             stem_chs: 24,
             num_features: 256,
@@ -197,7 +199,7 @@ impl SqueezeExcite {
 // Built once per model and kept in a Vec: variant size does not matter here.
 #[allow(clippy::large_enum_variant)]
 enum Block {
-    DepthwiseSeparable { dw: ConvBnAct, pw: ConvBnAct, skip: bool },
+    DepthwiseSeparable { dw: ConvBnAct, se: Option<SqueezeExcite>, pw: ConvBnAct, skip: bool },
     InvertedResidual { pw: ConvBnAct, dw: ConvBnAct, se: Option<SqueezeExcite>, pwl: ConvBnAct, skip: bool },
     Conv { conv: ConvBnAct, skip: bool },
     EdgeResidual { exp: ConvBnAct, pwl: ConvBnAct, skip: bool },
@@ -206,7 +208,13 @@ enum Block {
 impl Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, skip) = match self {
-            Block::DepthwiseSeparable { dw, pw, skip } => (pw.forward(&dw.forward(x)?)?, *skip),
+            Block::DepthwiseSeparable { dw, se, pw, skip } => {
+                let mut y = dw.forward(x)?;
+                if let Some(se) = se {
+                    y = se.forward(&y)?;
+                }
+                (pw.forward(&y)?, *skip)
+            }
             Block::InvertedResidual { pw, dw, se, pwl, skip } => {
                 let mut y = dw.forward(&pw.forward(x)?)?;
                 if let Some(se) = se {
@@ -222,6 +230,16 @@ impl Block {
 }
 
 /// An EfficientNet-family network with BatchNorm folded into its convolutions.
+const EFFICIENTNET_B0_STAGES: &[&str] = &[
+    "ds_r1_k3_s1_e1_c16_se0.25",
+    "ir_r2_k3_s2_e6_c24_se0.25",
+    "ir_r2_k5_s2_e6_c40_se0.25",
+    "ir_r3_k3_s2_e6_c80_se0.25",
+    "ir_r3_k5_s1_e6_c112_se0.25",
+    "ir_r4_k5_s2_e6_c192_se0.25",
+    "ir_r1_k3_s1_e6_c320_se0.25",
+];
+
 pub struct EfficientNet {
     stem: ConvBnAct,
     stages: Vec<Vec<Block>>,
@@ -278,6 +296,7 @@ impl EfficientNet {
                 let block = match args.kind {
                     BlockKind::DepthwiseSeparable => Block::DepthwiseSeparable {
                         dw: conv(&format!("{p}.conv_dw"), &format!("{p}.bn1"), stride, in_chs, act)?,
+                        se,
                         pw: conv(&format!("{p}.conv_pw"), &format!("{p}.bn2"), 1, 1, Activation::Identity)?,
                         skip,
                     },
