@@ -31,6 +31,7 @@ enum ModelsCommand {
     Pull(PullArgs),
     List(ListArgs),
     Verify(VerifyArgs),
+    /// List the architectures lineside can load.
     Architectures,
 }
 
