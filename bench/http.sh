@@ -5,7 +5,8 @@
 #
 #   bench/http.sh [--connections 16] [--duration 20] [--batch 8] [--image FILE]
 #
-# Needs wrk (apt-get install wrk) and a release build (cargo build --release).
+# Needs wrk (apt-get install wrk) and a release build (cargo build --release),
+# or another binary in LINESIDE_BIN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONNS=16 DURATION=20 BATCH=8 RUNS=3
@@ -20,7 +21,7 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-BIN=target/release/lineside
+BIN=${LINESIDE_BIN:-target/release/lineside}
 [ -x "$BIN" ] || cargo build --release
 PORT=$((20000 + RANDOM % 20000))
 CFG=$(mktemp --suffix .toml)
