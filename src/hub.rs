@@ -116,10 +116,6 @@ impl Hub {
         self.client.cache_dir()
     }
 
-    pub fn offline(&self) -> bool {
-        self.offline
-    }
-
     /// Fetches (or finds in the cache) what `want` needs of `source`.
     pub async fn fetch(&self, source: &HubRef, want: Want) -> Result<Snapshot, HubError> {
         let config = self

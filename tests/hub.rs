@@ -158,7 +158,7 @@ async fn pull_by_revision_under_load_refuse_broken_revisions_and_serve_from_cach
     assert_eq!(v["error"]["code"], "hub_unavailable");
     assert!(message.contains("v3") && message.contains("not in the local cache"), "{message}");
     assert!(elapsed < Duration::from_secs(10), "fails fast, not after a long hang: {elapsed:?}");
-    assert!(!c3.is_empty());
+    assert!(!cache.join("models--acme--line-classifier/snapshots").join(&c3).exists(), "v3 was never fetched");
     assert_eq!(status(&s).await["model"]["version"], v_a.as_str(), "A still serves");
 }
 

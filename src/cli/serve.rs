@@ -36,7 +36,8 @@ use lineside::config::Config;
 ///   max_batch_size = 8
 ///   max_queue_delay_ms = 5           # wait after the oldest request before running a partial batch
 ///   queue_capacity = 64              # 429 with Retry-After when full
-///   # threads = 2                    # compute threads (default: all cores)
+///   # threads = 2                    # compute threads (default: all cores); wide convolution
+///                                    # GEMMs use a shared pool sized by MATMUL_NUM_THREADS
 ///   [models.verdict]                 # pass only if top label is listed and score >= min_score
 ///   pass_labels = ["good", "ok", "pass", "normal"]
 ///   min_score = 0.5
