@@ -11,12 +11,15 @@
 //!
 //! On other devices the same layer falls back to candle's own ops.
 
-use candle_core::{CpuStorage, CustomOp1, InplaceOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
 use rayon::prelude::*;
 
 use crate::Result;
 
+mod depthwise;
 mod gemm_conv;
+pub mod sgemm;
+pub use depthwise::DepthwiseConv;
 pub use gemm_conv::GemmConv;
 
 /// Activation following a convolution.
@@ -36,6 +39,15 @@ impl Activation {
             Activation::Relu => s.iter_mut().for_each(|v| *v = v.max(0.0)),
             Activation::Relu6 => s.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
             Activation::Silu => s.iter_mut().for_each(|v| *v /= 1.0 + (-*v).exp()),
+        }
+    }
+
+    /// The part of the activation the packed GEMM applies in registers.
+    fn fused(self) -> sgemm::Fused {
+        match self {
+            Activation::Relu => sgemm::Fused::Relu,
+            Activation::Relu6 => sgemm::Fused::Relu6,
+            Activation::Identity | Activation::Silu => sgemm::Fused::None,
         }
     }
 
@@ -105,107 +117,6 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::
     }
 }
 
-/// Input height and width, output width and padding of one depthwise plane.
-#[derive(Clone, Copy)]
-struct Geometry {
-    h: usize,
-    w: usize,
-    ow: usize,
-    pad: Padding,
-}
-
-/// Direct depthwise convolution with fused bias and activation (NCHW, f32, CPU).
-#[derive(Debug, Clone)]
-pub struct DepthwiseConv {
-    /// `[channels * k * k]`.
-    weight: Vec<f32>,
-    bias: Vec<f32>,
-    kernel: usize,
-    stride: usize,
-    pad: PadMode,
-    act: Activation,
-}
-
-impl DepthwiseConv {
-    /// One channel's plane. The input is first copied, zero-padded, into
-    /// `scratch`, split by column phase (`x mod stride`), so that every tap of
-    /// every output row reads a contiguous, in-bounds run; a row's taps are
-    /// then summed in one pass per kernel row ([`fma_rows`]).
-    ///
-    /// Tried and measured slower on mobilenetv2 (2 cores, AVX-512): the same
-    /// code compiled for AVX-512 behind runtime detection, fixed 16-lane
-    /// blocks, and whole-plane passes over row-and-column phase planes.
-    fn plane(&self, ch: usize, inp: &[f32], g: Geometry, scratch: &mut Vec<f32>, out: &mut [f32]) {
-        let Geometry { h, w, ow, pad } = g;
-        let (k, s) = (self.kernel, self.stride);
-        let ph = h + pad.top + pad.bottom;
-        let cw = (w + pad.left + pad.right).div_ceil(s);
-        scratch.clear();
-        scratch.resize(s * ph * cw, 0.0);
-        for p in 0..s {
-            // Input columns `x` with `(x + left) mod s == p` land at `(x + left) / s`.
-            let x0 = (p + s - pad.left % s) % s;
-            let d0 = (x0 + pad.left) / s;
-            for y in 0..h {
-                let dst = &mut scratch[p * ph * cw + (y + pad.top) * cw..][..cw];
-                for (d, v) in dst[d0..].iter_mut().zip(inp[y * w..(y + 1) * w].iter().skip(x0).step_by(s)) {
-                    *d = *v;
-                }
-            }
-        }
-        let wt = &self.weight[ch * k * k..(ch + 1) * k * k];
-        let tap = |py: usize, kx: usize| &scratch[(kx % s) * ph * cw + py * cw + kx / s..][..ow];
-        for (oy, row) in out.chunks_mut(ow).enumerate() {
-            row.fill(self.bias[ch]);
-            for ky in 0..k {
-                let py = oy * s + ky;
-                let w_row = &wt[ky * k..(ky + 1) * k];
-                match k {
-                    3 => fma_rows::<3>(row, [tap(py, 0), tap(py, 1), tap(py, 2)], w_row),
-                    5 => fma_rows::<5>(row, [tap(py, 0), tap(py, 1), tap(py, 2), tap(py, 3), tap(py, 4)], w_row),
-                    _ => (0..k).for_each(|kx| fma_rows::<1>(row, [tap(py, kx)], &w_row[kx..kx + 1])),
-                }
-            }
-            self.act.apply_slice(row);
-        }
-    }
-}
-
-/// `out[j] += Σ_t w[t] · src[t][j]`: one pass over `out` for `K` taps.
-#[inline(always)]
-fn fma_rows<const K: usize>(out: &mut [f32], src: [&[f32]; K], w: &[f32]) {
-    let n = out.len();
-    let src = src.map(|s| &s[..n]);
-    let w: [f32; K] = std::array::from_fn(|t| w[t]);
-    for j in 0..n {
-        let mut v = out[j];
-        for t in 0..K {
-            v += w[t] * src[t][j];
-        }
-        out[j] = v;
-    }
-}
-
-impl CustomOp1 for DepthwiseConv {
-    fn name(&self) -> &'static str {
-        "lineside-depthwise-conv"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let inp = contiguous_f32(storage, layout)?;
-        let (n, c, h, w) = layout.shape().dims4()?;
-        let pad = self.pad.resolve(h, w, self.kernel, self.stride);
-        let oh = out_size(h, self.kernel, self.stride, pad.top, pad.bottom);
-        let ow = out_size(w, self.kernel, self.stride, pad.left, pad.right);
-        let mut out = vec![0f32; n * c * oh * ow];
-        let g = Geometry { h, w, ow, pad };
-        out.par_chunks_mut(oh * ow).enumerate().for_each_init(Vec::new, |scratch, (plane, o)| {
-            self.plane(plane % c, &inp[plane * h * w..(plane + 1) * h * w], g, scratch, o);
-        });
-        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
-    }
-}
-
 /// `act(x + bias[c])` over an `[N, C, ...]` tensor in one pass (f32, CPU).
 #[derive(Debug, Clone)]
 pub struct BiasAct {
@@ -241,7 +152,7 @@ impl InplaceOp1 for BiasAct {
 #[derive(Debug, Clone)]
 enum ConvKind {
     /// groups = 1: im2col (none for 1×1) and a GEMM.
-    Gemm(GemmConv),
+    Gemm(Box<GemmConv>),
     /// One filter per channel.
     Depthwise(DepthwiseConv),
     /// Other grouped convolutions: candle's convolution.
@@ -279,17 +190,17 @@ impl ConvBnAct {
         }
         let bias_vec = bias.to_vec1::<f32>()?;
         let kind = if groups == out_ch && in_per_group == 1 && groups > 1 {
-            ConvKind::Depthwise(DepthwiseConv {
-                weight: weight.flatten_all()?.to_vec1::<f32>()?,
-                bias: bias_vec.clone(),
-                kernel: kh,
+            ConvKind::Depthwise(DepthwiseConv::new(
+                weight.flatten_all()?.to_vec1::<f32>()?,
+                bias_vec.clone(),
+                kh,
                 stride,
                 pad,
                 act,
-            })
+            ))
         } else if groups == 1 {
             let flat = weight.flatten_all()?.to_vec1::<f32>()?;
-            ConvKind::Gemm(GemmConv::new(flat, bias_vec.clone(), in_per_group, kh, stride, pad, act))
+            ConvKind::Gemm(Box::new(GemmConv::new(flat, bias_vec.clone(), in_per_group, kh, stride, pad, act)))
         } else {
             ConvKind::Grouped
         };
@@ -309,7 +220,7 @@ impl ConvBnAct {
         let (_n, _c, h, w) = x.dims4()?;
         match (&self.kind, cpu) {
             (ConvKind::Depthwise(op), true) => Ok(x.apply_op1_no_bwd(op)?),
-            (ConvKind::Gemm(op), true) => Ok(x.apply_op1_no_bwd(op)?),
+            (ConvKind::Gemm(op), true) => Ok(x.apply_op1_no_bwd(op.as_ref())?),
             _ => {
                 let p = self.pad.resolve(h, w, self.kernel, self.stride);
                 let x = if p.top == p.bottom && p.left == p.right && p.top == p.left {

@@ -9,19 +9,26 @@
 //! Small feature maps (deep layers) make thin GEMMs that the microkernel
 //! handles poorly one image at a time, so below [`BATCHED_BELOW`] pixels the
 //! whole batch is one GEMM over `[in·k·k, n·oh·ow]`, scattered back to NCHW.
-//! Two GEMM crates serve, each for the shapes it is faster on ([`WIDE`]).
+//!
+//! Where the CPU has AVX-512F the weights are packed once at load time and
+//! every GEMM runs on our own kernel ([`super::sgemm`]), with ReLU/ReLU6 fused
+//! into its store. Elsewhere two GEMM crates serve, each for the shapes it is
+//! faster on ([`WIDE`]).
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use std::ops::Range;
+
+use super::sgemm::{self, Dense, Fused, PackedA, Rhs};
 use super::{Activation, PadMode, Padding, contiguous_f32, out_size};
 
 /// Output planes smaller than this run as one GEMM for the whole batch.
 const BATCHED_BELOW: usize = 1024;
 
-/// GEMMs with at least this many columns run on `matrixmultiply`, narrower
-/// ones on `gemm`. Measured here (2 threads, AVX-512 machine, GFLOP/s,
+/// Without AVX-512, GEMMs with at least this many columns run on
+/// `matrixmultiply`, narrower ones on `gemm`. Measured here (2 threads, AVX-512 machine, GFLOP/s,
 /// `matrixmultiply` vs `gemm`): 64×576×3136 66 vs 51, 128×1152×784 102 vs 65,
 /// 256×2304×196 86 vs 59, 512³ 159 vs 71, but 512×4608×49 29 vs 50.
 const WIDE: usize = 128;
@@ -29,8 +36,7 @@ const WIDE: usize = 128;
 /// A groups=1 convolution with folded BatchNorm and an activation (f32, CPU).
 #[derive(Debug, Clone)]
 pub struct GemmConv {
-    /// `[out, in·k·k]`, row-major.
-    weight: Vec<f32>,
+    weight: Weights,
     bias: Vec<f32>,
     out_ch: usize,
     in_ch: usize,
@@ -38,6 +44,15 @@ pub struct GemmConv {
     stride: usize,
     pad: PadMode,
     act: Activation,
+}
+
+/// A layer's `[out, in·k·k]` weight matrix, in the form its GEMM takes.
+#[derive(Debug, Clone)]
+enum Weights {
+    /// Packed for [`sgemm`] (AVX-512F CPUs).
+    Packed(PackedA),
+    /// Row-major, for the GEMM crates.
+    Plain(Vec<f32>),
 }
 
 /// Sizes of one call.
@@ -62,7 +77,11 @@ impl GemmConv {
         act: Activation,
     ) -> Self {
         let out_ch = bias.len();
-        debug_assert_eq!(weight.len(), out_ch * in_ch * kernel * kernel);
+        let k = in_ch * kernel * kernel;
+        let weight = match PackedA::new(&weight, out_ch, k) {
+            Some(packed) => Weights::Packed(packed),
+            None => Weights::Plain(weight),
+        };
         Self { weight, bias, out_ch, in_ch, kernel, stride, pad, act }
     }
 
@@ -74,36 +93,9 @@ impl GemmConv {
         self.in_ch * self.kernel * self.kernel
     }
 
-    /// Row `r` (`(ci·k + ky)·k + kx`) of one image's im2col matrix, into `dst` (`oh·ow`).
-    fn im2col_row(&self, x: &[f32], d: Dims, r: usize, dst: &mut [f32]) {
-        let (k, s) = (self.kernel, self.stride);
-        let (ci, ky, kx) = (r / (k * k), (r / k) % k, r % k);
-        let plane = &x[ci * d.h * d.w..(ci + 1) * d.h * d.w];
-        // Output columns whose input column `ox·s + kx − left` lies inside the row.
-        let lo = d.pad.left.saturating_sub(kx).div_ceil(s);
-        let hi = (d.w + d.pad.left).saturating_sub(kx).div_ceil(s).min(d.ow);
-        for (oy, out) in dst.chunks_mut(d.ow).enumerate() {
-            let iy = (oy * s + ky) as isize - d.pad.top as isize;
-            if iy < 0 || iy >= d.h as isize || lo >= hi {
-                out.fill(0.0);
-                continue;
-            }
-            let row = &plane[iy as usize * d.w..(iy as usize + 1) * d.w];
-            out[..lo].fill(0.0);
-            out[hi..].fill(0.0);
-            let first = lo * s + kx - d.pad.left;
-            if s == 1 {
-                out[lo..hi].copy_from_slice(&row[first..first + (hi - lo)]);
-            } else {
-                for (j, o) in out[lo..hi].iter_mut().enumerate() {
-                    *o = row[first + j * s];
-                }
-            }
-        }
-    }
-
-    /// `dst[out × cols] = bias + W · rhs[k × cols]`, then the activation.
-    fn gemm_bias_act(&self, rhs: &[f32], cols: usize, dst: &mut [f32]) {
+    /// `dst[out × cols] = bias + W · rhs[k × cols]`, then the activation,
+    /// on the GEMM crates (CPUs without AVX-512F).
+    fn gemm_bias_act(&self, weight: &[f32], rhs: &[f32], cols: usize, dst: &mut [f32]) {
         let k = self.k_dim();
         assert_eq!(rhs.len(), k * cols);
         assert_eq!(dst.len(), self.out_ch * cols);
@@ -118,7 +110,7 @@ impl GemmConv {
                     k,
                     cols,
                     1.0,
-                    self.weight.as_ptr(),
+                    weight.as_ptr(),
                     k as isize,
                     1,
                     rhs.as_ptr(),
@@ -131,7 +123,7 @@ impl GemmConv {
                 );
             }
         } else {
-            self.gemm_narrow(rhs, cols, dst);
+            self.gemm_narrow(weight, rhs, cols, dst);
         }
         if self.act != Activation::Identity {
             dst.par_chunks_mut(cols.max(4096)).for_each(|r| self.act.apply_slice(r));
@@ -139,7 +131,7 @@ impl GemmConv {
     }
 
     /// The `gemm` crate, for few columns, where it is the faster of the two.
-    fn gemm_narrow(&self, rhs: &[f32], cols: usize, dst: &mut [f32]) {
+    fn gemm_narrow(&self, weight: &[f32], rhs: &[f32], cols: usize, dst: &mut [f32]) {
         let k = self.k_dim();
         let threads = rayon::current_num_threads();
         let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
@@ -154,7 +146,7 @@ impl GemmConv {
                 1,
                 cols as isize,
                 true,
-                self.weight.as_ptr(),
+                weight.as_ptr(),
                 1,
                 k as isize,
                 rhs.as_ptr(),
@@ -170,37 +162,110 @@ impl GemmConv {
         }
     }
 
+    /// `out = act(W · B + bias)` for a `B` of `k × cols`, written with row stride `cols`.
+    fn gemm_from(&self, rhs: &impl Rhs, out: &mut [f32]) {
+        let cols = rhs.cols();
+        match &self.weight {
+            Weights::Packed(packed) => {
+                sgemm::gemm(packed, rhs, out, cols, &self.bias, self.act.fused());
+                if self.act.fused() == Fused::None && self.act != Activation::Identity {
+                    out.par_chunks_mut(cols.max(4096)).for_each(|r| self.act.apply_slice(r));
+                }
+            }
+            Weights::Plain(weight) => {
+                // The GEMM crates take B as a matrix in memory.
+                let mut b = vec![0f32; rhs.rows() * cols];
+                b.par_chunks_mut(cols)
+                    .enumerate()
+                    .for_each_init(|| vec![0f32; cols], |buf, (r, row)| row.copy_from_slice(rhs.row(r, 0..cols, buf)));
+                self.gemm_bias_act(weight, &b, cols, out);
+            }
+        }
+    }
+
     /// One GEMM per image, written in place in the NCHW output.
     fn per_image(&self, inp: &[f32], n: usize, d: Dims, out: &mut [f32]) {
         let (ohw, chw) = (d.oh * d.ow, d.c * d.h * d.w);
-        let mut cols = if self.pointwise() { Vec::new() } else { vec![0f32; self.k_dim() * ohw] };
         for img in 0..n {
             let x = &inp[img * chw..(img + 1) * chw];
-            let rhs: &[f32] = if self.pointwise() {
-                x
+            let o = &mut out[img * self.out_ch * ohw..(img + 1) * self.out_ch * ohw];
+            if self.pointwise() {
+                self.gemm_from(&Dense::new(x, d.c, ohw, ohw), o);
             } else {
-                cols.par_chunks_mut(ohw).enumerate().for_each(|(r, dst)| self.im2col_row(x, d, r, dst));
-                &cols
-            };
-            self.gemm_bias_act(rhs, ohw, &mut out[img * self.out_ch * ohw..(img + 1) * self.out_ch * ohw]);
+                self.gemm_from(&Im2col { conv: self, x, n: 1, d }, o);
+            }
         }
     }
 
     /// One GEMM for the whole batch over `[k, n·oh·ow]`, then scattered to NCHW.
     fn batched(&self, inp: &[f32], n: usize, d: Dims, out: &mut [f32]) {
-        let (ohw, chw, cols_n) = (d.oh * d.ow, d.c * d.h * d.w, n * d.oh * d.ow);
-        let mut cols = vec![0f32; self.k_dim() * cols_n];
-        cols.par_chunks_mut(cols_n).enumerate().for_each(|(r, row)| {
-            for (img, dst) in row.chunks_mut(ohw).enumerate() {
-                self.im2col_row(&inp[img * chw..(img + 1) * chw], d, r, dst);
-            }
-        });
-        let mut tmp = vec![0f32; self.out_ch * cols_n];
-        self.gemm_bias_act(&cols, cols_n, &mut tmp);
+        let ohw = d.oh * d.ow;
+        let mut tmp = vec![0f32; self.out_ch * n * ohw];
+        self.gemm_from(&Im2col { conv: self, x: inp, n, d }, &mut tmp);
         out.par_chunks_mut(ohw).enumerate().for_each(|(i, dst)| {
             let (img, oc) = (i / self.out_ch, i % self.out_ch);
-            dst.copy_from_slice(&tmp[oc * cols_n + img * ohw..][..ohw]);
+            dst.copy_from_slice(&tmp[oc * n * ohw + img * ohw..][..ohw]);
         });
+    }
+}
+
+/// The im2col matrix of a batch, produced a row segment at a time and never
+/// stored: row `(ci·k + ky)·k + kx`, column `img·oh·ow + oy·ow + ox`.
+struct Im2col<'a> {
+    conv: &'a GemmConv,
+    x: &'a [f32],
+    n: usize,
+    d: Dims,
+}
+
+impl Rhs for Im2col<'_> {
+    fn rows(&self) -> usize {
+        self.conv.k_dim()
+    }
+
+    fn cols(&self) -> usize {
+        self.n * self.d.oh * self.d.ow
+    }
+
+    fn row<'b>(&'b self, r: usize, cols: Range<usize>, buf: &'b mut [f32]) -> &'b [f32] {
+        let (k, s, d) = (self.conv.kernel, self.conv.stride, self.d);
+        let (ci, ky, kx) = (r / (k * k), (r / k) % k, r % k);
+        let (ohw, plane) = (d.oh * d.ow, d.h * d.w);
+        // Output columns whose input column `ox·s + kx − left` lies inside the row.
+        let lo = d.pad.left.saturating_sub(kx).div_ceil(s);
+        let hi = (d.w + d.pad.left).saturating_sub(kx).div_ceil(s).min(d.ow);
+        let (mut img, p) = (cols.start / ohw, cols.start % ohw);
+        let (mut oy, mut ox0) = (p / d.ow, p % d.ow);
+        let mut at = 0;
+        while at < cols.len() {
+            // One output row's worth of columns (or what is left of the range).
+            let run = (d.ow - ox0).min(cols.len() - at);
+            let dst = &mut buf[at..at + run];
+            let iy = (oy * s + ky) as isize - d.pad.top as isize;
+            if iy < 0 || iy >= d.h as isize {
+                dst.fill(0.0);
+            } else {
+                let src = &self.x[(img * d.c + ci) * plane + iy as usize * d.w..][..d.w];
+                if s == 1 {
+                    sgemm::shifted_copy(dst, src, (ox0 + kx) as isize - d.pad.left as isize);
+                } else {
+                    let (a, b) = (lo.clamp(ox0, ox0 + run), hi.clamp(ox0, ox0 + run));
+                    let b = b.max(a);
+                    dst[..a - ox0].fill(0.0);
+                    dst[b - ox0..].fill(0.0);
+                    if a < b {
+                        let taps = src[a * s + kx - d.pad.left..].iter().step_by(s);
+                        dst[a - ox0..b - ox0].iter_mut().zip(taps).for_each(|(v, x)| *v = *x);
+                    }
+                }
+            }
+            at += run;
+            (ox0, oy) = (0, oy + 1);
+            if oy == d.oh {
+                (oy, img) = (0, img + 1);
+            }
+        }
+        buf
     }
 }
 

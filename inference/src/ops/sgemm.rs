@@ -1,0 +1,571 @@
+//! A packed f32 GEMM with an AVX-512 microkernel, written for convolutions.
+//!
+//! `C[m×n] = act(A[m×k] · B[k×n] + bias)`, where A is a layer's weights
+//! (packed once, at load time), B the activation or its im2col matrix (packed
+//! per call, in blocks that stay in cache) and C the NCHW output. The bias is
+//! the accumulators' starting value and ReLU/ReLU6 are applied in registers
+//! before the store, so nothing else touches the output afterwards.
+//!
+//! Blocking follows BLIS: a `KC×NR` sliver of B stays in L1 while the
+//! `MR`-row panels of A stream past it from L2. The general-purpose GEMM
+//! crates we used before reached 40–160 GFLOP/s on two cores here; they pack
+//! the weights on every call and (matrixmultiply) stop at AVX2.
+//!
+//! Only x86-64 with AVX-512F gets a [`PackedA`]; elsewhere
+//! [`PackedA::new`] returns `None` and callers keep their portable path.
+
+use std::cell::RefCell;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+/// Rows of A per microkernel call (one broadcast each per k step): 12
+/// fills the 32 registers best, but shallow GEMMs (k < [`DEEP`]) are bound
+/// by memory and waste less of a panel with 8.
+const MR_DEEP: usize = 12;
+const MR_SHALLOW: usize = 8;
+const DEEP: usize = 64;
+/// Columns of B per microkernel call: two 16-lane registers.
+pub const NR: usize = 32;
+/// Depth of one block: a `KC×NR` B sliver is 32 KiB, inside a 48 KiB L1.
+const KC: usize = 256;
+/// Blocks at least this deep run tile-major, shallower ones panel-major.
+const TILE_MAJOR_FROM: usize = 64;
+/// Most columns one task packs: a `KC×NC` B block is 512 KiB of L2.
+const NC: usize = 512;
+
+/// The activation fused into the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fused {
+    None,
+    Relu,
+    Relu6,
+}
+
+/// Weights packed as `mr`-row panels, each k-major (`mr` values per k),
+/// zero-padded to a whole panel.
+#[derive(Debug, Clone)]
+pub struct PackedA {
+    data: Vec<f32>,
+    m: usize,
+    k: usize,
+    mr: usize,
+}
+
+impl PackedA {
+    /// Packs a row-major `m×k` matrix, or `None` where the CPU has no AVX-512F.
+    pub fn new(a: &[f32], m: usize, k: usize) -> Option<Self> {
+        assert_eq!(a.len(), m * k, "weights are not {m}×{k}");
+        if !available() {
+            return None;
+        }
+        let mr = if k >= DEEP { MR_DEEP } else { MR_SHALLOW };
+        let mut data = vec![0f32; m.div_ceil(mr) * mr * k];
+        for (p, panel) in data.chunks_mut(mr * k).enumerate() {
+            for r in 0..mr.min(m - p * mr) {
+                let row = &a[(p * mr + r) * k..][..k];
+                for (kk, v) in row.iter().enumerate() {
+                    panel[kk * mr + r] = *v;
+                }
+            }
+        }
+        Some(Self { data, m, k, mr })
+    }
+
+    /// Rows of C.
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+}
+
+/// Whether this CPU runs the kernel (checked once; std caches the answer).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The right-hand matrix B, read one row segment at a time while packing.
+///
+/// A convolution's im2col matrix need never exist: its rows are produced
+/// straight from the image, a cache-sized block at a time.
+pub trait Rhs: Sync {
+    /// Rows of B (the GEMM's k).
+    fn rows(&self) -> usize;
+    /// Columns of B (the GEMM's n).
+    fn cols(&self) -> usize;
+    /// `B[r, cols]`: borrowed where B is stored, else written into `buf`
+    /// (exactly `cols.len()` long).
+    fn row<'a>(&'a self, r: usize, cols: Range<usize>, buf: &'a mut [f32]) -> &'a [f32];
+}
+
+/// A row-major matrix in memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Dense<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    stride: usize,
+}
+
+impl<'a> Dense<'a> {
+    /// `rows×cols`, rows `stride` apart.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize, stride: usize) -> Self {
+        assert!(
+            cols <= stride && (rows == 0 || data.len() >= (rows - 1) * stride + cols),
+            "B is smaller than {rows}×{cols}"
+        );
+        Self { data, rows, cols, stride }
+    }
+}
+
+impl Rhs for Dense<'_> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn row<'b>(&'b self, r: usize, cols: Range<usize>, _: &'b mut [f32]) -> &'b [f32] {
+        &self.data[r * self.stride..][cols]
+    }
+}
+
+/// `C = act(A · B + bias)`: C is `m×n` with row stride `ldc`, `bias` has
+/// one value per row. Runs on the current rayon pool.
+pub fn gemm(a: &PackedA, b: &impl Rhs, c: &mut [f32], ldc: usize, bias: &[f32], act: Fused) {
+    let (m, k, n) = (a.m, a.k, b.cols());
+    assert_eq!(b.rows(), k, "A is {m}×{k} but B has {} rows", b.rows());
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(k > 0 && n <= ldc, "bad GEMM strides");
+    assert!(c.len() >= (m - 1) * ldc + n, "C is smaller than {m}×{n}");
+    assert_eq!(bias.len(), m, "one bias per row");
+    let plan = Plan::new(m, a.mr, n, k, rayon::current_num_threads());
+    let job = Job { a, b, n, c: SharedOut(c.as_mut_ptr()), ldc, bias, act, plan };
+    if plan.tasks() == 1 {
+        job.run(0);
+    } else {
+        (0..plan.tasks()).into_par_iter().for_each(|t| job.run(t));
+    }
+}
+
+/// How the output is cut into tasks: column chunks (each packs its own B
+/// block) times row chunks (whole panels), enough for every thread.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    panels: usize,
+    panels_per_task: usize,
+    row_chunks: usize,
+    tiles_per_task: usize,
+    col_chunks: usize,
+    kc: usize,
+}
+
+impl Plan {
+    fn new(m: usize, mr: usize, n: usize, k: usize, threads: usize) -> Self {
+        let panels = m.div_ceil(mr);
+        let tiles = n.div_ceil(NR);
+        let tiles_per_task = (NC / NR).min(tiles.div_ceil(threads)).max(1);
+        let col_chunks = tiles.div_ceil(tiles_per_task);
+        // Too few column chunks to keep every thread busy: split the rows too
+        // (the chunks then pack the same B block, a cost of 1/mr per row).
+        let want = if threads > 1 { 2 * threads } else { 1 };
+        let row_chunks = want.div_ceil(col_chunks).clamp(1, panels);
+        let panels_per_task = panels.div_ceil(row_chunks);
+        let row_chunks = panels.div_ceil(panels_per_task);
+        let kc = k.div_ceil(k.div_ceil(KC));
+        Self { panels, panels_per_task, row_chunks, tiles_per_task, col_chunks, kc }
+    }
+
+    fn tasks(&self) -> usize {
+        self.row_chunks * self.col_chunks
+    }
+}
+
+/// The output pointer, shared by tasks that write disjoint tiles.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: tasks write disjoint row/column ranges of C (see `Job::run`).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+struct Job<'a, R> {
+    a: &'a PackedA,
+    b: &'a R,
+    n: usize,
+    c: SharedOut,
+    ldc: usize,
+    bias: &'a [f32],
+    act: Fused,
+    plan: Plan,
+}
+
+thread_local! {
+    /// Each worker's B block and row buffer, reused across calls.
+    static B_BLOCK: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+impl<R: Rhs> Job<'_, R> {
+    /// Task `t`: one chunk of panels × one chunk of column tiles, all of k.
+    fn run(&self, t: usize) {
+        let p = self.plan;
+        let (rc, cc) = (t % p.row_chunks, t / p.row_chunks);
+        let panels = rc * p.panels_per_task..((rc + 1) * p.panels_per_task).min(p.panels);
+        let j0 = cc * p.tiles_per_task * NR;
+        let j1 = (j0 + p.tiles_per_task * NR).min(self.n);
+        let k = self.a.k;
+        B_BLOCK.with_borrow_mut(|(block, row)| {
+            block.resize(p.kc * p.tiles_per_task * NR, 0.0);
+            row.resize(j1 - j0, 0.0);
+            for k0 in (0..k).step_by(p.kc) {
+                let kc = p.kc.min(k - k0);
+                self.pack_b(k0, kc, j0..j1, block, row);
+                let first = k0 == 0;
+                let act = if k0 + kc == k { self.act } else { Fused::None };
+                let tiles = (j0..j1).step_by(NR).enumerate();
+                if kc >= TILE_MAJOR_FROM {
+                    // A B sliver stays in L1 while the A panels stream past
+                    // it from L2: the least L2 traffic per FMA.
+                    for (tile, j) in tiles {
+                        let sliver = &block[tile * kc * NR..][..kc * NR];
+                        for panel in panels.clone() {
+                            self.tile(panel, j, NR.min(j1 - j), k0, kc, sliver, first, act);
+                        }
+                    }
+                } else {
+                    // Shallow: the stores dominate, so write C as `mr`
+                    // sequential rows rather than a column strip of all rows.
+                    for panel in panels.clone() {
+                        for (tile, j) in tiles.clone() {
+                            let sliver = &block[tile * kc * NR..][..kc * NR];
+                            self.tile(panel, j, NR.min(j1 - j), k0, kc, sliver, first, act);
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Copies `B[k0..k0+kc, j0..j1]` into `NR`-column slivers, k-major,
+    /// zero-padding the last one.
+    fn pack_b(&self, k0: usize, kc: usize, cols: Range<usize>, block: &mut [f32], row: &mut [f32]) {
+        for kk in 0..kc {
+            let src = self.b.row(k0 + kk, cols.clone(), &mut row[..cols.len()]);
+            for (tile, part) in src.chunks(NR).enumerate() {
+                let dst: &mut [f32; NR] = (&mut block[tile * kc * NR + kk * NR..][..NR]).try_into().expect("NR floats");
+                // SAFETY: a Job exists only for a PackedA, so AVX-512F is
+                // present (`PackedA::new`).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    avx512::copy_padded(dst, part)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!("PackedA exists only on x86-64 ({dst:?} {part:?})");
+            }
+        }
+    }
+
+    /// One `mr×NR` tile of C at row panel `panel`, column `j`.
+    #[allow(clippy::too_many_arguments)]
+    fn tile(&self, panel: usize, j: usize, cols: usize, k0: usize, kc: usize, sliver: &[f32], first: bool, act: Fused) {
+        let (m, k, mr) = (self.a.m, self.a.k, self.a.mr);
+        let row0 = panel * mr;
+        let rows = mr.min(m - row0);
+        let a = &self.a.data[panel * mr * k + k0 * mr..][..kc * mr];
+        let bias = first.then(|| &self.bias[row0..row0 + rows]);
+        // SAFETY: `gemm` checked that C holds rows `row0..row0+rows` at
+        // stride `ldc` with `n` columns; `j + cols <= n`; this task is the
+        // only writer of this tile; the kernel exists only where AVX-512F
+        // was detected (`PackedA::new`).
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            let c = self.c.0.add(row0 * self.ldc + j);
+            match mr {
+                MR_DEEP => avx512::kernel::<MR_DEEP>(kc, a, sliver, c, self.ldc, rows, cols, bias, act),
+                _ => avx512::kernel::<MR_SHALLOW>(kc, a, sliver, c, self.ldc, rows, cols, bias, act),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (j, cols, sliver, a, bias, act);
+            unreachable!("PackedA exists only on x86-64")
+        }
+    }
+}
+
+/// `dst[t] = src[t + shift]`, or 0 where that index is outside `src`: one
+/// output row of a stride-1 im2col, padding included.
+pub fn shifted_copy(dst: &mut [f32], src: &[f32], shift: isize) {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: AVX-512F was just detected.
+        unsafe { avx512::shifted_copy(dst, src, shift) };
+        return;
+    }
+    for (t, d) in dst.iter_mut().enumerate() {
+        let i = t as isize + shift;
+        *d = if i >= 0 && (i as usize) < src.len() { src[i as usize] } else { 0.0 };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Fused, NR};
+
+    /// `dst = src` followed by zeros (`src.len() <= NR`), without a call to
+    /// memcpy for 128 bytes.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn copy_padded(dst: &mut [f32; NR], src: &[f32]) {
+        let n = src.len().min(NR);
+        let (m0, m1) = lane_masks(n);
+        // SAFETY: the masks cover only `src[..n]`; `dst` holds NR floats.
+        unsafe {
+            let lo = _mm512_maskz_loadu_ps(m0, src.as_ptr());
+            let hi = _mm512_maskz_loadu_ps(m1, src.as_ptr().wrapping_add(16));
+            _mm512_storeu_ps(dst.as_mut_ptr(), lo);
+            _mm512_storeu_ps(dst.as_mut_ptr().add(16), hi);
+        }
+    }
+
+    /// See [`super::shifted_copy`]: 16 lanes at a time, with the lanes that
+    /// fall outside `src` masked off (masked lanes are never read).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn shifted_copy(dst: &mut [f32], src: &[f32], shift: isize) {
+        let len = src.len() as isize;
+        for (c, out) in dst.chunks_mut(16).enumerate() {
+            let first = c as isize * 16 + shift;
+            // Lanes whose source index `first + lane` lies in `0..len`.
+            let lo = (-first).clamp(0, 16) as u32;
+            let hi = (len - first).clamp(0, 16) as u32;
+            let valid = if hi > lo { (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16 } else { 0 };
+            let store = if out.len() >= 16 { 0xffff } else { ((1u32 << out.len()) - 1) as u16 };
+            // SAFETY: only lanes in `valid` are read, and they index inside
+            // `src`; only lanes in `store` are written, inside `out`.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(valid, src.as_ptr().wrapping_offset(first));
+                _mm512_mask_storeu_ps(out.as_mut_ptr(), store, v);
+            }
+        }
+    }
+
+    /// Masks for the first `n` of two 16-lane halves.
+    #[inline]
+    fn lane_masks(n: usize) -> (__mmask16, __mmask16) {
+        let m = |n: usize| if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as u16 };
+        (m(n), m(n.saturating_sub(16)))
+    }
+
+    /// `C[rows×cols] = act((bias or C) + A·B)` for one tile.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `c` points at `rows` (≤ `MR`) rows of at least
+    /// `cols` (≤ `NR`) writable floats at stride `ldc`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel<const MR: usize>(
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        bias: Option<&[f32]>,
+        act: Fused,
+    ) {
+        debug_assert!(a.len() >= kc * MR && b.len() >= kc * NR && rows <= MR && cols <= NR);
+        let (m0, m1) = lane_masks(cols);
+        // SAFETY: loads stay inside `a` and `b` (lengths above) and the
+        // masked loads and stores inside the caller's `rows × cols` of C.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+            // Constant indices only (`i < MR`, guarded by `rows`), so the
+            // accumulators stay in registers.
+            for (i, acc) in acc.iter_mut().enumerate() {
+                if i < rows {
+                    *acc = match bias {
+                        Some(bias) => [_mm512_set1_ps(bias[i]); 2],
+                        None => {
+                            let r = c.add(i * ldc);
+                            [_mm512_maskz_loadu_ps(m0, r), _mm512_maskz_loadu_ps(m1, r.add(16))]
+                        }
+                    };
+                }
+            }
+            let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
+            for _ in 0..kc {
+                let b0 = _mm512_loadu_ps(bp);
+                let b1 = _mm512_loadu_ps(bp.add(16));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*ap.add(i));
+                    acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
+                }
+                (ap, bp) = (ap.add(MR), bp.add(NR));
+            }
+            let zero = _mm512_setzero_ps();
+            let six = _mm512_set1_ps(6.0);
+            for (i, &[mut lo, mut hi]) in acc.iter().enumerate() {
+                if i < rows {
+                    match act {
+                        Fused::None => {}
+                        Fused::Relu => {
+                            lo = _mm512_max_ps(lo, zero);
+                            hi = _mm512_max_ps(hi, zero);
+                        }
+                        Fused::Relu6 => {
+                            lo = _mm512_min_ps(_mm512_max_ps(lo, zero), six);
+                            hi = _mm512_min_ps(_mm512_max_ps(hi, zero), six);
+                        }
+                    }
+                    let r = c.add(i * ldc);
+                    _mm512_mask_storeu_ps(r, m0, lo);
+                    _mm512_mask_storeu_ps(r.add(16), m1, hi);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, bias: &[f32], act: Fused) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = bias[i] as f64;
+                for kk in 0..k {
+                    s += a[i * k + kk] as f64 * b[kk * n + j] as f64;
+                }
+                let v = s as f32;
+                c[i * n + j] = match act {
+                    Fused::None => v,
+                    Fused::Relu => v.max(0.0),
+                    Fused::Relu6 => v.clamp(0.0, 6.0),
+                };
+            }
+        }
+        c
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn matches_naive_on_ragged_shapes() {
+        if !available() {
+            eprintln!("no AVX-512F: the packed GEMM is not used on this CPU");
+            return;
+        }
+        // Rows and columns off the tile sizes, k across block boundaries.
+        for &(m, k, n) in
+            &[(1, 1, 1), (7, 3, 17), (8, 27, 32), (13, 256, 33), (24, 257, 49), (70, 600, 530), (16, 5, 1100)]
+        {
+            for act in [Fused::None, Fused::Relu, Fused::Relu6] {
+                let (a, b, bias) = (values(m * k, 1), values(k * n, 2), values(m, 3));
+                let want = naive(&a, &b, m, k, n, &bias, act);
+                // Strided C: the padding columns must survive untouched.
+                let ldc = n + 3;
+                let mut c = vec![f32::NAN; m * ldc];
+                gemm(&PackedA::new(&a, m, k).unwrap(), &Dense::new(&b, k, n, n), &mut c, ldc, &bias, act);
+                for i in 0..m {
+                    for j in 0..ldc {
+                        let got = c[i * ldc + j];
+                        if j >= n {
+                            assert!(got.is_nan(), "{m}×{k}×{n}: wrote past column {n}");
+                            continue;
+                        }
+                        let w = want[i * n + j];
+                        assert!(
+                            (got - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                            "{m}×{k}×{n} {act:?} [{i},{j}]: {got} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// GFLOP/s on the convolution shapes of resnet18 and mobilenetv2, against
+    /// matrixmultiply: `cargo test -p lineside-inference --lib sgemm::tests::speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn speed() {
+        let shapes = [
+            (64, 576, 3136),
+            (128, 1152, 784),
+            (256, 2304, 196),
+            (512, 4608, 49),
+            (512, 4608, 392),
+            (32, 16, 12544),
+            (96, 16, 12544),
+            (24, 144, 3136),
+            (144, 24, 3136),
+            (192, 32, 784),
+            (64, 384, 196),
+            (384, 64, 196),
+            (1280, 320, 49),
+        ];
+        for (m, k, n) in shapes {
+            let (a, b, bias) = (values(m * k, 1), values(k * n, 2), values(m, 3));
+            let pa = PackedA::new(&a, m, k).unwrap();
+            let mut c = vec![0f32; m * n];
+            let flops = 2.0 * (m * k * n) as f64;
+            let time = |f: &mut dyn FnMut()| {
+                f();
+                let reps = ((2e9 / flops) as usize).clamp(3, 2000);
+                let mut best = f64::MAX;
+                for _ in 0..5 {
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        f();
+                    }
+                    best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+                }
+                flops / best / 1e9
+            };
+            let ours = time(&mut || gemm(&pa, &Dense::new(&b, k, n, n), &mut c, n, &bias, Fused::Relu));
+            let mm = time(&mut || unsafe {
+                matrixmultiply::sgemm(
+                    m,
+                    k,
+                    n,
+                    1.0,
+                    a.as_ptr(),
+                    k as isize,
+                    1,
+                    b.as_ptr(),
+                    n as isize,
+                    1,
+                    0.0,
+                    c.as_mut_ptr(),
+                    n as isize,
+                    1,
+                )
+            });
+            println!("{m:>5}×{k:>5}×{n:>6}: packed {ours:6.1} GFLOP/s, matrixmultiply {mm:6.1}");
+        }
+    }
+}
