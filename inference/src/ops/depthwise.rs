@@ -239,3 +239,38 @@ mod avx512 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    /// The AVX-512 plane kernel and the portable one agree on every kernel
+    /// size, stride and padding the models use, and on planes narrower and
+    /// wider than sixteen lanes.
+    #[test]
+    fn simd_and_portable_planes_agree() {
+        let dev = Device::Cpu;
+        for &(k, s, h, w, pad) in &[
+            (3, 1, 7, 7, PadMode::Symmetric(1)),
+            (3, 2, 41, 37, PadMode::Symmetric(1)),
+            (3, 2, 40, 40, PadMode::TfSame),
+            (5, 1, 19, 33, PadMode::Symmetric(2)),
+            (5, 2, 28, 28, PadMode::TfSame),
+            (3, 1, 4, 3, PadMode::Symmetric(1)),
+        ] {
+            let c = 5;
+            let x = Tensor::randn(0f32, 1.0, (2, c, h, w), &dev).unwrap();
+            let wt: Vec<f32> = Tensor::randn(0f32, 1.0, c * k * k, &dev).unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = Tensor::randn(0f32, 1.0, c, &dev).unwrap().to_vec1().unwrap();
+            for act in [Activation::Relu6, Activation::Silu, Activation::Identity] {
+                let fast = DepthwiseConv::new(wt.clone(), b.clone(), k, s, pad, act);
+                let portable = DepthwiseConv { simd: false, ..fast.clone() };
+                let (y1, y2) = (x.apply_op1_no_bwd(&fast).unwrap(), x.apply_op1_no_bwd(&portable).unwrap());
+                let err = (y1 - y2).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(err < 1e-5, "k{k} s{s} {h}×{w} {pad:?} {act:?}: max err {err}");
+            }
+        }
+    }
+}

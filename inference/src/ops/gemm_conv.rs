@@ -76,9 +76,26 @@ impl GemmConv {
         pad: PadMode,
         act: Activation,
     ) -> Self {
+        Self::build(weight, bias, in_ch, kernel, stride, pad, act, true)
+    }
+
+    /// [`GemmConv::new`], but on the portable GEMM crates when `packed` is
+    /// false (for tests, so the portable path runs on AVX-512 machines too).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn build(
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        in_ch: usize,
+        kernel: usize,
+        stride: usize,
+        pad: PadMode,
+        act: Activation,
+        packed: bool,
+    ) -> Self {
         let out_ch = bias.len();
         let k = in_ch * kernel * kernel;
-        let weight = match PackedA::new(&weight, out_ch, k) {
+        let packed = if packed { PackedA::new(&weight, out_ch, k) } else { None };
+        let weight = match packed {
             Some(packed) => Weights::Packed(packed),
             None => Weights::Plain(weight),
         };
@@ -291,5 +308,40 @@ impl CustomOp1 for GemmConv {
             self.per_image(inp, n, d, &mut out);
         }
         Ok((CpuStorage::F32(out), Shape::from((n, self.out_ch, oh, ow))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    /// The packed kernel and the portable GEMM crates agree, on per-image
+    /// and batched shapes, strides and both paddings.
+    #[test]
+    fn packed_and_portable_paths_agree() {
+        let dev = Device::Cpu;
+        for &(n, cin, cout, k, s, h, w, pad) in &[
+            (2, 5, 7, 3, 1, 40, 36, PadMode::Symmetric(1)),
+            (3, 16, 20, 3, 2, 41, 37, PadMode::Symmetric(1)),
+            (2, 8, 13, 3, 2, 9, 8, PadMode::TfSame),
+            (1, 3, 16, 7, 2, 30, 30, PadMode::Symmetric(3)),
+            (4, 24, 40, 1, 2, 10, 10, PadMode::Symmetric(0)),
+            (2, 70, 33, 1, 1, 40, 40, PadMode::Symmetric(0)),
+            (3, 300, 9, 1, 1, 7, 7, PadMode::Symmetric(0)),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev).unwrap();
+            let wt: Vec<f32> = Tensor::randn(0f32, 1.0, cout * cin * k * k, &dev).unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = Tensor::randn(0f32, 1.0, cout, &dev).unwrap().to_vec1().unwrap();
+            let run = |packed| {
+                let op = GemmConv::build(wt.clone(), b.clone(), cin, k, s, pad, Activation::Relu6, packed);
+                x.apply_op1_no_bwd(&op).unwrap()
+            };
+            let (fast, portable) = (run(true), run(false));
+            assert_eq!(fast.dims(), portable.dims());
+            let err = (fast - portable).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(err < 1e-4, "n{n} {cin}→{cout} k{k} s{s} {h}×{w}: max err {err}");
+        }
     }
 }
