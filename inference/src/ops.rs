@@ -102,6 +102,19 @@ impl PadMode {
     }
 }
 
+/// An output buffer for a kernel that writes every element before anything
+/// reads it. Not zeroing it matters: glibc's calloc on reused heap memory is
+/// a memset the size of the tensor, 9% of mobilenetv2's time at batch 8.
+///
+/// # Safety
+/// The caller writes all `len` elements before reading any or returning it.
+unsafe fn output_buffer(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: the capacity is `len`; the caller initializes every element.
+    unsafe { v.set_len(len) };
+    v
+}
+
 fn out_size(i: usize, k: usize, s: usize, before: usize, after: usize) -> usize {
     (i + before + after - k) / s + 1
 }

@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-use super::{Activation, PadMode, Padding, contiguous_f32, out_size, sgemm};
+use super::{Activation, PadMode, Padding, contiguous_f32, out_size, output_buffer, sgemm};
 
 /// Input height and width, output width and padding of one depthwise plane.
 #[derive(Clone, Copy)]
@@ -38,7 +38,8 @@ impl DepthwiseConv {
     /// A layer from `[channels·k·k]` weights and one bias per channel.
     pub fn new(weight: Vec<f32>, bias: Vec<f32>, kernel: usize, stride: usize, pad: PadMode, act: Activation) -> Self {
         assert_eq!(weight.len(), bias.len() * kernel * kernel, "depthwise weights are not [channels·k·k]");
-        let simd = sgemm::available() && kernel <= avx512::MAX_KERNEL && stride <= 2;
+        // The AVX-512 plane kernel is built for the sizes the models use.
+        let simd = sgemm::available() && matches!(kernel, 3 | 5) && matches!(stride, 1 | 2);
         Self { weight, bias, kernel, stride, pad, act, simd }
     }
 
@@ -141,7 +142,8 @@ impl CustomOp1 for DepthwiseConv {
         let pad = self.pad.resolve(h, w, self.kernel, self.stride);
         let oh = out_size(h, self.kernel, self.stride, pad.top, pad.bottom);
         let ow = out_size(w, self.kernel, self.stride, pad.left, pad.right);
-        let mut out = vec![0f32; n * c * oh * ow];
+        // SAFETY: both plane kernels write every output element.
+        let mut out = unsafe { output_buffer(n * c * oh * ow) };
         let g = Geometry { h, w, ow, pad };
         out.par_chunks_mut(oh * ow).enumerate().for_each_init(Vec::new, |scratch, (plane, o)| {
             let x = &inp[plane * h * w..(plane + 1) * h * w];
@@ -161,9 +163,6 @@ mod avx512 {
 
     use super::Padding;
     use crate::ops::sgemm::Fused;
-
-    /// Largest kernel the plane kernel takes (its taps live in registers).
-    pub const MAX_KERNEL: usize = 5;
 
     /// One channel plane and its filter.
     #[derive(Debug)]
@@ -192,49 +191,72 @@ mod avx512 {
     }
 
     /// Sixteen outputs of a row at a time: each of the k·k taps is one
-    /// (masked, so padded) load and one FMA; stride 2 loads 32 inputs and
-    /// keeps the even ones.
+    /// load and one FMA into one of `k` accumulators (one per kernel row, so
+    /// the FMA latency overlaps); stride 2 loads 32 inputs and keeps the even
+    /// ones. Chunks that touch the padding use masked loads.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `kernel <= MAX_KERNEL`; `stride` is 1 or 2.
+    /// The CPU has AVX-512F; `kernel` is 3 or 5 and `stride` 1 or 2.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn plane(p: &Plane, out: &mut [f32]) {
-        let (k, s) = (p.kernel, p.stride);
-        debug_assert!(k <= MAX_KERNEL && (1..=2).contains(&s) && p.weight.len() == k * k);
-        let mut taps = [_mm512_setzero_ps(); MAX_KERNEL * MAX_KERNEL];
-        for (t, w) in taps.iter_mut().zip(p.weight) {
-            *t = _mm512_set1_ps(*w);
+        match (p.kernel, p.stride) {
+            (3, 1) => plane_k::<3, 1>(p, out),
+            (3, 2) => plane_k::<3, 2>(p, out),
+            (5, 1) => plane_k::<5, 1>(p, out),
+            (5, 2) => plane_k::<5, 2>(p, out),
+            (k, s) => unreachable!("no AVX-512 depthwise kernel for k{k} s{s}"),
         }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn plane_k<const K: usize, const S: usize>(p: &Plane, out: &mut [f32]) {
+        debug_assert_eq!(p.weight.len(), K * K);
+        let taps: [[__m512; K]; K] =
+            std::array::from_fn(|ky| std::array::from_fn(|kx| _mm512_set1_ps(p.weight[ky * K + kx])));
         let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
+        let (w, left) = (p.w as isize, p.pad.left as isize);
+        // Inputs one chunk reads past its first: 16 lanes × stride + the taps.
+        let span = (16 * S + K - 1) as isize;
         for (oy, orow) in out.chunks_mut(p.ow).enumerate() {
-            // Kernel rows that land inside the input.
-            let top = (oy * s) as isize - p.pad.top as isize;
-            let rows = (0..k).filter(|ky| (0..p.h as isize).contains(&(top + *ky as isize)));
+            let top = (oy * S) as isize - p.pad.top as isize;
+            // The input rows under the kernel; rows in the padding are None.
+            let rows: [Option<&[f32]>; K] = std::array::from_fn(|ky| {
+                let iy = top + ky as isize;
+                (0..p.h as isize).contains(&iy).then(|| &p.x[iy as usize * p.w..][..p.w])
+            });
             for (c, chunk) in orow.chunks_mut(16).enumerate() {
-                let mut acc = _mm512_set1_ps(p.bias);
-                for ky in rows.clone() {
-                    let iy = (top + ky as isize) as usize;
-                    let row = &p.x[iy * p.w..(iy + 1) * p.w];
-                    let base = (c * 16 * s) as isize - p.pad.left as isize;
-                    for kx in 0..k {
+                let base = (c * 16 * S) as isize - left;
+                let inside = base >= 0 && base + span <= w;
+                let mut acc = [_mm512_setzero_ps(); K];
+                for (ky, row) in rows.iter().enumerate() {
+                    let Some(row) = row else { continue };
+                    for kx in 0..K {
                         let at = base + kx as isize;
-                        let v = if s == 1 {
-                            load16(row, at)
-                        } else {
-                            _mm512_permutex2var_ps(load16(row, at), even, load16(row, at + 16))
+                        let load = |at: isize| {
+                            if inside {
+                                // SAFETY: `inside`: `at..at + 16` lies in `row`.
+                                unsafe { _mm512_loadu_ps(row.as_ptr().offset(at)) }
+                            } else {
+                                load16(row, at)
+                            }
                         };
-                        acc = _mm512_fmadd_ps(v, taps[ky * k + kx], acc);
+                        let v = if S == 1 { load(at) } else { _mm512_permutex2var_ps(load(at), even, load(at + 16)) };
+                        acc[ky] = _mm512_fmadd_ps(v, taps[ky][kx], acc[ky]);
                     }
                 }
-                acc = match p.act {
-                    Fused::None => acc,
-                    Fused::Relu => _mm512_max_ps(acc, zero),
-                    Fused::Relu6 => _mm512_min_ps(_mm512_max_ps(acc, zero), six),
+                let mut sum = _mm512_set1_ps(p.bias);
+                for a in acc {
+                    sum = _mm512_add_ps(sum, a);
+                }
+                sum = match p.act {
+                    Fused::None => sum,
+                    Fused::Relu => _mm512_max_ps(sum, zero),
+                    Fused::Relu6 => _mm512_min_ps(_mm512_max_ps(sum, zero), six),
                 };
                 let store = if chunk.len() >= 16 { 0xffff } else { ((1u32 << chunk.len()) - 1) as u16 };
                 // SAFETY: only the lanes in `store` are written, inside `chunk`.
-                unsafe { _mm512_mask_storeu_ps(chunk.as_mut_ptr(), store, acc) };
+                unsafe { _mm512_mask_storeu_ps(chunk.as_mut_ptr(), store, sum) };
             }
         }
     }

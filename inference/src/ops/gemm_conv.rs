@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 use super::sgemm::{self, Dense, Fused, PackedA, Rhs};
-use super::{Activation, PadMode, Padding, contiguous_f32, out_size};
+use super::{Activation, PadMode, Padding, contiguous_f32, out_size, output_buffer};
 
 /// Output planes smaller than this run as one GEMM for the whole batch.
 const BATCHED_BELOW: usize = 1024;
@@ -217,7 +217,8 @@ impl GemmConv {
     /// One GEMM for the whole batch over `[k, n·oh·ow]`, then scattered to NCHW.
     fn batched(&self, inp: &[f32], n: usize, d: Dims, out: &mut [f32]) {
         let ohw = d.oh * d.ow;
-        let mut tmp = vec![0f32; self.out_ch * n * ohw];
+        // SAFETY: `gemm_from` writes all of C.
+        let mut tmp = unsafe { output_buffer(self.out_ch * n * ohw) };
         self.gemm_from(&Im2col { conv: self, x: inp, n, d }, &mut tmp);
         out.par_chunks_mut(ohw).enumerate().for_each(|(i, dst)| {
             let (img, oc) = (i / self.out_ch, i % self.out_ch);
@@ -301,7 +302,9 @@ impl CustomOp1 for GemmConv {
         let oh = out_size(h, self.kernel, self.stride, pad.top, pad.bottom);
         let ow = out_size(w, self.kernel, self.stride, pad.left, pad.right);
         let d = Dims { c, h, w, oh, ow, pad };
-        let mut out = vec![0f32; n * self.out_ch * oh * ow];
+        // SAFETY: both paths write every output element (C is written whole,
+        // per image or scattered from the batched result).
+        let mut out = unsafe { output_buffer(n * self.out_ch * oh * ow) };
         if n > 1 && oh * ow < BATCHED_BELOW {
             self.batched(inp, n, d, &mut out);
         } else {
