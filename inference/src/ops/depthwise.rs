@@ -9,7 +9,9 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-use super::{Activation, PadMode, Padding, contiguous_f32, out_size, output_buffer, sgemm};
+use super::{
+    Activation, PadMode, Padding, Uninit, assume_init, contiguous_f32, finish, out_size, sgemm, uninit_output, zeroed,
+};
 
 /// Input height and width, output width and padding of one depthwise plane.
 #[derive(Clone, Copy)]
@@ -88,7 +90,7 @@ impl DepthwiseConv {
 }
 
 impl DepthwiseConv {
-    fn plane_simd(&self, ch: usize, x: &[f32], g: Geometry, out: &mut [f32]) {
+    fn plane_simd(&self, ch: usize, x: &[f32], g: Geometry, out: &mut Uninit) {
         let k = self.kernel;
         let p = avx512::Plane {
             x,
@@ -111,7 +113,8 @@ impl DepthwiseConv {
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("no AVX-512 off x86-64 ({p:?} {out:?})");
         if self.act == Activation::Silu {
-            self.act.apply_slice(out);
+            // SAFETY: the plane kernel wrote every element.
+            self.act.apply_slice(unsafe { assume_init(out) });
         }
     }
 }
@@ -142,24 +145,26 @@ impl CustomOp1 for DepthwiseConv {
         let pad = self.pad.resolve(h, w, self.kernel, self.stride);
         let oh = out_size(h, self.kernel, self.stride, pad.top, pad.bottom);
         let ow = out_size(w, self.kernel, self.stride, pad.left, pad.right);
-        // SAFETY: both plane kernels write every output element.
-        let mut out = unsafe { output_buffer(n * c * oh * ow) };
+        let mut out = uninit_output(n * c * oh * ow);
         let g = Geometry { h, w, ow, pad };
         out.par_chunks_mut(oh * ow).enumerate().for_each_init(Vec::new, |scratch, (plane, o)| {
             let x = &inp[plane * h * w..(plane + 1) * h * w];
             if self.simd {
                 self.plane_simd(plane % c, x, g, o);
             } else {
-                self.plane(plane % c, x, g, scratch, o);
+                self.plane(plane % c, x, g, scratch, zeroed(o));
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+        // SAFETY: both plane kernels write every element of their plane.
+        Ok((CpuStorage::F32(unsafe { finish(out) }), Shape::from((n, c, oh, ow))))
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
+
+    use std::mem::MaybeUninit;
 
     use super::Padding;
     use crate::ops::sgemm::Fused;
@@ -198,7 +203,7 @@ mod avx512 {
     /// # Safety
     /// The CPU has AVX-512F; `kernel` is 3 or 5 and `stride` 1 or 2.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn plane(p: &Plane, out: &mut [f32]) {
+    pub unsafe fn plane(p: &Plane, out: &mut [MaybeUninit<f32>]) {
         match (p.kernel, p.stride) {
             (3, 1) => plane_k::<3, 1>(p, out),
             (3, 2) => plane_k::<3, 2>(p, out),
@@ -209,7 +214,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    fn plane_k<const K: usize, const S: usize>(p: &Plane, out: &mut [f32]) {
+    fn plane_k<const K: usize, const S: usize>(p: &Plane, out: &mut [MaybeUninit<f32>]) {
         debug_assert_eq!(p.weight.len(), K * K);
         let taps: [[__m512; K]; K] =
             std::array::from_fn(|ky| std::array::from_fn(|kx| _mm512_set1_ps(p.weight[ky * K + kx])));
@@ -229,9 +234,9 @@ mod avx512 {
                 let base = (c * 16 * S) as isize - left;
                 let inside = base >= 0 && base + span <= w;
                 let mut acc = [_mm512_setzero_ps(); K];
-                for (ky, row) in rows.iter().enumerate() {
+                for ((row, taps), acc) in rows.iter().zip(&taps).zip(&mut acc) {
                     let Some(row) = row else { continue };
-                    for kx in 0..K {
+                    for (kx, tap) in taps.iter().enumerate() {
                         let at = base + kx as isize;
                         let load = |at: isize| {
                             if inside {
@@ -242,7 +247,7 @@ mod avx512 {
                             }
                         };
                         let v = if S == 1 { load(at) } else { _mm512_permutex2var_ps(load(at), even, load(at + 16)) };
-                        acc[ky] = _mm512_fmadd_ps(v, taps[ky][kx], acc[ky]);
+                        *acc = _mm512_fmadd_ps(v, *tap, *acc);
                     }
                 }
                 let mut sum = _mm512_set1_ps(p.bias);
@@ -256,7 +261,7 @@ mod avx512 {
                 };
                 let store = if chunk.len() >= 16 { 0xffff } else { ((1u32 << chunk.len()) - 1) as u16 };
                 // SAFETY: only the lanes in `store` are written, inside `chunk`.
-                unsafe { _mm512_mask_storeu_ps(chunk.as_mut_ptr(), store, sum) };
+                unsafe { _mm512_mask_storeu_ps(chunk.as_mut_ptr().cast(), store, sum) };
             }
         }
     }

@@ -22,7 +22,9 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 use super::sgemm::{self, Dense, Fused, PackedA, Rhs};
-use super::{Activation, PadMode, Padding, contiguous_f32, out_size, output_buffer};
+use super::{
+    Activation, PadMode, Padding, Uninit, assume_init, contiguous_f32, finish, out_size, uninit_output, zeroed,
+};
 
 /// Output planes smaller than this run as one GEMM for the whole batch.
 const BATCHED_BELOW: usize = 1024;
@@ -180,12 +182,14 @@ impl GemmConv {
     }
 
     /// `out = act(W · B + bias)` for a `B` of `k × cols`, written with row stride `cols`.
-    fn gemm_from(&self, rhs: &impl Rhs, out: &mut [f32]) {
+    fn gemm_from(&self, rhs: &impl Rhs, out: &mut Uninit) {
         let cols = rhs.cols();
         match &self.weight {
             Weights::Packed(packed) => {
                 sgemm::gemm(packed, rhs, out, cols, &self.bias, self.act.fused());
                 if self.act.fused() == Fused::None && self.act != Activation::Identity {
+                    // SAFETY: the GEMM wrote all of C.
+                    let out = unsafe { assume_init(out) };
                     out.par_chunks_mut(cols.max(4096)).for_each(|r| self.act.apply_slice(r));
                 }
             }
@@ -195,13 +199,13 @@ impl GemmConv {
                 b.par_chunks_mut(cols)
                     .enumerate()
                     .for_each_init(|| vec![0f32; cols], |buf, (r, row)| row.copy_from_slice(rhs.row(r, 0..cols, buf)));
-                self.gemm_bias_act(weight, &b, cols, out);
+                self.gemm_bias_act(weight, &b, cols, zeroed(out));
             }
         }
     }
 
     /// One GEMM per image, written in place in the NCHW output.
-    fn per_image(&self, inp: &[f32], n: usize, d: Dims, out: &mut [f32]) {
+    fn per_image(&self, inp: &[f32], n: usize, d: Dims, out: &mut Uninit) {
         let (ohw, chw) = (d.oh * d.ow, d.c * d.h * d.w);
         for img in 0..n {
             let x = &inp[img * chw..(img + 1) * chw];
@@ -215,14 +219,15 @@ impl GemmConv {
     }
 
     /// One GEMM for the whole batch over `[k, n·oh·ow]`, then scattered to NCHW.
-    fn batched(&self, inp: &[f32], n: usize, d: Dims, out: &mut [f32]) {
+    fn batched(&self, inp: &[f32], n: usize, d: Dims, out: &mut Uninit) {
         let ohw = d.oh * d.ow;
-        // SAFETY: `gemm_from` writes all of C.
-        let mut tmp = unsafe { output_buffer(self.out_ch * n * ohw) };
+        let mut tmp = uninit_output(self.out_ch * n * ohw);
         self.gemm_from(&Im2col { conv: self, x: inp, n, d }, &mut tmp);
+        // SAFETY: `gemm_from` wrote all of C.
+        let tmp = unsafe { assume_init(&mut tmp) };
         out.par_chunks_mut(ohw).enumerate().for_each(|(i, dst)| {
             let (img, oc) = (i / self.out_ch, i % self.out_ch);
-            dst.copy_from_slice(&tmp[oc * n * ohw + img * ohw..][..ohw]);
+            dst.write_copy_of_slice(&tmp[oc * n * ohw + img * ohw..][..ohw]);
         });
     }
 }
@@ -302,15 +307,15 @@ impl CustomOp1 for GemmConv {
         let oh = out_size(h, self.kernel, self.stride, pad.top, pad.bottom);
         let ow = out_size(w, self.kernel, self.stride, pad.left, pad.right);
         let d = Dims { c, h, w, oh, ow, pad };
-        // SAFETY: both paths write every output element (C is written whole,
-        // per image or scattered from the batched result).
-        let mut out = unsafe { output_buffer(n * self.out_ch * oh * ow) };
+        let mut out = uninit_output(n * self.out_ch * oh * ow);
         if n > 1 && oh * ow < BATCHED_BELOW {
             self.batched(inp, n, d, &mut out);
         } else {
             self.per_image(inp, n, d, &mut out);
         }
-        Ok((CpuStorage::F32(out), Shape::from((n, self.out_ch, oh, ow))))
+        // SAFETY: both paths write every output element (C is written whole,
+        // per image or scattered from the batched result).
+        Ok((CpuStorage::F32(unsafe { finish(out) }), Shape::from((n, self.out_ch, oh, ow))))
     }
 }
 

@@ -15,6 +15,7 @@
 //! [`PackedA::new`] returns `None` and callers keep their portable path.
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -140,7 +141,9 @@ impl Rhs for Dense<'_> {
 
 /// `C = act(A · B + bias)`: C is `m×n` with row stride `ldc`, `bias` has
 /// one value per row. Runs on the current rayon pool.
-pub fn gemm(a: &PackedA, b: &impl Rhs, c: &mut [f32], ldc: usize, bias: &[f32], act: Fused) {
+///
+/// C may be uninitialized: every element of its `m×n` is written.
+pub fn gemm(a: &PackedA, b: &impl Rhs, c: &mut [MaybeUninit<f32>], ldc: usize, bias: &[f32], act: Fused) {
     let (m, k, n) = (a.m, a.k, b.cols());
     assert_eq!(b.rows(), k, "A is {m}×{k} but B has {} rows", b.rows());
     if m == 0 || n == 0 {
@@ -150,7 +153,7 @@ pub fn gemm(a: &PackedA, b: &impl Rhs, c: &mut [f32], ldc: usize, bias: &[f32], 
     assert!(c.len() >= (m - 1) * ldc + n, "C is smaller than {m}×{n}");
     assert_eq!(bias.len(), m, "one bias per row");
     let plan = Plan::new(m, a.mr, n, k, rayon::current_num_threads());
-    let job = Job { a, b, n, c: SharedOut(c.as_mut_ptr()), ldc, bias, act, plan };
+    let job = Job { a, b, n, c: SharedOut(c.as_mut_ptr().cast()), ldc, bias, act, plan };
     if plan.tasks() == 1 {
         job.run(0);
     } else {
@@ -448,6 +451,12 @@ mod avx512 {
 mod tests {
     use super::*;
 
+    /// Initialized floats seen as an output buffer (the GEMM writes only floats).
+    fn as_uninit(s: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+        // SAFETY: same layout; the GEMM stores only initialized floats.
+        unsafe { &mut *(s as *mut [f32] as *mut [MaybeUninit<f32>]) }
+    }
+
     fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, bias: &[f32], act: Fused) -> Vec<f32> {
         let mut c = vec![0f32; m * n];
         for i in 0..m {
@@ -489,7 +498,7 @@ mod tests {
                 // Strided C: the padding columns must survive untouched.
                 let ldc = n + 3;
                 let mut c = vec![f32::NAN; m * ldc];
-                gemm(&PackedA::new(&a, m, k).unwrap(), &Dense::new(&b, k, n, n), &mut c, ldc, &bias, act);
+                gemm(&PackedA::new(&a, m, k).unwrap(), &Dense::new(&b, k, n, n), as_uninit(&mut c), ldc, &bias, act);
                 for i in 0..m {
                     for j in 0..ldc {
                         let got = c[i * ldc + j];
@@ -546,7 +555,7 @@ mod tests {
                 }
                 flops / best / 1e9
             };
-            let ours = time(&mut || gemm(&pa, &Dense::new(&b, k, n, n), &mut c, n, &bias, Fused::Relu));
+            let ours = time(&mut || gemm(&pa, &Dense::new(&b, k, n, n), as_uninit(&mut c), n, &bias, Fused::Relu));
             let mm = time(&mut || unsafe {
                 matrixmultiply::sgemm(
                     m,
