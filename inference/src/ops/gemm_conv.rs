@@ -241,6 +241,40 @@ struct Im2col<'a> {
     d: Dims,
 }
 
+impl Im2col<'_> {
+    /// A row of a stride-1 convolution whose output is the input's size: the
+    /// image plane shifted by `(ky − top)·w + kx − left`, one copy per image
+    /// (the top and bottom padding fall outside the plane and read as zero),
+    /// then the columns that wrapped around a row's edge are zeroed.
+    fn same_size_row<'b>(&self, ci: usize, ky: usize, kx: usize, cols: Range<usize>, buf: &'b mut [f32]) -> &'b [f32] {
+        let d = self.d;
+        let plane = d.h * d.w;
+        let shift = (ky as isize - d.pad.top as isize) * d.w as isize + kx as isize - d.pad.left as isize;
+        // Output columns `ox` whose input `ox + kx − left` is left of 0 or right of w.
+        let (wrap_lo, wrap_hi) = (d.pad.left.saturating_sub(kx), (d.w + d.pad.left).saturating_sub(kx).min(d.w));
+        let mut j = cols.start;
+        while j < cols.end {
+            let (img, p) = (j / plane, j % plane);
+            let end = (j - p + plane).min(cols.end);
+            let dst = &mut buf[j - cols.start..end - cols.start];
+            let src = &self.x[(img * d.c + ci) * plane..][..plane];
+            sgemm::shifted_copy(dst, src, p as isize + shift);
+            // Zero the wrapped columns of every output row in `p..p + len`.
+            let mut row_start = p - p % d.w;
+            while row_start < p + dst.len() {
+                for ox in (0..wrap_lo).chain(wrap_hi..d.w) {
+                    if let Some(v) = (row_start + ox).checked_sub(p).and_then(|i| dst.get_mut(i)) {
+                        *v = 0.0;
+                    }
+                }
+                row_start += d.w;
+            }
+            j = end;
+        }
+        buf
+    }
+}
+
 impl Rhs for Im2col<'_> {
     fn rows(&self) -> usize {
         self.conv.k_dim()
@@ -254,6 +288,9 @@ impl Rhs for Im2col<'_> {
         let (k, s, d) = (self.conv.kernel, self.conv.stride, self.d);
         let (ci, ky, kx) = (r / (k * k), (r / k) % k, r % k);
         let (ohw, plane) = (d.oh * d.ow, d.h * d.w);
+        if s == 1 && (d.oh, d.ow) == (d.h, d.w) {
+            return self.same_size_row(ci, ky, kx, cols, buf);
+        }
         // Output columns whose input column `ox·s + kx − left` lies inside the row.
         let lo = d.pad.left.saturating_sub(kx).div_ceil(s);
         let hi = (d.w + d.pad.left).saturating_sub(kx).div_ceil(s).min(d.ow);
