@@ -168,6 +168,7 @@ mod avx512 {
 
     use super::Padding;
     use crate::ops::sgemm::Fused;
+    use crate::ops::sgemm::avx512::load16;
 
     /// One channel plane and its filter.
     #[derive(Debug)]
@@ -182,17 +183,6 @@ mod avx512 {
         pub weight: &'a [f32],
         pub bias: f32,
         pub act: Fused,
-    }
-
-    /// `row[base + t]` for the 16 lanes `t`, 0 where that is outside the row.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn load16(row: &[f32], base: isize) -> __m512 {
-        let lo = (-base).clamp(0, 16) as u32;
-        let hi = (row.len() as isize - base).clamp(0, 16) as u32;
-        let valid = if hi > lo { (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16 } else { 0 };
-        // SAFETY: only the lanes in `valid` are read, and they index inside `row`.
-        unsafe { _mm512_maskz_loadu_ps(valid, row.as_ptr().wrapping_offset(base)) }
     }
 
     /// Sixteen outputs of a row at a time: each of the k·k taps is one

@@ -308,6 +308,8 @@ impl Rhs for Im2col<'_> {
                 let src = &self.x[(img * d.c + ci) * plane + iy as usize * d.w..][..d.w];
                 if s == 1 {
                     sgemm::shifted_copy(dst, src, (ox0 + kx) as isize - d.pad.left as isize);
+                } else if s == 2 {
+                    sgemm::stride2_copy(dst, src, (ox0 * 2 + kx) as isize - d.pad.left as isize);
                 } else {
                     let (a, b) = (lo.clamp(ox0, ox0 + run), hi.clamp(ox0, ox0 + run));
                     let b = b.max(a);

@@ -314,14 +314,31 @@ pub fn shifted_copy(dst: &mut [f32], src: &[f32], shift: isize) {
         unsafe { avx512::shifted_copy(dst, src, shift) };
         return;
     }
+    strided_copy(dst, src, shift, 1);
+}
+
+/// `dst[t] = src[start + stride·t]`, or 0 outside `src` (the portable path).
+fn strided_copy(dst: &mut [f32], src: &[f32], start: isize, stride: isize) {
     for (t, d) in dst.iter_mut().enumerate() {
-        let i = t as isize + shift;
+        let i = start + stride * t as isize;
         *d = if i >= 0 && (i as usize) < src.len() { src[i as usize] } else { 0.0 };
     }
 }
 
+/// `dst[t] = src[start + 2t]`, or 0 where that index is outside `src`: one
+/// output row of a stride-2 im2col, padding included.
+pub fn stride2_copy(dst: &mut [f32], src: &[f32], start: isize) {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: AVX-512F was just detected.
+        unsafe { avx512::stride2_copy(dst, src, start) };
+        return;
+    }
+    strided_copy(dst, src, start, 2);
+}
+
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{Fused, NR};
@@ -344,6 +361,26 @@ mod avx512 {
         }
     }
 
+    /// `src[base + lane]` for the 16 lanes, 0 where that is outside `src`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn load16(src: &[f32], base: isize) -> __m512 {
+        let lo = (-base).clamp(0, 16) as u32;
+        let hi = (src.len() as isize - base).clamp(0, 16) as u32;
+        let valid = if hi > lo { (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16 } else { 0 };
+        // SAFETY: only the lanes in `valid` are read, and they index inside `src`.
+        unsafe { _mm512_maskz_loadu_ps(valid, src.as_ptr().wrapping_offset(base)) }
+    }
+
+    /// Stores the first `out.len()` (at most 16) lanes of `v`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn store_first(out: &mut [f32], v: __m512) {
+        let store = if out.len() >= 16 { 0xffff } else { ((1u32 << out.len()) - 1) as u16 };
+        // SAFETY: only the lanes in `store` are written, inside `out`.
+        unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr(), store, v) };
+    }
+
     /// See [`super::shifted_copy`]: 16 lanes at a time, with the lanes that
     /// fall outside `src` masked off (masked lanes are never read).
     ///
@@ -351,20 +388,21 @@ mod avx512 {
     /// The CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn shifted_copy(dst: &mut [f32], src: &[f32], shift: isize) {
-        let len = src.len() as isize;
         for (c, out) in dst.chunks_mut(16).enumerate() {
-            let first = c as isize * 16 + shift;
-            // Lanes whose source index `first + lane` lies in `0..len`.
-            let lo = (-first).clamp(0, 16) as u32;
-            let hi = (len - first).clamp(0, 16) as u32;
-            let valid = if hi > lo { (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16 } else { 0 };
-            let store = if out.len() >= 16 { 0xffff } else { ((1u32 << out.len()) - 1) as u16 };
-            // SAFETY: only lanes in `valid` are read, and they index inside
-            // `src`; only lanes in `store` are written, inside `out`.
-            unsafe {
-                let v = _mm512_maskz_loadu_ps(valid, src.as_ptr().wrapping_offset(first));
-                _mm512_mask_storeu_ps(out.as_mut_ptr(), store, v);
-            }
+            store_first(out, load16(src, c as isize * 16 + shift));
+        }
+    }
+
+    /// See [`super::stride2_copy`]: 32 inputs per 16 outputs, evens kept.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn stride2_copy(dst: &mut [f32], src: &[f32], start: isize) {
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        for (c, out) in dst.chunks_mut(16).enumerate() {
+            let first = start + c as isize * 32;
+            store_first(out, _mm512_permutex2var_ps(load16(src, first), even, load16(src, first + 16)));
         }
     }
 
@@ -480,6 +518,26 @@ mod tests {
         (0..len)
             .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 / 1000.0 - 1.0)
             .collect()
+    }
+
+    #[test]
+    fn padded_copies_match_the_portable_ones() {
+        if !available() {
+            return;
+        }
+        let src = values(37, 4);
+        for len in [1, 7, 16, 17, 40] {
+            for start in -20..45 {
+                let (mut simd, mut portable) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+                // SAFETY: AVX-512F is available (checked above).
+                unsafe { avx512::shifted_copy(&mut simd, &src, start) };
+                strided_copy(&mut portable, &src, start, 1);
+                assert_eq!(simd, portable, "shift {start}, {len} long");
+                unsafe { avx512::stride2_copy(&mut simd, &src, start) };
+                strided_copy(&mut portable, &src, start, 2);
+                assert_eq!(simd, portable, "stride 2 from {start}, {len} long");
+            }
+        }
     }
 
     #[test]
