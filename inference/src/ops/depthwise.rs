@@ -216,28 +216,41 @@ mod avx512 {
         for (oy, orow) in out.chunks_mut(p.ow).enumerate() {
             let top = (oy * S) as isize - p.pad.top as isize;
             // The input rows under the kernel; rows in the padding are None.
-            let rows: [Option<&[f32]>; K] = std::array::from_fn(|ky| {
+            let mut rows: [Option<&[f32]>; K] = [None; K];
+            for (ky, row) in rows.iter_mut().enumerate() {
                 let iy = top + ky as isize;
-                (0..p.h as isize).contains(&iy).then(|| &p.x[iy as usize * p.w..][..p.w])
-            });
+                if (0..p.h as isize).contains(&iy) {
+                    *row = Some(&p.x[iy as usize * p.w..][..p.w]);
+                }
+            }
             for (c, chunk) in orow.chunks_mut(16).enumerate() {
                 let base = (c * 16 * S) as isize - left;
                 let inside = base >= 0 && base + span <= w;
                 let mut acc = [_mm512_setzero_ps(); K];
-                for ((row, taps), acc) in rows.iter().zip(&taps).zip(&mut acc) {
-                    let Some(row) = row else { continue };
-                    for (kx, tap) in taps.iter().enumerate() {
+                // Constant indices and no closures (which would not inherit
+                // AVX-512), so the loops unroll and `acc` stays in registers.
+                #[allow(clippy::needless_range_loop)]
+                for ky in 0..K {
+                    let Some(row) = rows[ky] else { continue };
+                    for kx in 0..K {
+                        let tap = taps[ky][kx];
                         let at = base + kx as isize;
-                        let load = |at: isize| {
-                            if inside {
-                                // SAFETY: `inside`: `at..at + 16` lies in `row`.
-                                unsafe { _mm512_loadu_ps(row.as_ptr().offset(at)) }
-                            } else {
-                                load16(row, at)
+                        let v = if inside {
+                            // SAFETY: `inside`: `at..at + 16·S` lies in `row`.
+                            unsafe {
+                                let lo = _mm512_loadu_ps(row.as_ptr().offset(at));
+                                if S == 1 {
+                                    lo
+                                } else {
+                                    _mm512_permutex2var_ps(lo, even, _mm512_loadu_ps(row.as_ptr().offset(at + 16)))
+                                }
                             }
+                        } else if S == 1 {
+                            load16(row, at)
+                        } else {
+                            _mm512_permutex2var_ps(load16(row, at), even, load16(row, at + 16))
                         };
-                        let v = if S == 1 { load(at) } else { _mm512_permutex2var_ps(load(at), even, load(at + 16)) };
-                        *acc = _mm512_fmadd_ps(v, *tap, *acc);
+                        acc[ky] = _mm512_fmadd_ps(v, tap, acc[ky]);
                     }
                 }
                 let mut sum = _mm512_set1_ps(p.bias);

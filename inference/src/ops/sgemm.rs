@@ -263,17 +263,14 @@ impl<R: Rhs> Job<'_, R> {
     fn pack_b(&self, k0: usize, kc: usize, cols: Range<usize>, block: &mut [f32], row: &mut [f32]) {
         for kk in 0..kc {
             let src = self.b.row(k0 + kk, cols.clone(), &mut row[..cols.len()]);
-            for (tile, part) in src.chunks(NR).enumerate() {
-                let dst: &mut [f32; NR] = (&mut block[tile * kc * NR + kk * NR..][..NR]).try_into().expect("NR floats");
-                // SAFETY: a Job exists only for a PackedA, so AVX-512F is
-                // present (`PackedA::new`).
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    avx512::copy_padded(dst, part)
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                unreachable!("PackedA exists only on x86-64 ({dst:?} {part:?})");
-            }
+            // SAFETY: a Job exists only for a PackedA, so AVX-512F is
+            // present (`PackedA::new`).
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                avx512::scatter_row(src, &mut block[kk * NR..], kc * NR)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("PackedA exists only on x86-64 ({src:?} {block:?})");
         }
     }
 
@@ -343,21 +340,24 @@ pub(crate) mod avx512 {
 
     use super::{Fused, NR};
 
-    /// `dst = src` followed by zeros (`src.len() <= NR`), without a call to
-    /// memcpy for 128 bytes.
+    /// One packed row: `src`'s `NR`-column pieces go `stride` apart into
+    /// `dst` (one per sliver), the last zero-padded; no memcpy call per
+    /// 128 bytes.
     ///
     /// # Safety
     /// The CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn copy_padded(dst: &mut [f32; NR], src: &[f32]) {
-        let n = src.len().min(NR);
-        let (m0, m1) = lane_masks(n);
-        // SAFETY: the masks cover only `src[..n]`; `dst` holds NR floats.
-        unsafe {
-            let lo = _mm512_maskz_loadu_ps(m0, src.as_ptr());
-            let hi = _mm512_maskz_loadu_ps(m1, src.as_ptr().wrapping_add(16));
-            _mm512_storeu_ps(dst.as_mut_ptr(), lo);
-            _mm512_storeu_ps(dst.as_mut_ptr().add(16), hi);
+    pub unsafe fn scatter_row(src: &[f32], dst: &mut [f32], stride: usize) {
+        for (tile, part) in src.chunks(NR).enumerate() {
+            let out = &mut dst[tile * stride..][..NR];
+            let (m0, m1) = lane_masks(part.len());
+            // SAFETY: the masks cover only `part`; `out` holds NR floats.
+            unsafe {
+                let lo = _mm512_maskz_loadu_ps(m0, part.as_ptr());
+                let hi = _mm512_maskz_loadu_ps(m1, part.as_ptr().wrapping_add(16));
+                _mm512_storeu_ps(out.as_mut_ptr(), lo);
+                _mm512_storeu_ps(out.as_mut_ptr().add(16), hi);
+            }
         }
     }
 
