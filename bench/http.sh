@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end HTTP benchmark: a real lineside server under concurrent load from
 # wrk, next to the raw model throughput measured by `lineside bench` in the
-# same run. Prints img/s, p50/p99 latency, server RSS and the e2e/raw ratio.
+# same run; then open-loop load (bench/openloop.py) at 50% and 90% of the
+# saturation wrk found. Prints img/s, p50/p99 latency, server RSS and the
+# e2e/raw ratio.
 #
 #   bench/http.sh [--connections 16] [--duration 20] [--batch 8] [--image FILE]
 #
@@ -50,15 +52,29 @@ for i in $(seq "$RUNS"); do
   echo "run $i: $R"
   RESULTS+=("$R")
 done
+SAT=$(printf '%s\n' "${RESULTS[@]}" | python3 -c 'import json,statistics,sys; print(statistics.median(json.loads(l)["images_per_second"] for l in sys.stdin))')
+echo "== open loop at 50% and 90% of saturation ($SAT img/s), ${DURATION}s each"
+OPEN=()
+for pct in 50 90; do
+  RATE=$(python3 -c "print(round($SAT * $pct / 100, 2))")
+  R=$(python3 bench/openloop.py --url "http://127.0.0.1:$PORT/v1/inspect" --image "$IMG" --rate "$RATE" --duration "$DURATION")
+  echo "$pct%: $R"
+  OPEN+=("$R")
+done
 RSS=$(awk '/VmHWM/ {print $2/1024}' /proc/$SERVER/status)
-python3 - "$RAW" "$RSS" "${RESULTS[@]}" <<'PY'
+python3 - "$RAW" "$RSS" "${OPEN[@]}" "${RESULTS[@]}" <<'PY'
 import json, statistics, sys
-raw = json.loads(sys.argv[1]); rss = float(sys.argv[2]); runs = [json.loads(r) for r in sys.argv[3:]]
+raw = json.loads(sys.argv[1]); rss = float(sys.argv[2])
+open50, open90 = json.loads(sys.argv[3]), json.loads(sys.argv[4])
+runs = [json.loads(r) for r in sys.argv[5:]]
 med = lambda k: statistics.median(r[k] for r in runs)
 e2e = med("images_per_second")
 print(f"== summary (medians of {len(runs)} runs)")
 print(f"raw model  batch {raw['batch']}: {raw['images_per_second']:.1f} img/s")
-print(f"end to end HTTP: {e2e:.1f} img/s, p50 {med('p50_ms'):.1f} ms, p99 {med('p99_ms'):.1f} ms, "
+print(f"end to end HTTP at saturation: {e2e:.1f} img/s, p50 {med('p50_ms'):.1f} ms, p99 {med('p99_ms'):.1f} ms, "
       f"non-2xx {sum(r['non_2xx'] for r in runs)}, server peak RSS {rss:.0f} MiB")
+for name, o in (("50%", open50), ("90%", open90)):
+    print(f"open loop at {name} of saturation ({o['offered_rps']} req/s offered, {o['achieved_rps']} answered): "
+          f"p50 {o['p50_ms']} ms, p99 {o['p99_ms']} ms, non-2xx {o['non_2xx']}, errors {o['errors']}")
 print(f"ratio end-to-end / raw model: {e2e / raw['images_per_second']:.2f}")
 PY

@@ -2,7 +2,10 @@
 
 pub mod convnext;
 pub mod efficientnet;
+mod micro_batch;
 pub mod resnet;
+
+pub use micro_batch::{CPU_MICRO_BATCH, MicroBatched};
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -132,6 +135,9 @@ impl LoadedModel {
                 supported: supported_architectures().join(", "),
             });
         };
+        // Big CPU batches run in steps that keep the working set small.
+        let network: Box<dyn ImageModel> =
+            if device.is_cpu() { Box::new(MicroBatched::new(network, CPU_MICRO_BATCH)) } else { network };
         if network.num_classes() != config.num_classes {
             return Err(Error::config(
                 "num_classes",
