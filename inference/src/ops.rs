@@ -22,7 +22,7 @@ mod depthwise;
 mod gemm_conv;
 pub mod sgemm;
 pub use depthwise::DepthwiseConv;
-pub use gemm_conv::GemmConv;
+pub use gemm_conv::{GemmConv, GemmPath};
 
 /// Activation following a convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,7 +237,16 @@ impl ConvBnAct {
             ))
         } else if groups == 1 {
             let flat = weight.flatten_all()?.to_vec1::<f32>()?;
-            ConvKind::Gemm(Box::new(GemmConv::new(flat, bias_vec.clone(), in_per_group, kh, stride, pad, act)))
+            ConvKind::Gemm(Box::new(GemmConv::new(
+                flat,
+                bias_vec.clone(),
+                in_per_group,
+                kh,
+                stride,
+                pad,
+                act,
+                GemmPath::Fastest,
+            )))
         } else {
             ConvKind::Grouped
         };

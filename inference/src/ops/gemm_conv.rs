@@ -68,7 +68,19 @@ struct Dims {
     pad: Padding,
 }
 
+/// Which GEMM a layer may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmPath {
+    /// The packed AVX-512 kernel where the CPU has it, else the GEMM crates.
+    Fastest,
+    /// The GEMM crates only (tests run it on AVX-512 machines too).
+    Portable,
+}
+
 impl GemmConv {
+    /// A layer from a row-major `[out, in·k·k]` weight matrix and one bias
+    /// per output channel.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         weight: Vec<f32>,
         bias: Vec<f32>,
@@ -77,26 +89,14 @@ impl GemmConv {
         stride: usize,
         pad: PadMode,
         act: Activation,
-    ) -> Self {
-        Self::build(weight, bias, in_ch, kernel, stride, pad, act, true)
-    }
-
-    /// [`GemmConv::new`], but on the portable GEMM crates when `packed` is
-    /// false (for tests, so the portable path runs on AVX-512 machines too).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn build(
-        weight: Vec<f32>,
-        bias: Vec<f32>,
-        in_ch: usize,
-        kernel: usize,
-        stride: usize,
-        pad: PadMode,
-        act: Activation,
-        packed: bool,
+        path: GemmPath,
     ) -> Self {
         let out_ch = bias.len();
         let k = in_ch * kernel * kernel;
-        let packed = if packed { PackedA::new(&weight, out_ch, k) } else { None };
+        let packed = match path {
+            GemmPath::Fastest => PackedA::new(&weight, out_ch, k),
+            GemmPath::Portable => None,
+        };
         let weight = match packed {
             Some(packed) => Weights::Packed(packed),
             None => Weights::Plain(weight),
@@ -258,7 +258,7 @@ impl Im2col<'_> {
             let end = (j - p + plane).min(cols.end);
             let dst = &mut buf[j - cols.start..end - cols.start];
             let src = &self.x[(img * d.c + ci) * plane..][..plane];
-            sgemm::shifted_copy(dst, src, p as isize + shift);
+            sgemm::padded_copy(dst, src, p as isize + shift, 1);
             // Zero the wrapped columns of every output row in `p..p + len`.
             let mut row_start = p - p % d.w;
             while row_start < p + dst.len() {
@@ -307,9 +307,9 @@ impl Rhs for Im2col<'_> {
             } else {
                 let src = &self.x[(img * d.c + ci) * plane + iy as usize * d.w..][..d.w];
                 if s == 1 {
-                    sgemm::shifted_copy(dst, src, (ox0 + kx) as isize - d.pad.left as isize);
+                    sgemm::padded_copy(dst, src, (ox0 + kx) as isize - d.pad.left as isize, 1);
                 } else if s == 2 {
-                    sgemm::stride2_copy(dst, src, (ox0 * 2 + kx) as isize - d.pad.left as isize);
+                    sgemm::padded_copy(dst, src, (ox0 * 2 + kx) as isize - d.pad.left as isize, 2);
                 } else {
                     let (a, b) = (lo.clamp(ox0, ox0 + run), hi.clamp(ox0, ox0 + run));
                     let b = b.max(a);
@@ -381,11 +381,11 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev).unwrap();
             let wt: Vec<f32> = Tensor::randn(0f32, 1.0, cout * cin * k * k, &dev).unwrap().to_vec1().unwrap();
             let b: Vec<f32> = Tensor::randn(0f32, 1.0, cout, &dev).unwrap().to_vec1().unwrap();
-            let run = |packed| {
-                let op = GemmConv::build(wt.clone(), b.clone(), cin, k, s, pad, Activation::Relu6, packed);
+            let run = |path| {
+                let op = GemmConv::new(wt.clone(), b.clone(), cin, k, s, pad, Activation::Relu6, path);
                 x.apply_op1_no_bwd(&op).unwrap()
             };
-            let (fast, portable) = (run(true), run(false));
+            let (fast, portable) = (run(GemmPath::Fastest), run(GemmPath::Portable));
             assert_eq!(fast.dims(), portable.dims());
             let err = (fast - portable).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(err < 1e-4, "n{n} {cin}→{cout} k{k} s{s} {h}×{w}: max err {err}");

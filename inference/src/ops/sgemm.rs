@@ -302,36 +302,30 @@ impl<R: Rhs> Job<'_, R> {
     }
 }
 
-/// `dst[t] = src[t + shift]`, or 0 where that index is outside `src`: one
-/// output row of a stride-1 im2col, padding included.
-pub fn shifted_copy(dst: &mut [f32], src: &[f32], shift: isize) {
+/// `dst[t] = src[start + stride·t]`, or 0 where that index is outside
+/// `src`: one output row of an im2col, padding included. Strides 1 and 2 run
+/// on AVX-512 where the CPU has it.
+pub fn padded_copy(dst: &mut [f32], src: &[f32], start: isize, stride: usize) {
     #[cfg(target_arch = "x86_64")]
-    if available() {
+    if available() && stride <= 2 {
         // SAFETY: AVX-512F was just detected.
-        unsafe { avx512::shifted_copy(dst, src, shift) };
+        unsafe {
+            match stride {
+                1 => avx512::shifted_copy(dst, src, start),
+                _ => avx512::stride2_copy(dst, src, start),
+            }
+        }
         return;
     }
-    strided_copy(dst, src, shift, 1);
+    strided_copy(dst, src, start, stride as isize);
 }
 
-/// `dst[t] = src[start + stride·t]`, or 0 outside `src` (the portable path).
+/// [`padded_copy`] without SIMD.
 fn strided_copy(dst: &mut [f32], src: &[f32], start: isize, stride: isize) {
     for (t, d) in dst.iter_mut().enumerate() {
         let i = start + stride * t as isize;
         *d = if i >= 0 && (i as usize) < src.len() { src[i as usize] } else { 0.0 };
     }
-}
-
-/// `dst[t] = src[start + 2t]`, or 0 where that index is outside `src`: one
-/// output row of a stride-2 im2col, padding included.
-pub fn stride2_copy(dst: &mut [f32], src: &[f32], start: isize) {
-    #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: AVX-512F was just detected.
-        unsafe { avx512::stride2_copy(dst, src, start) };
-        return;
-    }
-    strided_copy(dst, src, start, 2);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -381,7 +375,7 @@ pub(crate) mod avx512 {
         unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr(), store, v) };
     }
 
-    /// See [`super::shifted_copy`]: 16 lanes at a time, with the lanes that
+    /// [`super::padded_copy`] at stride 1: 16 lanes at a time, with the lanes that
     /// fall outside `src` masked off (masked lanes are never read).
     ///
     /// # Safety
@@ -393,7 +387,7 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// See [`super::stride2_copy`]: 32 inputs per 16 outputs, evens kept.
+    /// [`super::padded_copy`] at stride 2: 32 inputs per 16 outputs, evens kept.
     ///
     /// # Safety
     /// The CPU has AVX-512F.
