@@ -9,9 +9,9 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-use super::{
-    Activation, PadMode, Padding, Uninit, assume_init, contiguous_f32, finish, out_size, sgemm, uninit_output, zeroed,
-};
+use super::{Activation, PadMode, Padding, contiguous_f32, finish, out_size, sgemm, uninit_output, zeroed};
+#[cfg(target_arch = "x86_64")]
+use super::{Uninit, assume_init};
 
 /// Input height and width, output width and padding of one depthwise plane.
 #[derive(Clone, Copy)]
@@ -33,6 +33,7 @@ pub struct DepthwiseConv {
     pad: PadMode,
     act: Activation,
     /// Whether the AVX-512 plane kernel runs (detected at construction).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     simd: bool,
 }
 
@@ -89,6 +90,7 @@ impl DepthwiseConv {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 impl DepthwiseConv {
     fn plane_simd(&self, ch: usize, x: &[f32], g: Geometry, out: &mut Uninit) {
         let k = self.kernel;
@@ -106,12 +108,7 @@ impl DepthwiseConv {
         };
         // SAFETY: `simd` is set only where AVX-512F was detected, with the
         // kernel size and stride the plane kernel supports.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            avx512::plane(&p, out)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("no AVX-512 off x86-64 ({p:?} {out:?})");
+        unsafe { avx512::plane(&p, out) };
         if self.act == Activation::Silu {
             // SAFETY: the plane kernel wrote every element.
             self.act.apply_slice(unsafe { assume_init(out) });
@@ -149,11 +146,11 @@ impl CustomOp1 for DepthwiseConv {
         let g = Geometry { h, w, ow, pad };
         out.par_chunks_mut(oh * ow).enumerate().for_each_init(Vec::new, |scratch, (plane, o)| {
             let x = &inp[plane * h * w..(plane + 1) * h * w];
+            #[cfg(target_arch = "x86_64")]
             if self.simd {
-                self.plane_simd(plane % c, x, g, o);
-            } else {
-                self.plane(plane % c, x, g, scratch, zeroed(o));
+                return self.plane_simd(plane % c, x, g, o);
             }
+            self.plane(plane % c, x, g, scratch, zeroed(o));
         });
         // SAFETY: both plane kernels write every element of their plane.
         Ok((CpuStorage::F32(unsafe { finish(out) }), Shape::from((n, c, oh, ow))))
