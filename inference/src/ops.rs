@@ -20,9 +20,11 @@ use crate::Result;
 
 mod depthwise;
 mod gemm_conv;
+mod max_pool;
 pub mod sgemm;
 pub use depthwise::DepthwiseConv;
 pub use gemm_conv::{GemmConv, GemmPath};
+pub use max_pool::MaxPool;
 
 /// Activation following a convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,7 +11,7 @@
 use candle_core::Tensor;
 
 use crate::models::{FeatureInfo, ImageModel};
-use crate::ops::{Activation, ConvBnAct, PadMode};
+use crate::ops::{Activation, ConvBnAct, MaxPool, PadMode};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -191,9 +191,7 @@ impl ResNet {
             x = conv.forward(&x)?;
         }
         let mut features = vec![x.clone()];
-        // MaxPool2d(3, 2, padding=1): after a ReLU every value is ≥ 0, so zero
-        // padding gives the same maxima as PyTorch's -inf padding.
-        x = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?.max_pool2d_with_stride(3, 2)?;
+        x = MaxPool { kernel: 3, stride: 2, padding: 1 }.forward(&x)?;
         for stage in &self.stages {
             if features.len() > last {
                 break;
