@@ -363,6 +363,7 @@ mod tests {
             (4, 1, 2, 10, 10, PadMode::Symmetric(0)),
             (4, 1, 1, 6, 5, PadMode::Symmetric(0)),
             (2, 1, 1, 40, 40, PadMode::Symmetric(0)),
+            (2, 3, 3, 20, 17, PadMode::Symmetric(1)),
         ] {
             let (cin, cout) = (5, 7);
             let x = Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev).unwrap();

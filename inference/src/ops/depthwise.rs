@@ -46,14 +46,12 @@ impl DepthwiseConv {
         Self { weight, bias, kernel, stride, pad, act, simd }
     }
 
-    /// One channel's plane. The input is first copied, zero-padded, into
-    /// `scratch`, split by column phase (`x mod stride`), so that every tap of
-    /// every output row reads a contiguous, in-bounds run; a row's taps are
-    /// then summed in one pass per kernel row ([`fma_rows`]).
-    ///
-    /// Tried and measured slower on mobilenetv2 (2 cores, AVX-512): the same
-    /// code compiled for AVX-512 behind runtime detection, fixed 16-lane
-    /// blocks, and whole-plane passes over row-and-column phase planes.
+    /// One channel's plane on the portable path (no AVX-512F, or a kernel
+    /// size or stride the AVX-512 kernel lacks). The input is first copied,
+    /// zero-padded, into `scratch`, split by column phase (`x mod stride`),
+    /// so that every tap of every output row reads a contiguous, in-bounds
+    /// run; a row's taps are then summed in one pass per kernel row
+    /// ([`fma_rows`]).
     fn plane(&self, ch: usize, inp: &[f32], g: Geometry, scratch: &mut Vec<f32>, out: &mut [f32]) {
         let Geometry { h, w, ow, pad } = g;
         let (k, s) = (self.kernel, self.stride);

@@ -194,7 +194,11 @@ impl GemmConv {
                 }
             }
             Weights::Plain(weight) => {
-                // The GEMM crates take B as a matrix in memory.
+                // The GEMM crates take B as a matrix in memory: the image
+                // itself for a 1×1 convolution, else its im2col matrix.
+                if let Some(b) = rhs.stored() {
+                    return self.gemm_bias_act(weight, b, cols, zeroed(out));
+                }
                 let mut b = vec![0f32; rhs.rows() * cols];
                 b.par_chunks_mut(cols)
                     .enumerate()
@@ -291,9 +295,6 @@ impl Rhs for Im2col<'_> {
         if s == 1 && (d.oh, d.ow) == (d.h, d.w) {
             return self.same_size_row(ci, ky, kx, cols, buf);
         }
-        // Output columns whose input column `ox·s + kx − left` lies inside the row.
-        let lo = d.pad.left.saturating_sub(kx).div_ceil(s);
-        let hi = (d.w + d.pad.left).saturating_sub(kx).div_ceil(s).min(d.ow);
         let (mut img, p) = (cols.start / ohw, cols.start % ohw);
         let (mut oy, mut ox0) = (p / d.ow, p % d.ow);
         let mut at = 0;
@@ -305,21 +306,9 @@ impl Rhs for Im2col<'_> {
             if iy < 0 || iy >= d.h as isize {
                 dst.fill(0.0);
             } else {
+                // Input column `ox·s + kx − left`; the padding reads as zero.
                 let src = &self.x[(img * d.c + ci) * plane + iy as usize * d.w..][..d.w];
-                if s == 1 {
-                    sgemm::padded_copy(dst, src, (ox0 + kx) as isize - d.pad.left as isize, 1);
-                } else if s == 2 {
-                    sgemm::padded_copy(dst, src, (ox0 * 2 + kx) as isize - d.pad.left as isize, 2);
-                } else {
-                    let (a, b) = (lo.clamp(ox0, ox0 + run), hi.clamp(ox0, ox0 + run));
-                    let b = b.max(a);
-                    dst[..a - ox0].fill(0.0);
-                    dst[b - ox0..].fill(0.0);
-                    if a < b {
-                        let taps = src[a * s + kx - d.pad.left..].iter().step_by(s);
-                        dst[a - ox0..b - ox0].iter_mut().zip(taps).for_each(|(v, x)| *v = *x);
-                    }
-                }
+                sgemm::padded_copy(dst, src, (ox0 * s + kx) as isize - d.pad.left as isize, s);
             }
             at += run;
             (ox0, oy) = (0, oy + 1);
@@ -377,6 +366,7 @@ mod tests {
             (4, 24, 40, 1, 2, 10, 10, PadMode::Symmetric(0)),
             (2, 70, 33, 1, 1, 40, 40, PadMode::Symmetric(0)),
             (3, 300, 9, 1, 1, 7, 7, PadMode::Symmetric(0)),
+            (2, 4, 6, 3, 3, 20, 17, PadMode::Symmetric(1)),
         ] {
             let x = Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev).unwrap();
             let wt: Vec<f32> = Tensor::randn(0f32, 1.0, cout * cin * k * k, &dev).unwrap().to_vec1().unwrap();

@@ -75,11 +75,6 @@ impl PackedA {
         }
         Some(Self { data, m, k, mr })
     }
-
-    /// Rows of C.
-    pub fn rows(&self) -> usize {
-        self.m
-    }
 }
 
 /// Whether this CPU runs the kernel (checked once; std caches the answer).
@@ -106,6 +101,11 @@ pub trait Rhs: Sync {
     /// `B[r, cols]`: borrowed where B is stored, else written into `buf`
     /// (exactly `cols.len()` long).
     fn row<'a>(&'a self, r: usize, cols: Range<usize>, buf: &'a mut [f32]) -> &'a [f32];
+    /// All of B as one row-major `rows×cols` slice, where it is stored so
+    /// (for GEMMs that take B whole).
+    fn stored(&self) -> Option<&[f32]> {
+        None
+    }
 }
 
 /// A row-major matrix in memory.
@@ -139,6 +139,10 @@ impl Rhs for Dense<'_> {
 
     fn row<'b>(&'b self, r: usize, cols: Range<usize>, _: &'b mut [f32]) -> &'b [f32] {
         &self.data[r * self.stride..][cols]
+    }
+
+    fn stored(&self) -> Option<&[f32]> {
+        (self.stride == self.cols).then(|| &self.data[..self.rows * self.cols])
     }
 }
 
