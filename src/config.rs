@@ -27,6 +27,64 @@ pub struct Config {
     /// Per-factory pipelines served at `/v1/factories/{name}/inspect`.
     #[serde(default)]
     pub factories: Vec<FactoryConfig>,
+    /// Durable inspection records and retained images.
+    #[serde(default)]
+    pub records: RecordsConfig,
+}
+
+/// Where inspection records and retained images are kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordsConfig {
+    /// Off: nothing is stored, idempotency keys are ignored and `/v1/inspections` answers 404.
+    pub enabled: bool,
+    /// SQLite database (`lineside.db`) and the image store (`images/`).
+    pub data_dir: PathBuf,
+    /// `postgres://user:pass@host/db`: records go to PostgreSQL (shared by
+    /// replicas) instead of SQLite. Best set as `LINESIDE_RECORDS__DATABASE_URL`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    /// Share of passing parts whose image is kept (failed and review parts always are).
+    pub pass_sample_rate: f64,
+    /// Retained images unused for longer are removed.
+    pub max_image_age_days: f64,
+    /// Retained images past this total are removed, least recently used first.
+    pub max_image_bytes: u64,
+    /// How often retention runs.
+    pub retention_interval_s: u64,
+}
+
+impl Default for RecordsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            data_dir: PathBuf::from("lineside-data"),
+            database_url: None,
+            pass_sample_rate: 0.01,
+            max_image_age_days: 90.0,
+            max_image_bytes: 20 * 1024 * 1024 * 1024,
+            retention_interval_s: 600,
+        }
+    }
+}
+
+impl RecordsConfig {
+    /// The store these settings name.
+    pub fn backend(&self) -> lineside_store::Backend {
+        let data_dir = self.data_dir.clone();
+        match &self.database_url {
+            Some(url) => lineside_store::Backend::Postgres { url: url.clone(), data_dir },
+            None => lineside_store::Backend::Sqlite { data_dir },
+        }
+    }
+
+    /// Retention limits as the store takes them.
+    pub fn retention(&self) -> lineside_store::RetentionPolicy {
+        lineside_store::RetentionPolicy {
+            max_age: Duration::from_secs_f64(self.max_image_age_days * 86_400.0),
+            max_bytes: self.max_image_bytes,
+        }
+    }
 }
 
 /// Settings shared by every plugin.
@@ -286,6 +344,7 @@ impl Default for Config {
             plugins: PluginSettings::default(),
             hub: Default::default(),
             factories: Vec::new(),
+            records: RecordsConfig::default(),
         }
     }
 }
@@ -299,9 +358,13 @@ impl Config {
             anyhow::ensure!(f.is_file(), "config file {} not found", f.display());
             fig = fig.merge(Toml::file(f));
         }
-        // Only LINESIDE_SERVER__* are settings; LINESIDE_CONFIG and LINESIDE_SHARED are not.
-        let env =
-            Env::prefixed("LINESIDE_").filter(|k| k.as_str().to_ascii_lowercase().starts_with("server__")).split("__");
+        // Only LINESIDE_SERVER__* and LINESIDE_RECORDS__* are settings; LINESIDE_CONFIG and LINESIDE_SHARED are not.
+        let env = Env::prefixed("LINESIDE_")
+            .filter(|k| {
+                let k = k.as_str().to_ascii_lowercase();
+                k.starts_with("server__") || k.starts_with("records__")
+            })
+            .split("__");
         let cfg: Config = fig.merge(env).extract()?;
         cfg.validate()?;
         Ok(cfg)
@@ -316,6 +379,12 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(!self.models.is_empty(), "no models configured");
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.records.pass_sample_rate),
+            "records.pass_sample_rate must be in 0..=1"
+        );
+        anyhow::ensure!(self.records.max_image_age_days > 0.0, "records.max_image_age_days must be positive");
+        anyhow::ensure!(self.records.retention_interval_s >= 1, "records.retention_interval_s must be at least 1");
         anyhow::ensure!(
             (1..=600_000).contains(&self.server.default_timeout_ms),
             "server.default_timeout_ms must be 1..=600000"

@@ -55,6 +55,18 @@ pub enum ApiError {
     Plugin { factory: String, error: PluginError },
     #[error("factory `{factory}`: plugin reload failed, the previous version keeps serving: {message}")]
     PluginLoad { factory: String, message: String },
+    #[error(
+        "the inspection ran but its record could not be stored, so it is not acknowledged; retry (with the same Idempotency-Key): {0}"
+    )]
+    RecordFailed(String),
+    #[error("inspection `{0}` is not in the record store")]
+    InspectionNotFound(String),
+    #[error("inspection records are turned off (records.enabled = false)")]
+    RecordsDisabled,
+    #[error("{0}")]
+    Gone(String),
+    #[error("the record store failed: {0}")]
+    Store(String),
 }
 
 #[derive(Serialize)]
@@ -97,6 +109,9 @@ impl ApiError {
             // The factory's code misbehaved: the server is fine, its plugin is not.
             ApiError::Plugin { .. } => StatusCode::BAD_GATEWAY,
             ApiError::PluginLoad { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::RecordFailed(_) | ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::InspectionNotFound(_) | ApiError::RecordsDisabled => StatusCode::NOT_FOUND,
+            ApiError::Gone(_) => StatusCode::GONE,
         }
     }
 
@@ -134,6 +149,11 @@ impl ApiError {
                 Failure::Unavailable => "plugin_unavailable",
             },
             ApiError::PluginLoad { .. } => "plugin_load_failed",
+            ApiError::RecordFailed(_) => "record_failed",
+            ApiError::Store(_) => "store_unavailable",
+            ApiError::InspectionNotFound(_) => "inspection_not_found",
+            ApiError::RecordsDisabled => "records_disabled",
+            ApiError::Gone(_) => "gone",
         }
     }
 
@@ -179,7 +199,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+        if status.is_server_error()
+            && (status != StatusCode::SERVICE_UNAVAILABLE
+                || matches!(self, ApiError::RecordFailed(_) | ApiError::Store(_)))
+        {
             tracing::error!(code = self.code(), error = %self, "request failed");
         } else {
             tracing::debug!(code = self.code(), error = %self, "request refused");

@@ -5,7 +5,9 @@
 //! verdict) → `lineside_inference::batcher` (batched candle inference on its
 //! own thread). Factory pipelines add wasm plugins before and after the
 //! model (`factories`, `lineside_plugins`). `registry` owns the loaded models; `source` and `hub` turn model sources (folders, `hf://` repos) into
-//! local files; `config` is the TOML/env configuration; `builtin` embeds the default steel-surface model.
+//! local files; `config` is the TOML/env configuration; `builtin` embeds the default steel-surface model. `records` writes every
+//! answer to the record store (`lineside_store`) before it is sent;
+//! `inspections` is its query API and `ui` the review pages.
 
 pub mod builtin;
 pub mod config;
@@ -13,8 +15,11 @@ pub mod error;
 pub mod factories;
 pub mod fit;
 pub mod hub;
+pub mod inspections;
 pub mod metrics;
 pub mod pipeline;
+pub mod records;
 pub mod registry;
 pub mod server;
 pub mod source;
+pub mod ui;

@@ -1,4 +1,5 @@
-//! The `lineside` command: serve, inspect offline, train, benchmark, check plugins, fit and evaluate anomaly models.
+//! The `lineside` command: serve, inspect offline, train, benchmark, check plugins, fit and evaluate anomaly
+//! models, export inspection records.
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +24,7 @@ enum Command {
     Fit(cli::fit::FitArgs),
     Eval(cli::eval::EvalArgs),
     Models(cli::models::ModelsArgs),
+    Export(cli::export::ExportArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         Command::Fit(args) => cli::fit::run(args),
         Command::Eval(args) => cli::eval::run(args),
         Command::Models(args) => cli::models::run(args),
+        Command::Export(args) => cli::export::run(args),
     }
 }
 

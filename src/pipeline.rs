@@ -59,6 +59,9 @@ pub struct AnomalyResult {
     /// Base64 PNG: the thresholded map as a binary mask (with `?heatmap=png`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mask_png: Option<String>,
+    /// The heatmap PNG's bytes, kept for the record of an anomalous part.
+    #[serde(skip)]
+    pub heatmap_for_record: Option<Vec<u8>>,
 }
 
 /// What a factory pipeline adds to an inspection.
@@ -165,6 +168,8 @@ pub struct Options {
     pub top_k: usize,
     /// Attach heatmap and mask PNGs (anomaly models).
     pub heatmap: bool,
+    /// Render the heatmap of anomalous parts for their record.
+    pub retain_heatmap: bool,
 }
 
 /// Runs one encoded image through `model` (`/v1/inspect`).
@@ -215,7 +220,7 @@ async fn run(
     let pre = model.preprocessor.clone();
     let limits = opts.limits;
     // Only an anomaly heatmap needs the picture again after inference.
-    let keep_image = opts.heatmap && model.kind == ModelKind::Anomaly;
+    let keep_image = (opts.heatmap || opts.retain_heatmap) && model.kind == ModelKind::Anomaly;
     // Decoding, plugins and resizing are CPU work: off the async workers, and in parallel with the batcher.
     let (input, (width, height), seen, decode_t, pre_t, mut trace, call) = tokio::task::spawn_blocking(move || {
         let t0 = Instant::now();
@@ -246,7 +251,7 @@ async fn run(
 
     let outcome = match served.output {
         Output::Classes(probs) => classification(model, probs, opts.top_k),
-        Output::Anomaly(map) => anomaly(model, map, seen).await?,
+        Output::Anomaly(map) => anomaly(model, map, seen, opts).await?,
     };
     let Outcome { label, score, predictions, mut verdict, anomaly, plugin_input } = outcome;
     let factory = match call {
@@ -416,7 +421,7 @@ fn classification(model: &ModelEntry, probs: Vec<f32>, top_k: usize) -> Outcome 
     }
 }
 
-async fn anomaly(model: &ModelEntry, map: AnomalyMap, seen: Seen) -> Result<Outcome, ApiError> {
+async fn anomaly(model: &ModelEntry, map: AnomalyMap, seen: Seen, opts: Options) -> Result<Outcome, ApiError> {
     let size = map.size;
     let (w, h) = (seen.width, seen.height);
     let found = anomaly_regions(&map.map, size, size, 0.5);
@@ -433,20 +438,22 @@ async fn anomaly(model: &ModelEntry, map: AnomalyMap, seen: Seen) -> Result<Outc
             peak: r.peak,
         })
         .collect();
-    let (heatmap_png, mask_png) = match seen.image {
-        Some(img) => {
+    let anomalous = map.is_anomalous();
+    let (heatmap_png, mask_png, heatmap_for_record) = match seen.image {
+        Some(img) if opts.heatmap || anomalous => {
             let m = map.map.clone();
+            let (respond, retain) = (opts.heatmap, opts.retain_heatmap && anomalous);
             tokio::task::spawn_blocking(move || {
                 let heat = render::png(&render::overlay(&img, &m, size, &found));
-                let mask = render::png(&render::mask(&m, size, img.width(), img.height()));
-                (Some(BASE64.encode(heat)), Some(BASE64.encode(mask)))
+                let mask =
+                    respond.then(|| BASE64.encode(render::png(&render::mask(&m, size, img.width(), img.height()))));
+                (respond.then(|| BASE64.encode(&heat)), mask, retain.then_some(heat))
             })
             .await
             .map_err(|e| ApiError::Internal(format!("heatmap task: {e}")))?
         }
-        None => (None, None),
+        _ => (None, None, None),
     };
-    let anomalous = map.is_anomalous();
     let label = if anomalous { "anomalous" } else { "good" };
     let top = if anomalous { map.score } else { 1.0 - map.score };
     let mut predictions = vec![
@@ -465,6 +472,7 @@ async fn anomaly(model: &ModelEntry, map: AnomalyMap, seen: Seen) -> Result<Outc
             regions,
             heatmap_png,
             mask_png,
+            heatmap_for_record,
         }),
         plugin_input: ModelOutput::Anomaly(WitAnomalyMap {
             width: size as u32,

@@ -18,7 +18,9 @@ use serde_json::json;
 use crate::config::{Config, ServerConfig};
 use crate::error::ApiError;
 use crate::factories::{Factories, Factory};
-use crate::pipeline::{self, Inspection};
+use crate::inspections;
+use crate::pipeline;
+use crate::records::{PartContext, Records};
 use crate::registry::{ModelEntry, ModelInfo, ModelKind, Registry};
 use crate::source::{LocalModel, ModelSource};
 use lineside_plugins::Metadata;
@@ -48,6 +50,8 @@ pub struct AppState {
     pub factories: Arc<Factories>,
     pub server: Arc<ServerConfig>,
     pub metrics: PrometheusHandle,
+    /// The record store; `None` when `records.enabled = false`.
+    pub records: Option<Arc<Records>>,
 }
 
 /// All routes.
@@ -65,6 +69,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/factories", get(list_factories))
         .route("/v1/factories/{factory}/inspect", post(inspect_factory))
         .route("/v1/factories/{factory}/reload", post(reload_factory))
+        .route("/v1/inspections", get(inspections::list))
+        .route("/v1/inspections/{id}", get(inspections::get))
+        .route("/v1/inspections/{id}/image", get(inspections::image))
+        .route("/v1/inspections/{id}/heatmap", get(inspections::heatmap))
+        .route("/v1/inspections/{id}/review", post(inspections::review))
+        .route("/v1/stats", get(inspections::stats))
+        .merge(crate::ui::routes())
         .route_layer(axum::middleware::from_fn(crate::metrics::track))
         .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_string()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -86,14 +97,31 @@ pub async fn serve(
     let registry = Arc::new(Registry::start(&cfg.models, hub).await?);
     let factories = Arc::new(Factories::load(&cfg, &registry)?);
     factories.watch(Duration::from_millis(cfg.plugins.watch_interval_ms));
+    let records = match cfg.records.enabled {
+        true => Some(Records::open(&cfg.records).await?),
+        false => {
+            tracing::warn!("inspection records are off (records.enabled = false): answers are not stored");
+            None
+        }
+    };
     tracing::info!(
         addr = %listener.local_addr()?,
         models = cfg.models.len(),
         factories = cfg.factories.len(),
         "listening; models loading"
     );
-    let state = AppState { registry, fitting: Default::default(), factories, server: Arc::new(cfg.server), metrics };
+    let state = AppState {
+        registry,
+        fitting: Default::default(),
+        factories,
+        server: Arc::new(cfg.server),
+        metrics,
+        records: records.clone(),
+    };
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await?;
+    if let Some(r) = records {
+        r.store().close().await;
+    }
     Ok(())
 }
 
@@ -130,7 +158,8 @@ struct FactoryQuery {
     heatmap: Option<String>,
 }
 
-fn options(server: &ServerConfig, heatmap: Option<&str>) -> Result<pipeline::Options, ApiError> {
+fn options(st: &AppState, heatmap: Option<&str>) -> Result<pipeline::Options, ApiError> {
+    let server = &st.server;
     let heatmap = match heatmap {
         None | Some("none") => false,
         Some("png") => true,
@@ -138,7 +167,12 @@ fn options(server: &ServerConfig, heatmap: Option<&str>) -> Result<pipeline::Opt
             return Err(ApiError::BadRequest(format!("heatmap=`{other}`: the accepted values are `png` and `none`")));
         }
     };
-    Ok(pipeline::Options { limits: server.decode_limits(), top_k: server.top_k, heatmap })
+    Ok(pipeline::Options {
+        limits: server.decode_limits(),
+        top_k: server.top_k,
+        heatmap,
+        retain_heatmap: st.records.is_some(),
+    })
 }
 
 async fn inspect(
@@ -146,16 +180,55 @@ async fn inspect(
     query: Result<Query<InspectQuery>, QueryRejection>,
     headers: HeaderMap,
     req: Request,
-) -> Result<Json<Inspection>, ApiError> {
+) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let opts = options(&st.server, q.heatmap.as_deref())?;
+    let opts = options(&st, q.heatmap.as_deref())?;
     let name = q.model.unwrap_or_else(|| st.server.default_model.clone());
     let model = st.registry.get(&name).ok_or(ApiError::ModelNotFound(name))?;
+    let part = PartContext::from_headers(&headers, None)?;
+    let (_claim, replay) = idempotency(&st, &part).await?;
+    if let Some(r) = replay {
+        return Ok(r);
+    }
     let (_permit, body, deadline) = admit(&st, &model, &headers, arrived, req).await?;
-    let result = pipeline::inspect(&model, body, deadline, opts).await?;
-    record(&model, arrived);
-    Ok(Json(result))
+    let result = pipeline::inspect(&model, body.clone(), deadline, opts).await?;
+    let response = answer(&st, part, result, body).await?;
+    observe(&model, arrived);
+    Ok(response)
+}
+
+/// A stored answer for a retried idempotency key, or a claim on the key for
+/// this request (409 while another request holds it).
+async fn idempotency(
+    st: &AppState,
+    part: &PartContext,
+) -> Result<(Option<crate::records::Claim>, Option<Response>), ApiError> {
+    let Some(records) = &st.records else { return Ok((None, None)) };
+    if let Some(r) = records.replay(part).await? {
+        return Ok((None, Some(r)));
+    }
+    let claim = records.claim(part)?;
+    // The first request may have committed between the lookup and the claim.
+    if claim.is_some()
+        && let Some(r) = records.replay(part).await?
+    {
+        return Ok((None, Some(r)));
+    }
+    Ok((claim, None))
+}
+
+/// Records the inspection (when records are on) and builds the answer.
+async fn answer(
+    st: &AppState,
+    part: PartContext,
+    result: pipeline::Inspection,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    match &st.records {
+        Some(records) => records.commit(part, result, body).await,
+        None => Ok(Json(result).into_response()),
+    }
 }
 
 /// Admin routes need `Authorization: Bearer <server.admin_token>`.
@@ -328,17 +401,23 @@ async fn inspect_factory(
     query: Result<Query<FactoryQuery>, QueryRejection>,
     headers: HeaderMap,
     req: Request,
-) -> Result<Json<Inspection>, ApiError> {
+) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let opts = options(&st.server, q.heatmap.as_deref())?;
+    let opts = options(&st, q.heatmap.as_deref())?;
     let factory = st.factories.get(&name).ok_or(ApiError::FactoryNotFound(name))?;
+    let part = PartContext::from_headers(&headers, Some(&factory.name))?;
+    let (_claim, replay) = idempotency(&st, &part).await?;
+    if let Some(r) = replay {
+        return Ok(r);
+    }
     let (_permit, body, deadline) = admit(&st, &factory.model, &headers, arrived, req).await?;
     let meta = metadata(&factory, &headers);
     let call = pipeline::FactoryCall { factory: factory.clone(), meta };
-    let result = pipeline::inspect_factory(call, body, deadline, opts).await?;
-    record(&factory.model, arrived);
-    Ok(Json(result))
+    let result = pipeline::inspect_factory(call, body.clone(), deadline, opts).await?;
+    let response = answer(&st, part, result, body).await?;
+    observe(&factory.model, arrived);
+    Ok(response)
 }
 
 /// What plugins may see of a request: the factory, line and part ids, and allowed headers.
@@ -384,7 +463,7 @@ async fn admit(
     Ok((permit, body, deadline))
 }
 
-fn record(model: &ModelEntry, arrived: Instant) {
+fn observe(model: &ModelEntry, arrived: Instant) {
     metrics::histogram!("lineside_inspection_seconds", "model" => model.name.clone())
         .record(arrived.elapsed().as_secs_f64());
 }

@@ -62,6 +62,7 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                             limits: server.decode_limits(),
                             top_k: server.top_k,
                             heatmap: false,
+                            retain_heatmap: false,
                         },
                     )
                     .await

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod eval;
+pub mod export;
 pub mod fit;
 pub mod inspect;
 pub mod models;

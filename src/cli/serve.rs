@@ -49,6 +49,17 @@ use lineside::config::Config;
 ///   # retries = 1                    # before falling back to the cache
 ///   # (the token is read from HF_TOKEN only, never from this file)
 ///
+///   [records]                        # every answer is stored before it is sent
+///   enabled = true                   # --no-records turns it off
+///   data_dir = "lineside-data"       # --data-dir: lineside.db (SQLite, WAL) and images/
+///   # database_url = "postgres://…"  # --database-url: PostgreSQL instead of SQLite, shared
+///                                    # by replicas; better: LINESIDE_RECORDS__DATABASE_URL
+///   pass_sample_rate = 0.01          # share of passing parts whose image is kept
+///                                    # (failed and review parts: always, with heatmaps)
+///   max_image_age_days = 90          # retained images unused for longer are removed
+///   max_image_bytes = 21474836480    # then least recently used ones, past this total
+///   retention_interval_s = 600
+///
 ///   [plugins]
 ///   # cache_dir = "/var/cache/lineside/plugins"  # compiled plugins (default: OS temp dir)
 ///   watch_interval_ms = 250          # hot reload of plugin files; 0 = off
@@ -73,6 +84,15 @@ pub struct ServeArgs {
     /// Listen address (overrides the config).
     #[arg(long)]
     addr: Option<SocketAddr>,
+    /// Data directory for records and retained images (default ./lineside-data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Keep records in PostgreSQL (`postgres://user:pass@host/db`) instead of SQLite.
+    #[arg(long, env = "LINESIDE_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Store no records (answers are not kept; idempotency keys are ignored).
+    #[arg(long)]
+    no_records: bool,
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
@@ -81,6 +101,16 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let mut cfg = Config::load(file.as_deref())?;
     if let Some(addr) = a.addr {
         cfg.server.addr = addr;
+    }
+    if let Some(dir) = a.data_dir {
+        cfg.records.data_dir = dir;
+    }
+    let database_url = a.database_url.or_else(|| std::env::var("LINESIDE_DATABASE_URL").ok());
+    if let Some(url) = database_url {
+        cfg.records.database_url = Some(url);
+    }
+    if a.no_records {
+        cfg.records.enabled = false;
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
