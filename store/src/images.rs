@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -44,7 +45,10 @@ impl ImageStore {
         }
         let dir = path.parent().expect("images have a parent folder");
         std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
-        let tmp = dir.join(format!(".{}.{}.tmp", image.sha256, std::process::id()));
+        // Unique per writer: two requests may retain the same picture at once.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!(".{}.{}.{n}.tmp", image.sha256, std::process::id()));
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(bytes)?;

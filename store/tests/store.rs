@@ -208,3 +208,18 @@ async fn sqlite_retention() {
 async fn postgres_retention() {
     retention_removes_old_and_excess_images("postgres").await;
 }
+
+#[test]
+fn concurrent_puts_of_one_image_all_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = rt.block_on(open("sqlite", &dir));
+    let images = store.images().clone();
+    let bytes = vec![7u8; 256 * 1024];
+    let refs: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8).map(|_| s.spawn(|| images.put(&bytes, "image/png"))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(refs.iter().all(|r| r.is_ok()), "{refs:?}");
+    assert_eq!(images.read(&refs[0].as_ref().unwrap().sha256).unwrap(), bytes);
+}

@@ -14,12 +14,20 @@ pub struct TestServer {
     pub base: String,
     pub client: reqwest::Client,
     _stop: tokio::sync::oneshot::Sender<()>,
+    /// The records' data directory, unless the config named one.
+    pub data: Option<tempfile::TempDir>,
 }
 
 impl TestServer {
     /// Starts a server with `toml` over the defaults; does not wait for readiness.
     pub async fn start(toml: &str) -> Self {
-        let cfg = Config::from_toml(toml).expect("test config");
+        let mut cfg = Config::from_toml(toml).expect("test config");
+        // Records go to a fresh temporary store unless the test names one.
+        let data = (cfg.records.data_dir == lineside::config::RecordsConfig::default().data_dir).then(|| {
+            let d = tempfile::Builder::new().prefix("lineside-test-data").tempdir().unwrap();
+            cfg.records.data_dir = d.path().to_path_buf();
+            d
+        });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -30,7 +38,7 @@ impl TestServer {
             .await
             .expect("server runs");
         });
-        Self { base, client: reqwest::Client::new(), _stop: stop }
+        Self { base, client: reqwest::Client::new(), _stop: stop, data }
     }
 
     /// Starts a server and waits until `/ready` says 200.
@@ -173,5 +181,76 @@ pub async fn wait_for(
         }
         assert!(Instant::now() < until, "{what}: {v}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A fresh, empty database on the test PostgreSQL server; its URL. The server
+/// comes from `LINESIDE_TEST_POSTGRES_URL` (`.ci/test` starts one with
+/// `.ci/postgres.sh`).
+pub async fn postgres_database() -> String {
+    use sqlx::Connection;
+    let url = std::env::var("LINESIDE_TEST_POSTGRES_URL").expect(
+        "LINESIDE_TEST_POSTGRES_URL is not set: run the tests with `bash .ci/test`, \
+         or start a server with `bash .ci/postgres.sh` and export the URL it prints",
+    );
+    let name = format!("lineside_it_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect to the test PostgreSQL");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
+    let base = url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&url);
+    format!("{base}/{name}")
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `lineside serve` process; killed (SIGKILL) when dropped.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub base: String,
+}
+
+impl ServerProcess {
+    /// Starts the real binary with `args` on a free port and waits for `/ready`.
+    pub async fn start(args: &[&str]) -> ServerProcess {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_lineside"))
+            .arg("serve")
+            .args(["--addr", &addr])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start lineside");
+        let p = ServerProcess { child, base: format!("http://{addr}") };
+        let client = reqwest::Client::new();
+        let until = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(r) = client.get(format!("{}/ready", p.base)).send().await
+                && r.status() == 200
+            {
+                return p;
+            }
+            assert!(Instant::now() < until, "lineside did not become ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
