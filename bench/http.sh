@@ -5,13 +5,15 @@
 # saturation wrk found. Prints img/s, p50/p99 latency, server RSS and the
 # e2e/raw ratio.
 #
-#   bench/http.sh [--connections 16] [--duration 20] [--batch 8] [--image FILE]
+#   bench/http.sh [--connections 16] [--duration 20] [--batch 8] [--image FILE] [--no-records]
+#
+# Records are on (as in production), in a temporary data directory.
 #
 # Needs wrk (apt-get install wrk) and a release build (cargo build --release),
 # or another binary in LINESIDE_BIN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CONNS=16 DURATION=20 BATCH=8 RUNS=3
+CONNS=16 DURATION=20 BATCH=8 RUNS=3 RECORDS=
 IMG=../shared/data/neu-det/NEU-DET/IMAGES/scratches_1.jpg
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -20,6 +22,7 @@ while [ $# -gt 0 ]; do
     --batch) BATCH=$2; shift 2 ;;
     --image) IMG=$2; shift 2 ;;
     --runs) RUNS=$2; shift 2 ;;
+    --no-records) RECORDS=--no-records; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -37,8 +40,9 @@ max_batch_size = $BATCH
 max_queue_delay_ms = 2
 queue_capacity = 256
 TOML
-RUST_LOG=warn "$BIN" serve --config "$CFG" & SERVER=$!
-trap 'kill $SERVER 2>/dev/null; rm -f "$CFG"' EXIT
+DATA=$(mktemp -d)
+RUST_LOG=warn "$BIN" serve --config "$CFG" --data-dir "$DATA" $RECORDS & SERVER=$!
+trap 'kill $SERVER 2>/dev/null; rm -rf "$CFG" "$DATA"' EXIT
 until curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null; do sleep 0.2; done
 
 echo "== raw model (lineside bench, batch $BATCH)"

@@ -298,3 +298,55 @@ async fn export_writes_csv_and_jsonl() {
         .collect();
     assert_eq!(parts, ["E-0", "E-1", "E-2", "E-3"], "oldest first");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_image_store_flags_the_answer_but_keeps_the_record() {
+    use sha2::Digest;
+    let dir = temp_dir();
+    let s = TestServer::ready(&format!("[records]\ndata_dir = \"{}\"\n", dir.path().display())).await;
+    // A plain file where the image's folder must go: the write fails as a full
+    // or broken disk would, even for root.
+    let image = neu_image("scratches_2.jpg");
+    let sha: String = sha2::Sha256::digest(&image).iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(dir.path().join("images").join(&sha[..2]), b"in the way").unwrap();
+
+    let r = inspect(&s, &[("x-part-id", "broken-disk")], "scratches_2.jpg").await;
+    assert_eq!(r.status(), 200, "the inspection still answers");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["record"]["stored"], true);
+    assert_eq!(v["record"]["image_retained"], false);
+    assert!(v["record"]["warning"].as_str().unwrap().contains("image not retained"), "{v}");
+    let id = v["id"].as_str().unwrap();
+    let rec: Value = s.client.get(s.url(&format!("/v1/inspections/{id}"))).send().await.unwrap().json().await.unwrap();
+    assert!(rec["storage_warning"].as_str().unwrap().contains("image not retained"));
+    let img = s.client.get(s.url(&format!("/v1/inspections/{id}/image"))).send().await.unwrap();
+    assert_eq!(img.status(), 410);
+    // Other images are unaffected.
+    let r = inspect(&s, &[("x-part-id", "fine")], "crazing_2.jpg").await;
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["record"]["image_retained"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_task_expires_old_images() {
+    // 0.00002 days = 1.7 s; the task runs every second.
+    let s = TestServer::ready("[records]\nmax_image_age_days = 0.00002\nretention_interval_s = 1\n").await;
+    let v: Value = inspect(&s, &[], "pitted_surface_1.jpg").await.json().await.unwrap();
+    let url = s.url(&format!("/v1/inspections/{}/image", v["id"].as_str().unwrap()));
+    assert_eq!(s.client.get(&url).send().await.unwrap().status(), 200);
+    let until = Instant::now() + Duration::from_secs(20);
+    while s.client.get(&url).send().await.unwrap().status() != 410 {
+        assert!(Instant::now() < until, "the image was never expired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rec: Value = s
+        .client
+        .get(s.url(&format!("/v1/inspections/{}", v["id"].as_str().unwrap())))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rec["verdict"], v["verdict"], "the record outlives its image");
+}

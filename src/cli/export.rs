@@ -120,7 +120,7 @@ async fn write_all(store: &Store, filter: &Filter, format: Format, out: Box<dyn 
         Format::Csv => {
             let mut w = csv::Writer::from_writer(out);
             w.write_record(CSV_COLUMNS)?;
-            Sink::Csv(w)
+            Sink::Csv(Box::new(w))
         }
         Format::Jsonl => Sink::Jsonl(out),
     };
@@ -145,7 +145,7 @@ async fn write_all(store: &Store, filter: &Filter, format: Format, out: Box<dyn 
 }
 
 enum Sink {
-    Csv(csv::Writer<std::io::BufWriter<Box<dyn Write>>>),
+    Csv(Box<csv::Writer<std::io::BufWriter<Box<dyn Write>>>>),
     Jsonl(std::io::BufWriter<Box<dyn Write>>),
 }
 
