@@ -17,7 +17,7 @@ as_pg() {
 if ! as_pg "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
   rm -rf "$data"
   mkdir -p "$data"
-  [ "$(id -u)" = 0 ] && chown postgres "$data"
+  if [ "$(id -u)" = 0 ]; then chown postgres "$data"; fi
   as_pg "$bin/initdb" -D "$data" -A trust -U postgres >/dev/null
   as_pg "$bin/pg_ctl" -D "$data" -l "$data/server.log" -w \
     -o "-p $port -k $data -c listen_addresses=127.0.0.1 -c max_connections=200" start >/dev/null
