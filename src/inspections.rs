@@ -101,10 +101,10 @@ pub fn format_time(ms: i64) -> String {
 /// A record as the API shows it: times as RFC 3339, links to its images.
 pub fn record_json(r: &lineside_store::Record) -> Value {
     let mut v = serde_json::to_value(r).unwrap_or_default();
-    v["time"] = json!(format_time(r.created_ms));
+    v["time"] = json!(format_time(r.data.created_ms));
     v["effective_verdict"] = json!(r.effective_verdict());
-    v["image_url"] = json!(r.image_sha256.as_ref().map(|_| format!("/v1/inspections/{}/image", r.id)));
-    v["heatmap_url"] = json!(r.heatmap_sha256.as_ref().map(|_| format!("/v1/inspections/{}/heatmap", r.id)));
+    v["image_url"] = json!(r.image_sha256.as_ref().map(|_| format!("/v1/inspections/{}/image", r.data.id)));
+    v["heatmap_url"] = json!(r.heatmap_sha256.as_ref().map(|_| format!("/v1/inspections/{}/heatmap", r.data.id)));
     v
 }
 
@@ -132,7 +132,7 @@ pub async fn get(State(st): State<AppState>, Path(id): Path<String>) -> Result<J
     let r = store.get(&id).await.map_err(store_error)?.ok_or(ApiError::InspectionNotFound(id.clone()))?;
     let mut v = record_json(&r);
     v["reviews"] = json!(store.reviews(&id).await.map_err(store_error)?);
-    v["response"] = r.response.clone();
+    v["response"] = r.data.response.clone();
     Ok(Json(v))
 }
 

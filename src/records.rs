@@ -10,7 +10,7 @@ use axum::Json;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use lineside_store::{ImageRef, Inserted, NewRecord, Store};
+use lineside_store::{ImageRef, Inserted, NewRecord, RecordData, Store};
 use serde_json::{Value, json};
 
 use crate::config::RecordsConfig;
@@ -123,7 +123,7 @@ impl Records {
     pub async fn replay(&self, ctx: &PartContext) -> Result<Option<Response>, ApiError> {
         let Some(key) = &ctx.key else { return Ok(None) };
         let found = self.store.by_key(&ctx.scope, key).await.map_err(|e| ApiError::Store(e.to_string()))?;
-        Ok(found.map(|r| replayed(r.response)))
+        Ok(found.map(|r| replayed(r.data.response)))
     }
 
     /// Claims `ctx`'s idempotency key for this request; a second request with
@@ -164,9 +164,9 @@ impl Records {
         let inserted = self.store.insert(record).await.map_err(|e| ApiError::RecordFailed(e.to_string()))?;
         metrics::histogram!("lineside_record_seconds").record(started.elapsed().as_secs_f64());
         Ok(match inserted {
-            Inserted::New(r) => Json(r.response).into_response(),
+            Inserted::New(r) => Json(r.data.response).into_response(),
             // Two requests raced under one key and the other committed first.
-            Inserted::Existing(r) => replayed(r.response),
+            Inserted::Existing(r) => replayed(r.data.response),
         })
     }
 }
@@ -228,26 +228,28 @@ fn new_record(ctx: &PartContext, i: &Inspection, kept: Kept, response: Value) ->
         _ => json!([]),
     };
     NewRecord {
-        id: i.id.clone(),
-        created_ms: lineside_store::now_ms(),
+        data: RecordData {
+            id: i.id.clone(),
+            created_ms: lineside_store::now_ms(),
+            factory: ctx.factory.clone(),
+            line: ctx.line.clone(),
+            part_id: ctx.part_id.clone(),
+            capture_id: ctx.capture_id.clone(),
+            idempotency_key: ctx.key.clone(),
+            model: i.model.name.clone(),
+            model_version: i.model.version.clone(),
+            plugins: i.factory.as_ref().map(|f| json!(f.plugins)).unwrap_or_else(|| json!([])),
+            verdict: verdict_str(i.verdict).into(),
+            label: i.label.clone(),
+            score: f64::from(i.score),
+            anomaly_score: i.anomaly.as_ref().map(|a| f64::from(a.anomaly_score)),
+            defects,
+            timings: json!(i.timings_ms),
+            storage_warning: kept.warning,
+            response,
+        },
         scope: ctx.scope.clone(),
-        factory: ctx.factory.clone(),
-        line: ctx.line.clone(),
-        part_id: ctx.part_id.clone(),
-        capture_id: ctx.capture_id.clone(),
-        idempotency_key: ctx.key.clone(),
-        model: i.model.name.clone(),
-        model_version: i.model.version.clone(),
-        plugins: i.factory.as_ref().map(|f| json!(f.plugins)).unwrap_or_else(|| json!([])),
-        verdict: verdict_str(i.verdict).into(),
-        label: i.label.clone(),
-        score: f64::from(i.score),
-        anomaly_score: i.anomaly.as_ref().map(|a| f64::from(a.anomaly_score)),
-        defects,
-        timings: json!(i.timings_ms),
         image: kept.image,
         heatmap: kept.heatmap,
-        storage_warning: kept.warning,
-        response,
     }
 }

@@ -42,8 +42,8 @@ async fn inspect(s: &TestServer, query: &str, img: Vec<u8>) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fit_over_the_api_then_inspect_with_heatmaps() {
-    let dir = std::env::temp_dir().join(format!("lineside-test-{}-anomaly", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let scratch = tempfile::Builder::new().prefix("lineside-test-anomaly").tempdir().unwrap();
+    let dir = scratch.path();
     let backbone = shared().join("models/mobilenetv2_100.imagenet");
     let s = TestServer::ready(&format!(
         "[server]\nmodel_dir = \"{}\"\nfit_backbone = \"{}\"\nadmin_token = \"t0ken\"\n",
@@ -125,5 +125,4 @@ async fn fit_over_the_api_then_inspect_with_heatmaps() {
 
     let r = s.inspect("?model=bottle&heatmap=jpeg", "image/png", bottle("test/good/001.png")).await;
     assert_eq!(r.status(), 400);
-    let _ = std::fs::remove_dir_all(&dir);
 }

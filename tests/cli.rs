@@ -23,9 +23,8 @@ fn verify_passes_on_matching_references_and_fails_on_a_mismatch() {
     );
 
     // The same weights judged against another model's reference outputs.
-    let dir = std::env::temp_dir().join(format!("lineside-test-{}-verify", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = tempfile::Builder::new().prefix("lineside-test-verify").tempdir().unwrap();
+    let dir = scratch.path();
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(good.join(f), dir.join(f)).unwrap();
     }
@@ -36,5 +35,4 @@ fn verify_passes_on_matching_references_and_fails_on_a_mismatch() {
     let (ok, text) = verify(&dir.display().to_string());
     assert!(!ok, "a shifted reference must fail: {text}");
     assert!(text.contains("MISMATCH") && text.contains("does not match its reference"), "{text}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -26,11 +26,9 @@ fn read(dir: &Path, file: &str) -> Vec<u8> {
     std::fs::read(dir.join(file)).unwrap()
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lineside-hub-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh temporary directory, removed when dropped.
+fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("lineside-hub-{tag}")).tempdir().unwrap()
 }
 
 /// v1 is ResNet, v2 ConvNeXt, v3 EfficientNet; the rest are broken on purpose.
@@ -88,7 +86,8 @@ async fn refused(s: &TestServer, revision: &str, served: &str) -> String {
 async fn pull_by_revision_under_load_refuse_broken_revisions_and_serve_from_cache() {
     let mut hub = LocalHub::start().await;
     let [c1, c2, c3] = publish_line_repo(&hub);
-    let cache = temp_dir("server-cache");
+    let cache_dir = temp_dir("server-cache");
+    let cache = cache_dir.path().to_path_buf();
     let toml = format!(
         "[server]\ndefault_model = \"line\"\nadmin_token = \"{TOKEN}\"\n\n[hub]\nendpoint = \"{}\"\ncache_dir = \"{}\"\n\n[[models]]\nname = \"line\"\nsource = \"hf://{REPO}@v1\"\nmax_batch_size = 4\n",
         hub.endpoint,
@@ -209,7 +208,8 @@ async fn every_reference_model_matches_pytorch_through_the_hub_and_offline() {
             hub.publish_folder(&repo, "main", &model_dir(n), &[])
         });
     }
-    let cache = temp_dir("cli-cache");
+    let cache_dir = temp_dir("cli-cache");
+    let cache = cache_dir.path().to_path_buf();
     let (cache_s, endpoint) = (cache.display().to_string(), hub.endpoint.clone());
     let online = [("HF_ENDPOINT", endpoint.as_str()), ("HF_HUB_CACHE", cache_s.as_str())];
 

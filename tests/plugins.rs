@@ -95,7 +95,8 @@ fn one_per_class() -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roi_crop_and_defect_codes_return_the_factory_code() {
-    let cache = tempdir("e2e");
+    let cache_dir = tempdir("e2e");
+    let cache = cache_dir.path().to_path_buf();
     let s = TestServer::ready(&(model_toml(&cache) + &acme_toml("acme"))).await;
     for file in one_per_class() {
         let r = post(&s, "acme", neu_image(&file)).await;
@@ -141,7 +142,8 @@ async fn hostile_plugins_fail_alone_with_specific_errors() {
         ("socket", 422, "plugin_error", "connect"),
         ("env", 422, "plugin_error", "no environment variables visible"),
     ];
-    let cache = tempdir("hostile");
+    let cache_dir = tempdir("hostile");
+    let cache = cache_dir.path().to_path_buf();
     let mut toml = model_toml(&cache) + &acme_toml("acme");
     for (mode, ..) in modes {
         toml += &hostile_toml(mode, "fail");
@@ -183,8 +185,10 @@ async fn hostile_plugins_fail_alone_with_specific_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_file_swaps_under_load_without_failures() {
-    let cache = tempdir("reload");
-    let dir = tempdir("reload-plugins");
+    let cache_dir = tempdir("reload");
+    let cache = cache_dir.path().to_path_buf();
+    let plugin_dir = tempdir("reload-plugins");
+    let dir = plugin_dir.path().to_path_buf();
     let rule = dir.join("rule.wasm");
     replace(&rule, &std::fs::read(guest_wasm("defect-codes")).unwrap());
     let toml = model_toml(&cache)
@@ -277,7 +281,8 @@ fn plugin_check_names_the_world() {
         std::process::Command::new(bin).args(["plugin", "check"]).arg(guest_wasm("defect-codes")).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("postprocessor"));
 
-    let junk = tempdir("check").join("junk.wasm");
+    let junk_dir = tempdir("check");
+    let junk = junk_dir.path().join("junk.wasm");
     std::fs::write(&junk, b"not wasm").unwrap();
     let out = std::process::Command::new(bin).args(["plugin", "check"]).arg(&junk).output().unwrap();
     assert!(!out.status.success());
@@ -291,10 +296,7 @@ fn replace(path: &Path, bytes: &[u8]) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// A fresh directory under the target dir, unique per test.
-fn tempdir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("lineside-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh temporary directory, removed when dropped.
+fn tempdir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("lineside-test-{name}")).tempdir().unwrap()
 }

@@ -26,10 +26,15 @@ async fn versions(s: &TestServer) -> Value {
 }
 
 /// A copy of `from` with its config edited, or its weights taken from `weights_of`.
-fn broken_folder(tag: &str, from: &str, edit: impl Fn(&mut Value), weights_of: Option<&str>) -> String {
-    let dir = std::env::temp_dir().join(format!("lineside-test-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+/// Removed when the returned guard drops.
+fn broken_folder(
+    tag: &str,
+    from: &str,
+    edit: impl Fn(&mut Value),
+    weights_of: Option<&str>,
+) -> (tempfile::TempDir, String) {
+    let guard = tempfile::Builder::new().prefix(&format!("lineside-test-{tag}")).tempdir().unwrap();
+    let dir = guard.path();
     let src = shared().join("models").join(from);
     let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     edit(&mut cfg);
@@ -38,7 +43,8 @@ fn broken_folder(tag: &str, from: &str, edit: impl Fn(&mut Value), weights_of: O
         std::fs::copy(shared().join("models").join(w).join("model.safetensors"), dir.join("model.safetensors"))
             .unwrap();
     }
-    dir.display().to_string()
+    let path = dir.display().to_string();
+    (guard, path)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,18 +76,19 @@ async fn swap_under_load_refuse_broken_versions_and_roll_back() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Broken versions, each refused while B keeps serving.
-    let missing_weights = broken_folder("no-weights", "test_resnet.random6", |_| {}, None);
+    let (_missing, missing_weights) = broken_folder("no-weights", "test_resnet.random6", |_| {}, None);
     let r = put(&s, &missing_weights).await;
     assert_eq!(r.status(), 422);
     assert!(error_code(r).await == "load_failed");
-    let wrong_shapes = broken_folder("wrong-shapes", "test_resnet.random6", |_| {}, Some("test_convnext.random6"));
+    let (_wrong, wrong_shapes) =
+        broken_folder("wrong-shapes", "test_resnet.random6", |_| {}, Some("test_convnext.random6"));
     assert_eq!(put(&s, &wrong_shapes).await.status(), 202, "reading works; loading fails in the background");
     let v = wait_for(&s, "/v1/models/line", "wrong shapes reported", |v| v["versions"]["last_error"].is_string()).await;
     let error = v["versions"]["last_error"].as_str().unwrap();
     eprintln!("wrong shapes: {error}");
     assert!(error.contains("lack tensor") || error.contains("shape"), "{error}");
     assert_eq!(v["model"]["version"], v_b.as_str(), "B still serves");
-    let unsupported = broken_folder(
+    let (_unsupported, unsupported) = broken_folder(
         "unsupported",
         "test_resnet.random6",
         |c| c["architecture"] = json!("vit_base_patch16_224"),

@@ -150,30 +150,31 @@ enum Sink {
 }
 
 fn csv_row(r: &Record) -> Vec<String> {
+    let d = &r.data;
     let opt = |v: &Option<String>| v.clone().unwrap_or_default();
-    let codes: Vec<String> = r
+    let codes: Vec<String> = d
         .defects
         .as_array()
-        .map(|d| d.iter().filter_map(|x| x.get("code").or(x.get("label"))?.as_str().map(str::to_string)).collect())
+        .map(|x| x.iter().filter_map(|x| x.get("code").or(x.get("label"))?.as_str().map(str::to_string)).collect())
         .unwrap_or_default();
     vec![
-        r.id.clone(),
-        format_time(r.created_ms),
-        opt(&r.factory),
-        opt(&r.line),
-        opt(&r.part_id),
-        opt(&r.capture_id),
-        r.model.clone(),
-        r.model_version.clone(),
-        r.verdict.clone(),
+        d.id.clone(),
+        format_time(d.created_ms),
+        opt(&d.factory),
+        opt(&d.line),
+        opt(&d.part_id),
+        opt(&d.capture_id),
+        d.model.clone(),
+        d.model_version.clone(),
+        d.verdict.clone(),
         r.effective_verdict().to_string(),
-        r.label.clone(),
-        format!("{:.6}", r.score),
-        r.anomaly_score.map(|s| format!("{s:.6}")).unwrap_or_default(),
+        d.label.clone(),
+        format!("{:.6}", d.score),
+        d.anomaly_score.map(|s| format!("{s:.6}")).unwrap_or_default(),
         codes.join(";"),
         r.review.as_ref().map(|v| v.reviewer.clone()).unwrap_or_default(),
         r.review.as_ref().map(|v| format_time(v.reviewed_ms)).unwrap_or_default(),
         opt(&r.image_sha256),
-        opt(&r.storage_warning),
+        opt(&d.storage_warning),
     ]
 }

@@ -31,7 +31,7 @@ use sqlx::{AnyPool, Executor};
 pub use error::StoreError;
 pub use images::{ImageRef, ImageStore, RetentionPolicy, RetentionReport};
 pub use query::{Filter, Page, StatRow};
-pub use record::{Inserted, NewRecord, Record, Review, ReviewRecord, now_ms};
+pub use record::{Inserted, NewRecord, Record, RecordData, Review, ReviewRecord, now_ms};
 
 /// Where records are kept.
 #[derive(Debug, Clone)]

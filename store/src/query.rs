@@ -8,7 +8,7 @@ use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::query::Query;
 use sqlx::{Any, AnyExecutor, AssertSqlSafe, Row};
 
-use crate::{NewRecord, Record, Review, ReviewRecord, Store, StoreError};
+use crate::{Record, RecordData, Review, ReviewRecord, Store, StoreError};
 
 const COLUMNS: &str = "seq, id, created_ms, factory, line, part_id, capture_id, idempotency_key, model, \
      model_version, plugins, verdict, label, score, anomaly_score, defects, timings, image_sha256, heatmap_sha256, \
@@ -278,8 +278,7 @@ fn from_row(row: &AnyRow) -> Result<Record, StoreError> {
         }),
         None => None,
     };
-    Ok(Record {
-        seq: row.try_get("seq")?,
+    let data = RecordData {
         id: row.try_get("id")?,
         created_ms: row.try_get("created_ms")?,
         factory: row.try_get("factory")?,
@@ -296,38 +295,14 @@ fn from_row(row: &AnyRow) -> Result<Record, StoreError> {
         anomaly_score: row.try_get("anomaly_score")?,
         defects: json(row, "defects")?,
         timings: json(row, "timings")?,
+        storage_warning: row.try_get("storage_warning")?,
+        response: json(row, "response")?,
+    };
+    Ok(Record {
+        seq: row.try_get("seq")?,
+        data,
         image_sha256: row.try_get("image_sha256")?,
         heatmap_sha256: row.try_get("heatmap_sha256")?,
-        storage_warning: row.try_get("storage_warning")?,
         review,
-        response: json(row, "response")?,
     })
-}
-
-/// The record as stored, without reading it back.
-pub(crate) fn from_new(r: &NewRecord, seq: i64) -> Record {
-    Record {
-        id: r.id.clone(),
-        seq,
-        created_ms: r.created_ms,
-        factory: r.factory.clone(),
-        line: r.line.clone(),
-        part_id: r.part_id.clone(),
-        capture_id: r.capture_id.clone(),
-        idempotency_key: r.idempotency_key.clone(),
-        model: r.model.clone(),
-        model_version: r.model_version.clone(),
-        plugins: r.plugins.clone(),
-        verdict: r.verdict.clone(),
-        label: r.label.clone(),
-        score: r.score,
-        anomaly_score: r.anomaly_score,
-        defects: r.defects.clone(),
-        timings: r.timings.clone(),
-        image_sha256: r.image.as_ref().map(|i| i.sha256.clone()),
-        heatmap_sha256: r.heatmap.as_ref().map(|i| i.sha256.clone()),
-        storage_warning: r.storage_warning.clone(),
-        review: None,
-        response: r.response.clone(),
-    }
 }

@@ -10,14 +10,12 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// A record to write: everything the server knew when it answered.
-#[derive(Debug, Clone)]
-pub struct NewRecord {
+/// Everything the server knew when it answered: written once, read back as is.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordData {
     /// The inspection id the client got.
     pub id: String,
     pub created_ms: i64,
-    /// Idempotency scope: the factory, or `""` for `/v1/inspect`.
-    pub scope: String,
     pub factory: Option<String>,
     pub line: Option<String>,
     pub part_id: Option<String>,
@@ -28,7 +26,7 @@ pub struct NewRecord {
     pub model_version: String,
     /// Plugins that ran: names, versions (sha256) and times.
     pub plugins: Value,
-    /// `pass`, `fail` or `review`.
+    /// `pass`, `fail` or `review`: the verdict the line got.
     pub verdict: String,
     pub label: String,
     pub score: f64,
@@ -36,12 +34,21 @@ pub struct NewRecord {
     /// Defects (factory codes) and anomaly regions.
     pub defects: Value,
     pub timings: Value,
-    pub image: Option<ImageRef>,
-    pub heatmap: Option<ImageRef>,
     /// Set when retaining the image failed: the record is kept without it.
     pub storage_warning: Option<String>,
     /// The JSON body the client got, replayed verbatim on an idempotent retry.
+    #[serde(skip)]
     pub response: Value,
+}
+
+/// A record to write.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    pub data: RecordData,
+    /// Idempotency scope: the factory, or `""` for `/v1/inspect`.
+    pub scope: String,
+    pub image: Option<ImageRef>,
+    pub heatmap: Option<ImageRef>,
 }
 
 /// The outcome of [`crate::Store::insert`].
@@ -56,39 +63,21 @@ pub enum Inserted {
 /// A stored inspection.
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {
-    pub id: String,
     /// Position in the store; cursors page on it.
     pub seq: i64,
-    pub created_ms: i64,
-    pub factory: Option<String>,
-    pub line: Option<String>,
-    pub part_id: Option<String>,
-    pub capture_id: Option<String>,
-    pub idempotency_key: Option<String>,
-    pub model: String,
-    pub model_version: String,
-    pub plugins: Value,
-    /// The verdict the line got.
-    pub verdict: String,
-    pub label: String,
-    pub score: f64,
-    pub anomaly_score: Option<f64>,
-    pub defects: Value,
-    pub timings: Value,
+    #[serde(flatten)]
+    pub data: RecordData,
     /// sha256 of the retained original, if it was kept.
     pub image_sha256: Option<String>,
     pub heatmap_sha256: Option<String>,
-    pub storage_warning: Option<String>,
     /// The latest reviewer's decision, if any.
     pub review: Option<Review>,
-    #[serde(skip)]
-    pub response: Value,
 }
 
 impl Record {
     /// The verdict that stands: a reviewer's override, else the model's.
     pub fn effective_verdict(&self) -> &str {
-        self.review.as_ref().map(|r| r.verdict.as_str()).unwrap_or(&self.verdict)
+        self.review.as_ref().map(|r| r.verdict.as_str()).unwrap_or(&self.data.verdict)
     }
 }
 

@@ -7,7 +7,7 @@ use sqlx::{Any, AnyPool, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::query::{self, Sql};
-use crate::{Inserted, NewRecord, StoreError};
+use crate::{Inserted, NewRecord, Record, StoreError};
 
 /// Records written in one transaction at most.
 const MAX_GROUP: usize = 128;
@@ -88,10 +88,11 @@ async fn commit(pool: &AnyPool, records: &[&NewRecord]) -> Result<Vec<Inserted>,
 }
 
 async fn insert_one(tx: &mut Transaction<'static, Any>, r: &NewRecord) -> Result<Inserted, StoreError> {
+    let d = &r.data;
     for image in [&r.image, &r.heatmap].into_iter().flatten() {
         let mut sql = Sql::new("INSERT INTO images (sha256, bytes, content_type, created_ms, last_used_ms) VALUES (");
         sql.text_arg(&image.sha256).push(", ").int(image.bytes as i64).push(", ").text_arg(&image.content_type);
-        sql.push(", ").int(r.created_ms).push(", ").int(r.created_ms);
+        sql.push(", ").int(d.created_ms).push(", ").int(d.created_ms);
         sql.push(") ON CONFLICT (sha256) DO UPDATE SET last_used_ms = excluded.last_used_ms");
         sql.query().execute(&mut **tx).await?;
     }
@@ -100,31 +101,37 @@ async fn insert_one(tx: &mut Transaction<'static, Any>, r: &NewRecord) -> Result
          model, model_version, plugins, verdict, label, score, anomaly_score, defects, timings, image_sha256, \
          heatmap_sha256, storage_warning, response) VALUES (",
     );
-    sql.text_arg(&r.id).push(", ").int(r.created_ms).push(", ").text_arg(&r.scope).push(", ");
-    sql.opt_text(r.factory.as_deref()).push(", ").opt_text(r.line.as_deref()).push(", ");
-    sql.opt_text(r.part_id.as_deref()).push(", ").opt_text(r.capture_id.as_deref()).push(", ");
-    sql.opt_text(r.idempotency_key.as_deref()).push(", ").text_arg(&r.model).push(", ");
-    sql.text_arg(&r.model_version).push(", ").text_arg(&r.plugins.to_string()).push(", ");
-    sql.text_arg(&r.verdict).push(", ").text_arg(&r.label).push(", ").float(r.score).push(", ");
-    sql.opt_float(r.anomaly_score).push(", ").text_arg(&r.defects.to_string()).push(", ");
-    sql.text_arg(&r.timings.to_string()).push(", ");
+    sql.text_arg(&d.id).push(", ").int(d.created_ms).push(", ").text_arg(&r.scope).push(", ");
+    sql.opt_text(d.factory.as_deref()).push(", ").opt_text(d.line.as_deref()).push(", ");
+    sql.opt_text(d.part_id.as_deref()).push(", ").opt_text(d.capture_id.as_deref()).push(", ");
+    sql.opt_text(d.idempotency_key.as_deref()).push(", ").text_arg(&d.model).push(", ");
+    sql.text_arg(&d.model_version).push(", ").text_arg(&d.plugins.to_string()).push(", ");
+    sql.text_arg(&d.verdict).push(", ").text_arg(&d.label).push(", ").float(d.score).push(", ");
+    sql.opt_float(d.anomaly_score).push(", ").text_arg(&d.defects.to_string()).push(", ");
+    sql.text_arg(&d.timings.to_string()).push(", ");
     sql.opt_text(r.image.as_ref().map(|i| i.sha256.as_str())).push(", ");
     sql.opt_text(r.heatmap.as_ref().map(|i| i.sha256.as_str())).push(", ");
-    sql.opt_text(r.storage_warning.as_deref()).push(", ").text_arg(&r.response.to_string());
+    sql.opt_text(d.storage_warning.as_deref()).push(", ").text_arg(&d.response.to_string());
     sql.push(") ON CONFLICT (scope, idempotency_key) DO NOTHING RETURNING seq");
     let inserted: Option<AnyRow> = sql.query().fetch_optional(&mut **tx).await?;
     match inserted {
         Some(row) => {
             let seq: i64 = sqlx::Row::try_get(&row, 0)?;
-            Ok(Inserted::New(Box::new(query::from_new(r, seq))))
+            Ok(Inserted::New(Box::new(Record {
+                seq,
+                data: d.clone(),
+                image_sha256: r.image.as_ref().map(|i| i.sha256.clone()),
+                heatmap_sha256: r.heatmap.as_ref().map(|i| i.sha256.clone()),
+                review: None,
+            })))
         }
         None => {
-            let key = r.idempotency_key.as_deref().unwrap_or_default();
+            let key = d.idempotency_key.as_deref().unwrap_or_default();
             let existing = query::by_key_in(&mut **tx, &r.scope, key).await?;
             // Only an idempotency key can collide; a missing row would be a bug in the SQL above.
             existing
                 .map(|e| Inserted::Existing(Box::new(e)))
-                .ok_or(StoreError::Corrupt(format!("insert of `{}` conflicted but no record holds its key", r.id)))
+                .ok_or(StoreError::Corrupt(format!("insert of `{}` conflicted but no record holds its key", d.id)))
         }
     }
 }

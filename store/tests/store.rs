@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use lineside_store::{Backend, Filter, Inserted, NewRecord, RetentionPolicy, Store};
+use lineside_store::{Backend, Filter, Inserted, NewRecord, RecordData, RetentionPolicy, Store};
 use serde_json::json;
 use sqlx::Connection;
 
@@ -38,27 +38,29 @@ async fn open(kind: &str, dir: &tempfile::TempDir) -> Store {
 
 fn record(id: &str, factory: &str, line: &str, verdict: &str, label: &str, key: Option<&str>) -> NewRecord {
     NewRecord {
-        id: id.into(),
-        created_ms: lineside_store::now_ms(),
+        data: RecordData {
+            id: id.into(),
+            created_ms: lineside_store::now_ms(),
+            factory: Some(factory.into()),
+            line: Some(line.into()),
+            part_id: Some(format!("part-{id}")),
+            capture_id: None,
+            idempotency_key: key.map(str::to_string),
+            model: "steel-surface".into(),
+            model_version: "v1".into(),
+            plugins: json!([]),
+            verdict: verdict.into(),
+            label: label.into(),
+            score: 0.9,
+            anomaly_score: None,
+            defects: json!([{"code": "S1", "region": [1, 2, 3, 4]}]),
+            timings: json!({"total": 1.0}),
+            storage_warning: None,
+            response: json!({"id": id, "verdict": verdict}),
+        },
         scope: factory.into(),
-        factory: Some(factory.into()),
-        line: Some(line.into()),
-        part_id: Some(format!("part-{id}")),
-        capture_id: None,
-        idempotency_key: key.map(str::to_string),
-        model: "steel-surface".into(),
-        model_version: "v1".into(),
-        plugins: json!([]),
-        verdict: verdict.into(),
-        label: label.into(),
-        score: 0.9,
-        anomaly_score: None,
-        defects: json!([{"code": "S1", "region": [1, 2, 3, 4]}]),
-        timings: json!({"total": 1.0}),
         image: None,
         heatmap: None,
-        storage_warning: None,
-        response: json!({"id": id, "verdict": verdict}),
     }
 }
 
@@ -71,14 +73,14 @@ async fn records_round_trip(kind: &str) {
     store.insert(record("c", "other", "L1", "fail", "inclusion", None)).await.unwrap();
 
     let got = store.get("a").await.unwrap().expect("a is stored");
-    assert_eq!((got.verdict.as_str(), got.label.as_str()), ("fail", "scratches"));
-    assert_eq!(got.defects, json!([{"code": "S1", "region": [1, 2, 3, 4]}]));
-    assert_eq!(got.response, json!({"id": "a", "verdict": "fail"}));
+    assert_eq!((got.data.verdict.as_str(), got.data.label.as_str()), ("fail", "scratches"));
+    assert_eq!(got.data.defects, json!([{"code": "S1", "region": [1, 2, 3, 4]}]));
+    assert_eq!(got.data.response, json!({"id": "a", "verdict": "fail"}));
     assert!(store.get("missing").await.unwrap().is_none());
 
     let acme = Filter { factory: Some("acme".into()), ..Default::default() };
     let page = store.list(&acme, 10, None).await.unwrap();
-    assert_eq!(page.items.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["b", "a"]);
+    assert_eq!(page.items.iter().map(|r| r.data.id.as_str()).collect::<Vec<_>>(), ["b", "a"]);
     assert!(page.next_cursor.is_none());
     let fails = Filter { verdict: Some("fail".into()), ..Default::default() };
     assert_eq!(store.count(&fails).await.unwrap(), 2);
@@ -87,7 +89,7 @@ async fn records_round_trip(kind: &str) {
     let first = store.list(&Filter::default(), 2, None).await.unwrap();
     let cursor: i64 = first.next_cursor.as_deref().expect("a second page").parse().unwrap();
     let second = store.list(&Filter::default(), 2, Some(cursor)).await.unwrap();
-    let ids: Vec<_> = first.items.iter().chain(&second.items).map(|r| r.id.clone()).collect();
+    let ids: Vec<_> = first.items.iter().chain(&second.items).map(|r| r.data.id.clone()).collect();
     assert_eq!(ids, ["c", "b", "a"]);
 
     // A review overrides the verdict that filters and statistics see.
@@ -102,7 +104,7 @@ async fn records_round_trip(kind: &str) {
     assert_eq!(stats.iter().map(|s| s.count).sum::<i64>(), 2);
     assert_eq!(stats.iter().map(|s| s.pass).sum::<i64>(), 2);
     let exported = store.scan(&Filter::default(), 0, 100).await.unwrap();
-    assert_eq!(exported.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
+    assert_eq!(exported.iter().map(|r| r.data.id.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
     store.check().await.unwrap();
     store.close().await;
 }
@@ -114,7 +116,7 @@ async fn idempotency_keeps_one_record(kind: &str) {
     let Inserted::New(first) = first else { panic!("the first insert is new") };
     // The retry (a new id, the same key) gets the first record back.
     match store.insert(record("retry", "acme", "L1", "pass", "good", Some("k1"))).await.unwrap() {
-        Inserted::Existing(r) => assert_eq!(r.id, first.id),
+        Inserted::Existing(r) => assert_eq!(r.data.id, first.data.id),
         Inserted::New(_) => panic!("a retry with the same key was stored twice"),
     }
     // Keys are scoped per factory.
@@ -150,7 +152,7 @@ async fn retention_removes_old_and_excess_images(kind: &str) {
         let img = images.put(&vec![i; 1000], "image/png").unwrap();
         let mut r = record(&format!("r{i}"), "acme", "L1", "fail", "x", None);
         // Old enough to be outside the grace period.
-        r.created_ms = lineside_store::now_ms() - 3_600_000 + i64::from(i);
+        r.data.created_ms = lineside_store::now_ms() - 3_600_000 + i64::from(i);
         r.image = Some(img.clone());
         store.insert(r).await.unwrap();
         refs.push(img);
