@@ -31,8 +31,6 @@ pub struct Records {
 /// What a request says about the part, read from its headers.
 #[derive(Debug, Clone, Default)]
 pub struct PartContext {
-    /// The factory, or `""` for `/v1/inspect`: idempotency keys are unique within it.
-    pub scope: String,
     pub factory: Option<String>,
     pub line: Option<String>,
     pub part_id: Option<String>,
@@ -61,8 +59,12 @@ impl PartContext {
             (None, Some(p), Some(c)) => Some(format!("part:{p}|capture:{c}")),
             _ => None,
         };
-        let factory = factory.map(str::to_string);
-        Ok(PartContext { scope: factory.clone().unwrap_or_default(), factory, line, part_id, capture_id, key })
+        Ok(PartContext { factory: factory.map(str::to_string), line, part_id, capture_id, key })
+    }
+
+    /// Idempotency keys are unique within this: the factory, or `""` for `/v1/inspect`.
+    fn scope(&self) -> &str {
+        self.factory.as_deref().unwrap_or_default()
     }
 }
 
@@ -122,7 +124,7 @@ impl Records {
     /// The stored answer for a retried idempotency key, if there is one.
     pub async fn replay(&self, ctx: &PartContext) -> Result<Option<Response>, ApiError> {
         let Some(key) = &ctx.key else { return Ok(None) };
-        let found = self.store.by_key(&ctx.scope, key).await.map_err(|e| ApiError::Store(e.to_string()))?;
+        let found = self.store.by_key(ctx.scope(), key).await.map_err(|e| ApiError::Store(e.to_string()))?;
         Ok(found.map(|r| replayed(r.data.response)))
     }
 
@@ -130,7 +132,7 @@ impl Records {
     /// the same key while the first runs gets 409.
     pub fn claim(self: &Arc<Self>, ctx: &PartContext) -> Result<Option<Claim>, ApiError> {
         let Some(key) = &ctx.key else { return Ok(None) };
-        let slot = format!("{}\n{key}", ctx.scope);
+        let slot = format!("{}\n{key}", ctx.scope());
         if !self.in_flight.lock().expect("in-flight lock").insert(slot.clone()) {
             return Err(ApiError::Conflict(
                 "a request with this idempotency key is still running; retry when it has answered".into(),
@@ -248,7 +250,6 @@ fn new_record(ctx: &PartContext, i: &Inspection, kept: Kept, response: Value) ->
             storage_warning: kept.warning,
             response,
         },
-        scope: ctx.scope.clone(),
         image: kept.image,
         heatmap: kept.heatmap,
     }

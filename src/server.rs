@@ -187,11 +187,12 @@ async fn inspect(
     let name = q.model.unwrap_or_else(|| st.server.default_model.clone());
     let model = st.registry.get(&name).ok_or(ApiError::ModelNotFound(name))?;
     let part = PartContext::from_headers(&headers, None)?;
+    // The body is read first even for a replay: answering over unread data can reset the connection.
+    let (_permit, body, deadline) = admit(&st, &model, &headers, arrived, req).await?;
     let (_claim, replay) = idempotency(&st, &part).await?;
     if let Some(r) = replay {
         return Ok(r);
     }
-    let (_permit, body, deadline) = admit(&st, &model, &headers, arrived, req).await?;
     let result = pipeline::inspect(&model, body.clone(), deadline, opts).await?;
     let response = answer(&st, part, result, body).await?;
     observe(&model, arrived);
@@ -407,11 +408,11 @@ async fn inspect_factory(
     let opts = options(&st, q.heatmap.as_deref())?;
     let factory = st.factories.get(&name).ok_or(ApiError::FactoryNotFound(name))?;
     let part = PartContext::from_headers(&headers, Some(&factory.name))?;
+    let (_permit, body, deadline) = admit(&st, &factory.model, &headers, arrived, req).await?;
     let (_claim, replay) = idempotency(&st, &part).await?;
     if let Some(r) = replay {
         return Ok(r);
     }
-    let (_permit, body, deadline) = admit(&st, &factory.model, &headers, arrived, req).await?;
     let meta = metadata(&factory, &headers);
     let call = pipeline::FactoryCall { factory: factory.clone(), meta };
     let result = pipeline::inspect_factory(call, body.clone(), deadline, opts).await?;

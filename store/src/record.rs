@@ -45,8 +45,6 @@ pub struct RecordData {
 #[derive(Debug, Clone)]
 pub struct NewRecord {
     pub data: RecordData,
-    /// Idempotency scope: the factory, or `""` for `/v1/inspect`.
-    pub scope: String,
     pub image: Option<ImageRef>,
     pub heatmap: Option<ImageRef>,
 }
@@ -72,6 +70,13 @@ pub struct Record {
     pub heatmap_sha256: Option<String>,
     /// The latest reviewer's decision, if any.
     pub review: Option<Review>,
+}
+
+impl RecordData {
+    /// Idempotency keys are unique within this: the factory, or `""` for `/v1/inspect`.
+    pub fn scope(&self) -> &str {
+        self.factory.as_deref().unwrap_or_default()
+    }
 }
 
 impl Record {

@@ -101,7 +101,7 @@ async fn insert_one(tx: &mut Transaction<'static, Any>, r: &NewRecord) -> Result
          model, model_version, plugins, verdict, label, score, anomaly_score, defects, timings, image_sha256, \
          heatmap_sha256, storage_warning, response) VALUES (",
     );
-    sql.text_arg(&d.id).push(", ").int(d.created_ms).push(", ").text_arg(&r.scope).push(", ");
+    sql.text_arg(&d.id).push(", ").int(d.created_ms).push(", ").text_arg(d.scope()).push(", ");
     sql.opt_text(d.factory.as_deref()).push(", ").opt_text(d.line.as_deref()).push(", ");
     sql.opt_text(d.part_id.as_deref()).push(", ").opt_text(d.capture_id.as_deref()).push(", ");
     sql.opt_text(d.idempotency_key.as_deref()).push(", ").text_arg(&d.model).push(", ");
@@ -127,7 +127,7 @@ async fn insert_one(tx: &mut Transaction<'static, Any>, r: &NewRecord) -> Result
         }
         None => {
             let key = d.idempotency_key.as_deref().unwrap_or_default();
-            let existing = query::by_key_in(&mut **tx, &r.scope, key).await?;
+            let existing = query::by_key_in(&mut **tx, d.scope(), key).await?;
             // Only an idempotency key can collide; a missing row would be a bug in the SQL above.
             existing
                 .map(|e| Inserted::Existing(Box::new(e)))

@@ -58,7 +58,6 @@ fn record(id: &str, factory: &str, line: &str, verdict: &str, label: &str, key: 
             storage_warning: None,
             response: json!({"id": id, "verdict": verdict}),
         },
-        scope: factory.into(),
         image: None,
         heatmap: None,
     }
