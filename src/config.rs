@@ -30,6 +30,9 @@ pub struct Config {
     /// Durable inspection records and retained images.
     #[serde(default)]
     pub records: RecordsConfig,
+    /// API keys per factory and the admin token's digest.
+    #[serde(default)]
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// Where inspection records and retained images are kept.
@@ -225,9 +228,13 @@ pub struct ServerConfig {
     /// Backbone for fits that name none: a timm hub-format folder or `builtin:steel-surface`.
     pub fit_backbone: String,
     /// Bearer token for the admin API (model swaps, rollbacks, fits, plugin
-    /// reloads); unset disables it. Best set as `LINESIDE_SERVER__ADMIN_TOKEN`.
+    /// reloads); unset disables it. Best set as `LINESIDE_SERVER__ADMIN_TOKEN`,
+    /// or store only its digest as `auth.admin_token_sha256`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
+    /// On SIGTERM or Ctrl-C: how long in-flight requests may take to finish
+    /// before the server exits anyway.
+    pub shutdown_grace_s: u64,
 }
 
 impl Default for ServerConfig {
@@ -243,6 +250,7 @@ impl Default for ServerConfig {
             model_dir: PathBuf::from("lineside-data/models"),
             fit_backbone: "builtin:steel-surface".into(),
             admin_token: None,
+            shutdown_grace_s: 30,
         }
     }
 }
@@ -345,6 +353,7 @@ impl Default for Config {
             hub: Default::default(),
             factories: Vec::new(),
             records: RecordsConfig::default(),
+            auth: Default::default(),
         }
     }
 }
@@ -358,11 +367,11 @@ impl Config {
             anyhow::ensure!(f.is_file(), "config file {} not found", f.display());
             fig = fig.merge(Toml::file(f));
         }
-        // Only LINESIDE_SERVER__* and LINESIDE_RECORDS__* are settings; LINESIDE_CONFIG and LINESIDE_SHARED are not.
+        // Only LINESIDE_{SERVER,RECORDS,AUTH}__* are settings; LINESIDE_CONFIG and LINESIDE_SHARED are not.
         let env = Env::prefixed("LINESIDE_")
             .filter(|k| {
                 let k = k.as_str().to_ascii_lowercase();
-                k.starts_with("server__") || k.starts_with("records__")
+                ["server__", "records__", "auth__"].iter().any(|p| k.starts_with(p))
             })
             .split("__");
         let cfg: Config = fig.merge(env).extract()?;

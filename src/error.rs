@@ -41,8 +41,12 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     Unauthorized(String),
+    /// The admin API is turned off.
     #[error("{0}")]
     Forbidden(String),
+    /// The caller is known but may not do this.
+    #[error("{0}")]
+    Denied(String),
     #[error("fit failed: {0}")]
     FitFailed(String),
     #[error("the new version cannot be loaded; the served version stays: {0}")]
@@ -100,7 +104,7 @@ impl ApiError {
             ApiError::FactoryNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Forbidden(_) | ApiError::Denied(_) => StatusCode::FORBIDDEN,
             ApiError::FitFailed(_) | ApiError::LoadFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::HubUnavailable(_) => StatusCode::BAD_GATEWAY,
             // The plugin judged the input unusable (an ROI outside the image, say).
@@ -135,6 +139,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden(_) => "admin_disabled",
+            ApiError::Denied(_) => "forbidden",
             ApiError::FitFailed(_) => "fit_failed",
             ApiError::LoadFailed(_) => "load_failed",
             ApiError::HubUnavailable(_) => "hub_unavailable",

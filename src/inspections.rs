@@ -7,13 +7,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use lineside_store::{Filter, StatRow};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::records::Records;
 use crate::server::AppState;
@@ -48,6 +49,11 @@ pub struct FilterQuery {
 }
 
 impl FilterQuery {
+    /// The store filter, limited to what `who` may read.
+    fn filter_for(&self, who: &Principal) -> Result<Filter, ApiError> {
+        Ok(Filter { factory: who.records_scope(self.factory.clone())?, ..self.filter()? })
+    }
+
     fn filter(&self) -> Result<Filter, ApiError> {
         if let Some(v) = &self.verdict
             && !["pass", "fail", "review"].contains(&v.as_str())
@@ -110,10 +116,11 @@ pub fn record_json(r: &lineside_store::Record) -> Value {
 
 pub async fn list(
     State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
     query: Result<Query<FilterQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let filter = q.filter()?;
+    let filter = q.filter_for(&who)?;
     let limit = q.limit.unwrap_or(50).clamp(1, MAX_LIMIT);
     let cursor = q
         .cursor
@@ -127,31 +134,52 @@ pub async fn list(
     Ok(Json(json!({ "items": items, "next_cursor": page.next_cursor })))
 }
 
-pub async fn get(State(st): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+/// The record `id`, if `who` may read it.
+async fn readable(st: &AppState, who: &Principal, id: &str) -> Result<lineside_store::Record, ApiError> {
+    let store = records(st)?.store();
+    let r = store.get(id).await.map_err(store_error)?.ok_or_else(|| ApiError::InspectionNotFound(id.into()))?;
+    who.may_read_record(id, r.data.factory.as_deref())?;
+    Ok(r)
+}
+
+pub async fn get(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let r = readable(&st, &who, &id).await?;
     let store = records(&st)?.store();
-    let r = store.get(&id).await.map_err(store_error)?.ok_or(ApiError::InspectionNotFound(id.clone()))?;
     let mut v = record_json(&r);
     v["reviews"] = json!(store.reviews(&id).await.map_err(store_error)?);
     v["response"] = r.data.response.clone();
     Ok(Json(v))
 }
 
-pub async fn image(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    file(&st, &id, |r| r.image_sha256.clone(), "image").await
+pub async fn image(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    file(&st, &who, &id, |r| r.image_sha256.clone(), "image").await
 }
 
-pub async fn heatmap(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    file(&st, &id, |r| r.heatmap_sha256.clone(), "heatmap").await
+pub async fn heatmap(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    file(&st, &who, &id, |r| r.heatmap_sha256.clone(), "heatmap").await
 }
 
 async fn file(
     st: &AppState,
+    who: &Principal,
     id: &str,
     pick: impl Fn(&lineside_store::Record) -> Option<String>,
     what: &str,
 ) -> Result<Response, ApiError> {
+    let r = readable(st, who, id).await?;
     let store = records(st)?.store();
-    let r = store.get(id).await.map_err(store_error)?.ok_or_else(|| ApiError::InspectionNotFound(id.into()))?;
     let Some(sha) = pick(&r) else {
         return Err(ApiError::Gone(format!("inspection `{id}` has no retained {what} (retention did not keep it)")));
     };
@@ -176,9 +204,11 @@ pub struct ReviewBody {
 
 pub async fn review(
     State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     body: Result<Json<ReviewBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    readable(&st, &who, &id).await?;
     let Json(b) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     if !["pass", "fail", "review"].contains(&b.verdict.as_str()) {
         return Err(ApiError::BadRequest(format!("verdict `{}`: use pass, fail or review", b.verdict)));
@@ -196,7 +226,7 @@ pub async fn review(
         .await
         .map_err(store_error)?
         .ok_or_else(|| ApiError::InspectionNotFound(id.clone()))?;
-    tracing::info!(inspection = %id, verdict = %b.verdict, reviewer, "verdict reviewed");
+    tracing::info!(inspection = %id, verdict = %b.verdict, reviewer, by = %who, "verdict reviewed");
     let mut v = record_json(&r);
     v["reviews"] = json!(store.reviews(&id).await.map_err(store_error)?);
     Ok(Json(v))
@@ -204,10 +234,11 @@ pub async fn review(
 
 pub async fn stats(
     State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
     query: Result<Query<FilterQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let rows = records(&st)?.store().stats(&q.filter()?).await.map_err(store_error)?;
+    let rows = records(&st)?.store().stats(&q.filter_for(&who)?).await.map_err(store_error)?;
     let total = rows.iter().fold((0, 0, 0, 0), |t, r| (t.0 + r.count, t.1 + r.pass, t.2 + r.fail, t.3 + r.review));
     let rows: Vec<Value> = rows.iter().map(stat_json).collect();
     Ok(Json(json!({

@@ -9,6 +9,7 @@
 //! answer to the record store (`lineside_store`) before it is sent;
 //! `inspections` is its query API and `ui` the review pages.
 
+pub mod auth;
 pub mod builtin;
 pub mod config;
 pub mod error;
@@ -17,6 +18,7 @@ pub mod fit;
 pub mod hub;
 pub mod inspections;
 pub mod metrics;
+pub mod oip;
 pub mod pipeline;
 pub mod records;
 pub mod registry;

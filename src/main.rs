@@ -1,5 +1,5 @@
 //! The `lineside` command: serve, inspect offline, train, benchmark, check plugins, fit and evaluate anomaly
-//! models, export inspection records.
+//! models, export inspection records, make API keys.
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +25,7 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     Models(cli::models::ModelsArgs),
     Export(cli::export::ExportArgs),
+    Keys(cli::keys::KeysArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         Command::Eval(args) => cli::eval::run(args),
         Command::Models(args) => cli::models::run(args),
         Command::Export(args) => cli::export::run(args),
+        Command::Keys(args) => cli::keys::run(args),
     }
 }
 

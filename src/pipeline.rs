@@ -43,6 +43,18 @@ pub struct Inspection {
     /// Factory pipelines only: the factory, its defects and plugin details.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub factory: Option<FactoryResult>,
+    /// The model's whole output, with `Options::raw_outputs` (for tensor protocols).
+    #[serde(skip)]
+    pub raw: Option<RawOutput>,
+}
+
+/// A model's output before it becomes labels and verdicts.
+#[derive(Debug, Clone)]
+pub enum RawOutput {
+    /// Class probabilities in label order.
+    Probabilities(Vec<f32>),
+    /// The anomaly map, `size`×`size`, row-major.
+    AnomalyMap { size: usize, values: Vec<f32> },
 }
 
 /// What an anomaly model adds to an inspection.
@@ -170,6 +182,8 @@ pub struct Options {
     pub heatmap: bool,
     /// Render the heatmap of anomalous parts for their record.
     pub retain_heatmap: bool,
+    /// Keep the model's whole output in `Inspection::raw`.
+    pub raw_outputs: bool,
 }
 
 /// Runs one encoded image through `model` (`/v1/inspect`).
@@ -206,6 +220,40 @@ struct Trace {
     failures: Vec<PluginFailure>,
 }
 
+/// Runs one preprocessed CHW tensor (the model's input shape) through
+/// `model`: no decoding and no plugins.
+pub async fn infer_tensor(
+    model: &ModelEntry,
+    input: Vec<f32>,
+    deadline: Instant,
+    opts: Options,
+) -> Result<Inspection, ApiError> {
+    let (_, h, w) = model.preprocessor.input_shape();
+    let seen = Seen { width: w as u32, height: h as u32, image: None };
+    let prepared = Prepared {
+        input,
+        size: (w as u32, h as u32),
+        seen,
+        decode: Duration::ZERO,
+        preprocess: Duration::ZERO,
+        trace: Trace::default(),
+        call: None,
+    };
+    infer(model, prepared, Instant::now(), deadline, opts).await
+}
+
+/// An image made ready for the model.
+struct Prepared {
+    input: Vec<f32>,
+    /// The decoded image's width and height.
+    size: (u32, u32),
+    seen: Seen,
+    decode: Duration,
+    preprocess: Duration,
+    trace: Trace,
+    call: Option<FactoryCall>,
+}
+
 async fn run(
     model: &ModelEntry,
     call: Option<FactoryCall>,
@@ -222,7 +270,7 @@ async fn run(
     // Only an anomaly heatmap needs the picture again after inference.
     let keep_image = (opts.heatmap || opts.retain_heatmap) && model.kind == ModelKind::Anomaly;
     // Decoding, plugins and resizing are CPU work: off the async workers, and in parallel with the batcher.
-    let (input, (width, height), seen, decode_t, pre_t, mut trace, call) = tokio::task::spawn_blocking(move || {
+    let prepared = tokio::task::spawn_blocking(move || {
         let t0 = Instant::now();
         let mut img = decode(&body, limits).map_err(ApiError::from_image)?;
         let size = (img.width(), img.height());
@@ -233,10 +281,23 @@ async fn run(
         }
         let input = pre.run(&img).map_err(ApiError::from_image)?;
         let seen = Seen { width: img.width(), height: img.height(), image: keep_image.then(|| img.to_rgb8()) };
-        Ok::<_, ApiError>((input, size, seen, t1 - t0, t1.elapsed(), trace, call))
+        Ok::<_, ApiError>(Prepared { input, size, seen, decode: t1 - t0, preprocess: t1.elapsed(), trace, call })
     })
     .await
     .map_err(|e| ApiError::Internal(format!("preprocessing task: {e}")))??;
+    infer(model, prepared, started, deadline, opts).await
+}
+
+/// Batched inference and everything after it.
+async fn infer(
+    model: &ModelEntry,
+    prepared: Prepared,
+    started: Instant,
+    deadline: Instant,
+    opts: Options,
+) -> Result<Inspection, ApiError> {
+    let Prepared { input, size: (width, height), seen, decode: decode_t, preprocess: pre_t, mut trace, call } =
+        prepared;
 
     if Instant::now() >= deadline {
         metrics::counter!("lineside_dropped_total", "model" => model.name.clone(), "reason" => "deadline").increment(1);
@@ -249,6 +310,10 @@ async fn run(
         .map_err(|_| ApiError::Internal("the batcher dropped the request".into()))?
         .map_err(|e| ApiError::from_job(&model.name, e))?;
 
+    let raw = opts.raw_outputs.then(|| match &served.output {
+        Output::Classes(probs) => RawOutput::Probabilities(probs.clone()),
+        Output::Anomaly(map) => RawOutput::AnomalyMap { size: map.size, values: map.map.clone() },
+    });
     let outcome = match served.output {
         Output::Classes(probs) => classification(model, probs, opts.top_k),
         Output::Anomaly(map) => anomaly(model, map, seen, opts).await?,
@@ -288,6 +353,7 @@ async fn run(
             total: ms(started.elapsed()),
         },
         factory,
+        raw,
     })
 }
 

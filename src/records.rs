@@ -143,14 +143,24 @@ impl Records {
 
     /// Stores the inspection (and the images retention keeps) and returns the
     /// answer to send. Nothing is acknowledged that is not committed.
-    pub async fn commit(
+    pub async fn commit(&self, ctx: PartContext, inspection: Inspection, image: Bytes) -> Result<Response, ApiError> {
+        Ok(match self.commit_answer(ctx, inspection, image).await? {
+            Committed::New(v) => Json(v).into_response(),
+            Committed::Replayed(v) => replayed(v),
+        })
+    }
+
+    /// [`Records::commit`], giving the stored answer as JSON. An empty `image`
+    /// (a tensor request) keeps no image.
+    pub async fn commit_answer(
         &self,
         ctx: PartContext,
         mut inspection: Inspection,
         image: Bytes,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Committed, ApiError> {
         let started = Instant::now();
-        let keep_image = inspection.verdict != Verdict::Pass || rand::random::<f64>() < self.cfg.pass_sample_rate;
+        let keep_image = !image.is_empty()
+            && (inspection.verdict != Verdict::Pass || rand::random::<f64>() < self.cfg.pass_sample_rate);
         let heatmap = inspection.anomaly.as_mut().and_then(|a| a.heatmap_for_record.take());
         let images = self.store.images().clone();
         let kept = tokio::task::spawn_blocking(move || retain(&images, keep_image.then_some(image), heatmap))
@@ -166,10 +176,27 @@ impl Records {
         let inserted = self.store.insert(record).await.map_err(|e| ApiError::RecordFailed(e.to_string()))?;
         metrics::histogram!("lineside_record_seconds").record(started.elapsed().as_secs_f64());
         Ok(match inserted {
-            Inserted::New(r) => Json(r.data.response).into_response(),
+            Inserted::New(r) => Committed::New(r.data.response),
             // Two requests raced under one key and the other committed first.
-            Inserted::Existing(r) => replayed(r.data.response),
+            Inserted::Existing(r) => Committed::Replayed(r.data.response),
         })
+    }
+}
+
+/// The answer a commit stored.
+pub enum Committed {
+    /// This request's answer.
+    New(Value),
+    /// The answer of an earlier request under the same idempotency key.
+    Replayed(Value),
+}
+
+impl Committed {
+    /// The stored answer.
+    pub fn into_value(self) -> Value {
+        match self {
+            Committed::New(v) | Committed::Replayed(v) => v,
+        }
     }
 }
 

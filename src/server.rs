@@ -7,7 +7,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -15,6 +15,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::auth::{Access, Principal};
 use crate::config::{Config, ServerConfig};
 use crate::error::ApiError;
 use crate::factories::{Factories, Factory};
@@ -52,14 +53,24 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The record store; `None` when `records.enabled = false`.
     pub records: Option<Arc<Records>>,
+    /// API keys and the admin token.
+    pub access: Arc<Access>,
+    /// Set once shutdown has begun: readiness answers 503 so balancers move away.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AppState {
+    /// Whether shutdown has begun.
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// All routes.
 pub fn router(state: AppState) -> Router {
     let limit = state.server.body_limit_bytes;
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
+    // Everything but health, readiness and the static UI needs to know its caller.
+    let api = Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/models", get(list_models))
         .route("/v1/inspect", post(inspect))
@@ -75,6 +86,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/inspections/{id}/heatmap", get(inspections::heatmap))
         .route("/v1/inspections/{id}/review", post(inspections::review))
         .route("/v1/stats", get(inspections::stats))
+        .merge(crate::oip::model_routes())
+        .route_layer(axum::middleware::from_fn_with_state(state.access.clone(), crate::auth::authenticate));
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .merge(crate::oip::public_routes())
+        .merge(api)
         .merge(crate::ui::routes())
         .route_layer(axum::middleware::from_fn(crate::metrics::track))
         .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_string()) })
@@ -95,6 +113,7 @@ pub async fn serve(
     let metrics = crate::metrics::handle();
     let hub = crate::hub::Hub::new(&cfg.hub)?;
     let registry = Arc::new(Registry::start(&cfg.models, hub).await?);
+    let access = Arc::new(Access::from_config(&cfg)?);
     let factories = Arc::new(Factories::load(&cfg, &registry)?);
     factories.watch(Duration::from_millis(cfg.plugins.watch_interval_ms));
     let records = match cfg.records.enabled {
@@ -110,6 +129,7 @@ pub async fn serve(
         factories = cfg.factories.len(),
         "listening; models loading"
     );
+    let grace = Duration::from_secs(cfg.server.shutdown_grace_s);
     let state = AppState {
         registry,
         fitting: Default::default(),
@@ -117,10 +137,37 @@ pub async fn serve(
         server: Arc::new(cfg.server),
         metrics,
         records: records.clone(),
+        access,
+        draining: Default::default(),
     };
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await?;
+    let draining = state.draining.clone();
+    let signalled = Arc::new(tokio::sync::Notify::new());
+    let stop_accepting = {
+        let signalled = signalled.clone();
+        async move {
+            shutdown.await;
+            draining.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(
+                grace_s = grace.as_secs(),
+                "shutting down: no new connections; finishing in-flight requests"
+            );
+            signalled.notify_one();
+        }
+    };
+    let serving = axum::serve(listener, router(state)).with_graceful_shutdown(stop_accepting);
+    // In-flight requests get `grace` to finish once the signal comes; past it they are cut off.
+    let deadline = async {
+        signalled.notified().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        r = serving => r?,
+        _ = deadline => tracing::warn!(grace_s = grace.as_secs(), "requests still running after the shutdown grace period were cut off"),
+    }
     if let Some(r) = records {
+        // Commits already acknowledged are durable; this lets the writer finish its last group.
         r.store().close().await;
+        tracing::info!("record store closed");
     }
     Ok(())
 }
@@ -131,18 +178,25 @@ async fn health() -> Json<serde_json::Value> {
 
 async fn ready(State(st): State<AppState>) -> Response {
     let models: Vec<ModelInfo> = st.registry.all().iter().map(|m| m.info()).collect();
-    let status = if st.registry.all_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let state = if status == StatusCode::OK { "ready" } else { "not_ready" };
+    let ready = st.registry.all_ready() && !st.draining();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let state = match (ready, st.draining()) {
+        (true, _) => "ready",
+        (false, true) => "draining",
+        (false, false) => "not_ready",
+    };
     let models: Vec<_> = models.iter().map(|m| json!({"name": m.name, "status": m.status, "error": m.error})).collect();
     (status, Json(json!({"status": state, "models": models}))).into_response()
 }
 
-async fn metrics(State(st): State<AppState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render()).into_response()
+async fn metrics(State(st): State<AppState>, Extension(who): Extension<Principal>) -> Result<Response, ApiError> {
+    who.may_read_metrics(&st.access)?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render()).into_response())
 }
 
-async fn list_models(State(st): State<AppState>) -> Json<serde_json::Value> {
-    let models: Vec<ModelInfo> = st.registry.all().iter().map(|m| m.info()).collect();
+async fn list_models(State(st): State<AppState>, Extension(who): Extension<Principal>) -> Json<serde_json::Value> {
+    let models: Vec<ModelInfo> =
+        st.registry.all().iter().filter(|m| who.sees_model(&m.name)).map(|m| m.info()).collect();
     Json(json!({"default": st.server.default_model, "models": models}))
 }
 
@@ -172,11 +226,13 @@ fn options(st: &AppState, heatmap: Option<&str>) -> Result<pipeline::Options, Ap
         top_k: server.top_k,
         heatmap,
         retain_heatmap: st.records.is_some(),
+        raw_outputs: false,
     })
 }
 
 async fn inspect(
     State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
     query: Result<Query<InspectQuery>, QueryRejection>,
     headers: HeaderMap,
     req: Request,
@@ -185,8 +241,12 @@ async fn inspect(
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let opts = options(&st, q.heatmap.as_deref())?;
     let name = q.model.unwrap_or_else(|| st.server.default_model.clone());
+    if let Err(e) = who.may_use_model(&name) {
+        return Err(refuse_after_body(req, e).await);
+    }
     let model = st.registry.get(&name).ok_or(ApiError::ModelNotFound(name))?;
-    let part = PartContext::from_headers(&headers, None)?;
+    // A factory key's inspections are its factory's records.
+    let part = PartContext::from_headers(&headers, who.factory())?;
     // The body is read first even for a replay: answering over unread data can reset the connection.
     let (_permit, body, deadline) = admit(&st, &model, &headers, arrived, req).await?;
     let (_claim, replay) = idempotency(&st, &part).await?;
@@ -232,25 +292,20 @@ async fn answer(
     }
 }
 
-/// Admin routes need `Authorization: Bearer <server.admin_token>`.
-fn check_admin(server: &ServerConfig, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &server.admin_token else {
-        return Err(ApiError::Forbidden("the admin API is disabled: set server.admin_token".into()));
-    };
-    let sent = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    match sent {
-        Some(s) if constant_time_eq(s.as_bytes(), token.as_bytes()) => Ok(()),
-        _ => Err(ApiError::Unauthorized("send `Authorization: Bearer <admin token>`".into())),
-    }
-}
-
-/// Compares without an early exit, so response times do not leak the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Answers `err` once the request body is read: refusing mid-upload resets
+/// the connection and the client never sees why.
+pub(crate) async fn refuse_after_body(req: Request, err: ApiError) -> ApiError {
+    drain(req.into_body()).await;
+    err
 }
 
 /// A model and the versions around it.
-async fn get_model(State(st): State<AppState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn get_model(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    who.may_use_model(&name)?;
     let model = st.registry.get(&name).ok_or_else(|| ApiError::ModelNotFound(name.clone()))?;
     Ok(Json(json!({ "model": model.info(), "versions": st.registry.versions(&name) })))
 }
@@ -268,11 +323,11 @@ struct PutModel {
 /// it is warm (202 at once; `GET /v1/models/{name}` shows progress).
 async fn put_model(
     State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
-    headers: HeaderMap,
     body: Result<Json<PutModel>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
-    check_admin(&st.server, &headers)?;
+    who.require_admin(&st.access, &format!("PUT model {name}"))?;
     let Json(put) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     if !crate::fit::valid_name(&name) {
         return Err(ApiError::BadRequest(format!("model name `{name}`: use 1-64 letters, digits, `-` and `_`")));
@@ -301,10 +356,10 @@ async fn put_model(
 /// Serves the previous version again.
 async fn rollback_model(
     State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
-    headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    check_admin(&st.server, &headers)?;
+    who.require_admin(&st.access, &format!("rollback model {name}"))?;
     let entry = st
         .registry
         .rollback(&name)
@@ -324,17 +379,18 @@ struct FitQuery {
 /// fields), saves it under `server.model_dir` and serves it as `name`.
 async fn fit_model(
     State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
     query: Result<Query<FitQuery>, QueryRejection>,
-    headers: HeaderMap,
     req: Request,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let authorized = check_admin(&st.server, &headers);
+    let authorized = who.require_admin(&st.access, &format!("fit model {name}"));
     // Read the body before refusing anything: answering mid-upload resets the
     // connection and the client never sees the error.
-    let images = multipart_images(req).await?;
+    let images = multipart_images(req).await;
     authorized?;
+    let images = images?;
     if !crate::fit::valid_name(&name) {
         return Err(ApiError::BadRequest(format!("model name `{name}`: use 1-64 letters, digits, `-` and `_`")));
     }
@@ -391,19 +447,23 @@ async fn multipart_images(req: Request) -> Result<Vec<Bytes>, ApiError> {
     Ok(images)
 }
 
-async fn list_factories(State(st): State<AppState>) -> Json<serde_json::Value> {
-    let factories: Vec<_> = st.factories.all().map(|f| f.info()).collect();
+async fn list_factories(State(st): State<AppState>, Extension(who): Extension<Principal>) -> Json<serde_json::Value> {
+    let factories: Vec<_> = st.factories.all().filter(|f| who.sees_factory(&f.name)).map(|f| f.info()).collect();
     Json(json!({ "factories": factories }))
 }
 
 async fn inspect_factory(
     State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
     query: Result<Query<FactoryQuery>, QueryRejection>,
     headers: HeaderMap,
     req: Request,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
+    if let Err(e) = who.may_use_factory(&name) {
+        return Err(refuse_after_body(req, e).await);
+    }
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let opts = options(&st, q.heatmap.as_deref())?;
     let factory = st.factories.get(&name).ok_or(ApiError::FactoryNotFound(name))?;
@@ -422,7 +482,7 @@ async fn inspect_factory(
 }
 
 /// What plugins may see of a request: the factory, line and part ids, and allowed headers.
-fn metadata(factory: &Factory, headers: &HeaderMap) -> Metadata {
+pub(crate) fn metadata(factory: &Factory, headers: &HeaderMap) -> Metadata {
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     let allowed = factory.allowed_headers.iter().filter_map(|h| Some((h.clone(), text(h)?))).collect();
     Metadata { factory: factory.name.clone(), line: text("x-line-id"), part_id: text("x-part-id"), headers: allowed }
@@ -431,10 +491,10 @@ fn metadata(factory: &Factory, headers: &HeaderMap) -> Metadata {
 /// Reloads a factory's plugin files now (the watcher does the same on change).
 async fn reload_factory(
     State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    check_admin(&st.server, &headers)?;
+    who.require_admin(&st.access, &format!("reload factory {name}"))?;
     let factory = st.factories.get(&name).ok_or_else(|| ApiError::FactoryNotFound(name.clone()))?;
     let f = factory.clone();
     let errors = tokio::task::spawn_blocking(move || {
@@ -469,7 +529,7 @@ fn observe(model: &ModelEntry, arrived: Instant) {
         .record(arrived.elapsed().as_secs_f64());
 }
 
-fn request_timeout(headers: &HeaderMap, default_ms: u64) -> Result<Duration, ApiError> {
+pub(crate) fn request_timeout(headers: &HeaderMap, default_ms: u64) -> Result<Duration, ApiError> {
     let Some(v) = headers.get(TIMEOUT_HEADER) else { return Ok(Duration::from_millis(default_ms)) };
     let ms: u64 = v
         .to_str()
@@ -482,15 +542,16 @@ fn request_timeout(headers: &HeaderMap, default_ms: u64) -> Result<Duration, Api
 /// Bodies up to this multiple of the limit are read and discarded before a 413.
 const DRAIN_FACTOR: usize = 4;
 
-async fn drain(body: axum::body::Body) {
+/// Reads and discards a body (for at most 10 s), so an early answer is not lost to a reset.
+pub(crate) async fn drain(body: axum::body::Body) {
     use http_body_util::BodyExt;
     let mut body = body;
     let until = tokio::time::Instant::now() + Duration::from_secs(10);
     while let Ok(Some(Ok(_))) = tokio::time::timeout_at(until, body.frame()).await {}
 }
 
-/// The image bytes of a raw or multipart body.
-async fn image_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
+/// Refuses a body whose declared length is over `limit` (413).
+pub(crate) async fn refuse_oversize(req: Request, limit: usize) -> Result<Request, ApiError> {
     let declared_len = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     if let Some(n) = declared_len.filter(|&n| n > limit) {
         // Reading the body before answering lets the client see the 413: closing
@@ -501,6 +562,21 @@ async fn image_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
         }
         return Err(ApiError::PayloadTooLarge { limit });
     }
+    Ok(req)
+}
+
+/// A whole body of at most `limit` bytes.
+pub(crate) async fn whole_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
+    let req = refuse_oversize(req, limit).await?;
+    Bytes::from_request(req, &()).await.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit },
+        _ => ApiError::BadRequest(e.body_text()),
+    })
+}
+
+/// The image bytes of a raw or multipart body.
+async fn image_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
+    let req = refuse_oversize(req, limit).await?;
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)

@@ -63,6 +63,7 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                             top_k: server.top_k,
                             heatmap: false,
                             retain_heatmap: false,
+                            raw_outputs: false,
                         },
                     )
                     .await

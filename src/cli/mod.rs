@@ -5,6 +5,7 @@ pub mod eval;
 pub mod export;
 pub mod fit;
 pub mod inspect;
+pub mod keys;
 pub mod models;
 pub mod plugin;
 pub mod serve;

@@ -19,11 +19,36 @@ const svg = (tag, attrs = {}) => {
 const fmtTime = (iso) => new Date(iso).toLocaleString();
 const pct = (x) => (100 * x).toFixed(1) + "%";
 
-async function api(path, options) {
-  const resp = await fetch(path, options);
+// With auth.required the API wants a key; it is asked for once and kept for
+// this tab only (sessionStorage), never in a cookie or the URL.
+const KEY = "lineside-api-key";
+const authHeaders = () => {
+  const k = sessionStorage.getItem(KEY);
+  return k ? { authorization: "Bearer " + k } : {};
+};
+
+async function api(path, options = {}, retried = false) {
+  const resp = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...authHeaders() } });
+  if (resp.status === 401 && !retried) {
+    const k = window.prompt("This server needs an API key (a factory key or the admin token):");
+    if (k) {
+      sessionStorage.setItem(KEY, k.trim());
+      return api(path, options, true);
+    }
+  }
   const body = await resp.json().catch(() => ({}));
   if (!resp.ok) throw new Error(body.error ? body.error.message : resp.statusText);
   return body;
+}
+
+// <img src> cannot send a key: with one, the image is fetched and shown from a blob.
+async function setImage(img, url) {
+  if (!sessionStorage.getItem(KEY)) {
+    img.src = url;
+    return;
+  }
+  const resp = await fetch(url, { headers: authHeaders() });
+  if (resp.ok) img.src = URL.createObjectURL(await resp.blob());
 }
 
 function setStatus(text) {
@@ -183,7 +208,8 @@ function drawStage(r) {
     stage.replaceChildren(el("div", { className: "missing", textContent: "image not retained (pass not sampled, or removed by retention)" }));
     return;
   }
-  const img = el("img", { id: "part-image", src: r.image_url, alt: "inspected part" });
+  const img = el("img", { id: "part-image", alt: "inspected part" });
+  setImage(img, r.image_url);
   const size = (r.response && r.response.image) || { width: 100, height: 100 };
   const overlay = svg("svg", { id: "overlay", viewBox: `0 0 ${size.width} ${size.height}`, preserveAspectRatio: "none" });
   for (const d of r.defects || []) {
@@ -196,7 +222,8 @@ function drawStage(r) {
   }
   const parts = [img];
   if (r.heatmap_url) {
-    const heat = el("img", { className: "heat", id: "heatmap", src: r.heatmap_url, alt: "anomaly heatmap" });
+    const heat = el("img", { className: "heat", id: "heatmap", alt: "anomaly heatmap" });
+    setImage(heat, r.heatmap_url);
     heat.hidden = !$("#show-heatmap").checked;
     parts.push(heat);
   }
