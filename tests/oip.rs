@@ -193,17 +193,17 @@ async fn anomaly_models_give_scores_and_maps() {
     assert!(map.iter().copied().fold(f32::MIN, f32::max) > 0.5, "the broken part's map crosses the threshold");
 }
 
-/// A Python with `tritonclient[http]` and numpy, from `LINESIDE_TEST_PYTHON`
-/// (`.ci/test` makes one in `target/ci-python`).
-fn python() -> PathBuf {
-    std::env::var_os("LINESIDE_TEST_PYTHON").map(PathBuf::from).expect(
-        "LINESIDE_TEST_PYTHON is not set: run the tests with `bash .ci/test`, or make a venv with \
-         `pip install 'tritonclient[http]'` and point LINESIDE_TEST_PYTHON at its python",
-    )
+/// A Python interpreter from `var`, which must be set.
+fn python(var: &str, install: &str) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        panic!("{var} is not set: run the tests with `bash .ci/test`, or make a venv with `pip install {install}` and point {var} at its python")
+    })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nvidia_tritonclient_works_unchanged() {
+/// Runs `script` (a Python client) against a real server and checks that
+/// what it got through v2, from an encoded image and from an FP32 tensor it
+/// preprocessed itself, matches `/v1`. Returns what the client printed.
+async fn client_matches_v1(python: PathBuf, script: &str) -> Value {
     let s = TestServer::ready("[server]\ntop_k = 6\n").await;
     // A 256×256 part: the model resizes to 256 and crops 224, so at this size
     // preprocessing is a crop and the Python side can compute the FP32 input itself.
@@ -215,29 +215,24 @@ async fn nvidia_tritonclient_works_unchanged() {
     let pixels = dir.path().join("part.rgb");
     std::fs::write(&pixels, img.as_raw()).unwrap();
 
-    let out = Command::new(python())
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/triton_client.py"))
+    let out = Command::new(python)
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(script))
         .args([s.base.trim_start_matches("http://"), "steel-surface"])
         .args([png.as_os_str(), pixels.as_os_str()])
         .args(["256", "0.485,0.456,0.406", "0.229,0.224,0.225", "224"])
         .output()
         .expect("run the Python client");
-    assert!(out.status.success(), "tritonclient failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{script} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
-    eprintln!("tritonclient saw: {}", serde_json::to_string_pretty(&seen).unwrap());
+    eprintln!("{script} saw: {}", serde_json::to_string_pretty(&seen).unwrap());
     assert_eq!(seen["live"], true);
     assert_eq!(seen["ready"], true);
     assert_eq!(seen["model_ready"], true);
-    assert_eq!(seen["server"]["name"], "lineside");
-    assert_eq!(seen["metadata"]["inputs"][0]["name"], "IMAGE");
 
     let answer = v1(&s, "", std::fs::read(&png).unwrap()).await;
-    let labels: Vec<String> = seen["metadata"]["parameters"]["labels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_str().unwrap().into())
-        .collect();
+    let meta: Value = s.client.get(s.url("/v2/models/steel-surface")).send().await.unwrap().json().await.unwrap();
+    let labels: Vec<&str> =
+        meta["parameters"]["labels"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
     let v1_score = |label: &str| {
         let p = answer["predictions"].as_array().unwrap().iter().find(|p| p["label"] == label).unwrap();
         p["score"].as_f64().unwrap()
@@ -247,11 +242,28 @@ async fn nvidia_tritonclient_works_unchanged() {
         let scores = seen[path]["scores"].as_array().unwrap();
         let worst =
             labels.iter().zip(scores).map(|(l, s)| (s.as_f64().unwrap() - v1_score(l)).abs()).fold(0.0, f64::max);
-        eprintln!("{path}: largest |v2 - v1| probability difference {worst:.2e}");
+        eprintln!("{script} {path}: largest |v2 - v1| probability difference {worst:.2e}");
         assert!(worst < tol, "{path}: scores differ from /v1 by {worst}");
     }
     assert_eq!(seen["bytes"]["verdict"], answer["verdict"]);
     assert_eq!(seen["bytes"]["inspection"]["model"], answer["model"]);
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nvidia_tritonclient_works_unchanged() {
+    // `.ci/test` makes this venv in target/ci-python (about 170 MB).
+    let python = python("LINESIDE_TEST_PYTHON", "'tritonclient[http]'");
+    let seen = client_matches_v1(python, "triton_client.py").await;
+    assert_eq!(seen["server"]["name"], "lineside");
+    assert_eq!(seen["metadata"]["inputs"][0]["name"], "IMAGE");
     assert_eq!(seen["fp32"]["outputs"], json!(["scores", "label"]));
     assert!(seen["unknown_model_error"].as_str().is_some_and(|e| e.contains("no-such-model")), "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the kserve package (about 450 MB): LINESIDE_TEST_KSERVE_PYTHON=… cargo test --test oip -- --ignored"]
+async fn kserve_client_works_unchanged() {
+    let python = python("LINESIDE_TEST_KSERVE_PYTHON", "kserve");
+    client_matches_v1(python, "kserve_client.py").await;
 }
