@@ -33,6 +33,9 @@ pub struct Config {
     /// API keys per factory and the admin token's digest.
     #[serde(default)]
     pub auth: crate::auth::AuthConfig,
+    /// HTTPS instead of HTTP, optionally with client certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 /// Where inspection records and retained images are kept.
@@ -354,6 +357,7 @@ impl Default for Config {
             factories: Vec::new(),
             records: RecordsConfig::default(),
             auth: Default::default(),
+            tls: None,
         }
     }
 }
@@ -367,11 +371,11 @@ impl Config {
             anyhow::ensure!(f.is_file(), "config file {} not found", f.display());
             fig = fig.merge(Toml::file(f));
         }
-        // Only LINESIDE_{SERVER,RECORDS,AUTH}__* are settings; LINESIDE_CONFIG and LINESIDE_SHARED are not.
+        // Only LINESIDE_{SERVER,RECORDS,AUTH,TLS}__* are settings; LINESIDE_CONFIG and LINESIDE_SHARED are not.
         let env = Env::prefixed("LINESIDE_")
             .filter(|k| {
                 let k = k.as_str().to_ascii_lowercase();
-                ["server__", "records__", "auth__"].iter().any(|p| k.starts_with(p))
+                ["server__", "records__", "auth__", "tls__"].iter().any(|p| k.starts_with(p))
             })
             .split("__");
         let cfg: Config = fig.merge(env).extract()?;

@@ -24,4 +24,5 @@ pub mod records;
 pub mod registry;
 pub mod server;
 pub mod source;
+pub mod tls;
 pub mod ui;

@@ -130,6 +130,7 @@ pub async fn serve(
         "listening; models loading"
     );
     let grace = Duration::from_secs(cfg.server.shutdown_grace_s);
+    let tls = cfg.tls.clone();
     let state = AppState {
         registry,
         fitting: Default::default(),
@@ -154,15 +155,15 @@ pub async fn serve(
             signalled.notify_one();
         }
     };
-    let serving = axum::serve(listener, router(state)).with_graceful_shutdown(stop_accepting);
     // In-flight requests get `grace` to finish once the signal comes; past it they are cut off.
-    let deadline = async {
+    let deadline = async move {
         signalled.notified().await;
         tokio::time::sleep(grace).await;
     };
-    tokio::select! {
-        r = serving => r?,
-        _ = deadline => tracing::warn!(grace_s = grace.as_secs(), "requests still running after the shutdown grace period were cut off"),
+    let app = router(state);
+    match &tls {
+        Some(t) => serve_until(crate::tls::TlsListener::new(listener, t)?, app, stop_accepting, deadline).await?,
+        None => serve_until(listener, app, stop_accepting, deadline).await?,
     }
     if let Some(r) = records {
         // Commits already acknowledged are durable; this lets the writer finish its last group.
@@ -170,6 +171,28 @@ pub async fn serve(
         tracing::info!("record store closed");
     }
     Ok(())
+}
+
+/// Serves `app` on `listener` until `stop_accepting` resolves and the
+/// requests in flight are done, or until `deadline`.
+async fn serve_until<L>(
+    listener: L,
+    app: Router,
+    stop_accepting: impl std::future::Future<Output = ()> + Send + 'static,
+    deadline: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let serving = axum::serve(listener, app).with_graceful_shutdown(stop_accepting);
+    tokio::select! {
+        r = serving => r,
+        _ = deadline => {
+            tracing::warn!("requests still running after the shutdown grace period were cut off");
+            Ok(())
+        }
+    }
 }
 
 async fn health() -> Json<serde_json::Value> {
@@ -520,7 +543,7 @@ async fn admit(
 ) -> Result<(OwnedSemaphorePermit, Bytes, Instant), ApiError> {
     let deadline = arrived + request_timeout(headers, st.server.default_timeout_ms)?;
     let permit = model.try_admit()?;
-    let body = image_body(req, st.server.body_limit_bytes).await?;
+    let body = read_image(req, st.server.body_limit_bytes).await?;
     Ok((permit, body, deadline))
 }
 
@@ -574,8 +597,10 @@ pub(crate) async fn whole_body(req: Request, limit: usize) -> Result<Bytes, ApiE
     })
 }
 
-/// The image bytes of a raw or multipart body.
-async fn image_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
+/// The image bytes of a raw image body or of the `image` field of a
+/// multipart body: 413 over `limit`, 415 for other content types, 400 for a
+/// malformed multipart body.
+pub async fn read_image(req: Request, limit: usize) -> Result<Bytes, ApiError> {
     let req = refuse_oversize(req, limit).await?;
     let content_type = req
         .headers()

@@ -27,7 +27,16 @@ use lineside::config::Config;
 ///   model_dir = "lineside-data/models"       # where POST /v1/models/{name}/fit saves models
 ///   fit_backbone = "builtin:steel-surface"   # backbone for fits that name none
 ///   # admin_token = "…"                     # enables the admin API (swaps, rollbacks, fits, reloads);
-///                                          # better: LINESIDE_SERVER__ADMIN_TOKEN
+///                                          # better: LINESIDE_SERVER__ADMIN_TOKEN, or auth.admin_token_sha256
+///   shutdown_grace_s = 30            # on SIGTERM: how long in-flight requests may take before exit
+///
+///   [auth]                           # docs/access.md
+///   required = false                 # true: every API call needs a factory key or the admin token
+///   # admin_token_sha256 = "…"       # `lineside keys hash`; instead of server.admin_token
+///   [[auth.keys]]                    # repeat per key; `lineside keys new --factory acme` prints one
+///   name = "line-3"                  # a label for logs
+///   factory = "acme"                 # the factory it acts for
+///   sha256 = "…"                     # digest of the key (the key itself is never stored)
 ///
 ///   [[models]]                       # repeat per model
 ///   name = "steel-surface"
