@@ -66,7 +66,9 @@ fn summary(mut v: Vec<f64>) -> Value {
         "count": v.len(),
         "p50_ms": percentile(&v, 0.5),
         "p99_ms": percentile(&v, 0.99),
+        "p999_ms": percentile(&v, 0.999),
         "max_ms": v[v.len() - 1],
+        "over_10ms": v.iter().filter(|&&x| x > 10.0).count(),
     })
 }
 

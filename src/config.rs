@@ -36,6 +36,9 @@ pub struct Config {
     /// HTTPS instead of HTTP, optionally with client certificates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<crate::tls::TlsConfig>,
+    /// Keys whose signatures on models and plugins are trusted.
+    #[serde(default)]
+    pub integrity: crate::integrity::IntegrityConfig,
 }
 
 /// Where inspection records and retained images are kept.
@@ -149,6 +152,9 @@ pub struct PluginConfig {
     /// Largest image a preprocessor may return.
     #[serde(default = "d_plugin_output")]
     pub max_output_mib: usize,
+    /// SHA-256 of the `.wasm` file: any other file is refused, at start and on reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 fn d_plugin_timeout() -> u64 {
@@ -289,6 +295,9 @@ pub struct ModelConfig {
     pub threads: Option<usize>,
     #[serde(default)]
     pub verdict: VerdictRule,
+    /// The model's digest (`lineside models digest SOURCE`): other files are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 fn d_batch() -> usize {
@@ -312,6 +321,7 @@ impl ModelConfig {
             queue_capacity: d_queue(),
             threads: None,
             verdict: VerdictRule::default(),
+            sha256: None,
         }
     }
 
@@ -358,6 +368,7 @@ impl Default for Config {
             records: RecordsConfig::default(),
             auth: Default::default(),
             tls: None,
+            integrity: Default::default(),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use lineside_plugins::{EngineOptions, Kind, Limits, PluginEngine, PluginSlot};
+use lineside_plugins::{ContentCheck, EngineOptions, Kind, Limits, PluginEngine, PluginSlot};
 use serde::Serialize;
 
 use crate::config::{Config, FactoryConfig, OnPluginError, PluginConfig};
@@ -94,8 +94,10 @@ impl Factories {
             cfg.factories.iter().flat_map(|f| f.preprocess.iter().chain(&f.postprocess)).map(|p| p.memory_mib);
         opts.max_memory_bytes = max_mib.max().unwrap_or(64) << 20;
         let engine = PluginEngine::new(&opts).context("starting the plugin engine")?;
+        let integrity = crate::integrity::Integrity::from_config(&cfg.integrity)?;
         for f in &cfg.factories {
-            let factory = load_factory(&engine, f, cfg, registry).with_context(|| format!("factory `{}`", f.name))?;
+            let factory =
+                load_factory(&engine, &integrity, f, cfg, registry).with_context(|| format!("factory `{}`", f.name))?;
             map.insert(f.name.clone(), Arc::new(factory));
         }
         Ok(Self { map })
@@ -136,8 +138,20 @@ impl Factories {
     }
 }
 
+/// The pin and signature check a plugin file must pass, at start and on every reload.
+fn check(integrity: &crate::integrity::Integrity, p: &PluginConfig) -> ContentCheck {
+    let (integrity, pin) = (integrity.clone(), p.sha256.clone());
+    let what = format!("plugin {}", p.path.display());
+    let sig = crate::integrity::plugin_signature_path(&p.path);
+    Arc::new(move |bytes: &[u8]| {
+        let digest = crate::integrity::sha256_hex(bytes);
+        integrity.check(&what, &digest, pin.as_deref(), &sig).map_err(|e| e.to_string())
+    })
+}
+
 fn load_factory(
     engine: &PluginEngine,
+    integrity: &crate::integrity::Integrity,
     f: &FactoryConfig,
     cfg: &Config,
     registry: &Registry,
@@ -151,8 +165,9 @@ fn load_factory(
             max_image_bytes: p.max_output_mib << 20,
             ..Limits::default()
         };
-        let slot = PluginSlot::load(engine, &p.name(), kind, &p.path, p.pairs(), limits)
-            .with_context(|| format!("{} plugin {}", kind.world(), p.path.display()))?;
+        let slot =
+            PluginSlot::load_checked(engine, &p.name(), kind, &p.path, p.pairs(), limits, Some(check(integrity, p)))
+                .with_context(|| format!("{} plugin {}", kind.world(), p.path.display()))?;
         tracing::info!(factory = %f.name, plugin = %p.name(), sha256 = %slot.status().sha256, "plugin loaded");
         Ok(slot)
     };

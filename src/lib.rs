@@ -17,6 +17,7 @@ pub mod factories;
 pub mod fit;
 pub mod hub;
 pub mod inspections;
+pub mod integrity;
 pub mod metrics;
 pub mod oip;
 pub mod pipeline;

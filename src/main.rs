@@ -1,5 +1,5 @@
 //! The `lineside` command: serve, inspect offline, train, benchmark, check plugins, fit and evaluate anomaly
-//! models, export inspection records, make API keys.
+//! models, export inspection records, make API keys, sign models and plugins.
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +26,7 @@ enum Command {
     Models(cli::models::ModelsArgs),
     Export(cli::export::ExportArgs),
     Keys(cli::keys::KeysArgs),
+    Sign(cli::sign::SignArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         Command::Models(args) => cli::models::run(args),
         Command::Export(args) => cli::export::run(args),
         Command::Keys(args) => cli::keys::run(args),
+        Command::Sign(args) => cli::sign::run(args),
     }
 }
 

@@ -18,6 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::ModelConfig;
 use crate::error::ApiError;
 use crate::hub::{Hub, Want};
+use crate::integrity::{self, Integrity};
 use crate::source::{LocalModel, ModelSource};
 
 /// One served model.
@@ -134,6 +135,7 @@ pub struct Registry {
     models: RwLock<BTreeMap<String, Arc<ModelEntry>>>,
     history: Mutex<BTreeMap<String, History>>,
     hub: Hub,
+    integrity: Integrity,
 }
 
 /// What a model's name has been through besides its current version.
@@ -162,18 +164,20 @@ pub struct VersionInfo {
 impl Registry {
     /// Fetches hub sources, reads every model's files and starts its batcher;
     /// loading and warm-up continue on the batcher threads.
-    pub async fn start(models: &[ModelConfig], hub: Hub) -> anyhow::Result<Self> {
+    /// Every model's files are checked against its pin and signature first.
+    pub async fn start(models: &[ModelConfig], hub: Hub, integrity: Integrity) -> anyhow::Result<Self> {
         let mut map = BTreeMap::new();
         for m in models {
             let entry = async {
                 let local = LocalModel::resolve(ModelSource::parse(&m.source)?, &hub, Want::Serve).await?;
+                verify(&integrity, m, &local)?;
                 start_model(m, &local)
             }
             .await
             .with_context(|| format!("model `{}`", m.name))?;
             map.insert(m.name.clone(), Arc::new(entry));
         }
-        Ok(Self { models: RwLock::new(map), history: Mutex::new(BTreeMap::new()), hub })
+        Ok(Self { models: RwLock::new(map), history: Mutex::new(BTreeMap::new()), hub, integrity })
     }
 
     /// The hub client models are fetched with.
@@ -193,7 +197,8 @@ impl Registry {
     /// Starts `m` from `local` and serves it under its name at once, replacing
     /// (and keeping for a rollback) a model of that name.
     pub fn add(&self, m: &ModelConfig, local: &LocalModel) -> anyhow::Result<Arc<ModelEntry>> {
-        let entry = Arc::new(start_model(m, local).with_context(|| format!("model `{}`", m.name))?);
+        let started = verify(&self.integrity, m, local).and_then(|_| start_model(m, local));
+        let entry = Arc::new(started.with_context(|| format!("model `{}`", m.name))?);
         self.swap_in(entry.clone());
         Ok(entry)
     }
@@ -207,7 +212,12 @@ impl Registry {
         let name = m.name.clone();
         let started = async {
             let local = LocalModel::resolve(ModelSource::parse(&m.source)?, &self.hub, Want::Serve).await?;
-            tokio::task::spawn_blocking(move || start_model(&m, &local)).await?
+            let integrity = self.integrity.clone();
+            tokio::task::spawn_blocking(move || {
+                verify(&integrity, &m, &local)?;
+                start_model(&m, &local)
+            })
+            .await?
         }
         .await;
         self.with_history(&name, |h| h.fetching = None);
@@ -307,6 +317,29 @@ impl Registry {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
+}
+
+/// Checks a model's files against its pin and, for folders, its signature.
+/// Built-in models are part of the binary: only a pin applies to them.
+fn verify(integrity: &Integrity, m: &ModelConfig, local: &LocalModel) -> anyhow::Result<()> {
+    let what = format!("model `{}` ({})", m.name, local.source);
+    match local.dir() {
+        Some(dir) => {
+            let digest = integrity::model_digest(dir).with_context(|| format!("reading {}", dir.display()))?;
+            integrity.check(&what, &digest, m.sha256.as_deref(), &dir.join(integrity::MODEL_SIGNATURE))?;
+        }
+        None => {
+            if let Some(pin) = &m.sha256 {
+                let files = local.files()?;
+                let digest = integrity::files_digest([
+                    ("config.json", files.config_json.as_bytes()),
+                    ("model.safetensors", &files.weights[..]),
+                ]);
+                integrity.check(&what, &digest, Some(pin), std::path::Path::new(""))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn start_model(m: &ModelConfig, local: &LocalModel) -> anyhow::Result<ModelEntry> {

@@ -112,7 +112,8 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let metrics = crate::metrics::handle();
     let hub = crate::hub::Hub::new(&cfg.hub)?;
-    let registry = Arc::new(Registry::start(&cfg.models, hub).await?);
+    let integrity = crate::integrity::Integrity::from_config(&cfg.integrity)?;
+    let registry = Arc::new(Registry::start(&cfg.models, hub, integrity).await?);
     let access = Arc::new(Access::from_config(&cfg)?);
     let factories = Arc::new(Factories::load(&cfg, &registry)?);
     factories.watch(Duration::from_millis(cfg.plugins.watch_interval_ms));
@@ -340,6 +341,8 @@ struct PutModel {
     source: String,
     /// A branch, tag or commit of a hub source (or give it as `@revision` in `source`).
     revision: Option<String>,
+    /// The new version's digest (`lineside models digest`); replaces the configured pin.
+    sha256: Option<String>,
 }
 
 /// Loads a new version of `name` next to the served one and swaps it in when
@@ -360,10 +363,13 @@ async fn put_model(
         source = source.at_revision(rev).map_err(|e| ApiError::BadRequest(format!("{e:#}")))?;
     }
     let source = source.to_string();
-    let cfg = match st.registry.get(&name) {
+    let mut cfg = match st.registry.get(&name) {
         Some(m) => crate::config::ModelConfig { source: source.clone(), ..m.config.clone() },
         None => crate::config::ModelConfig::new(&name, &source),
     };
+    if put.sha256.is_some() {
+        cfg.sha256 = put.sha256.clone();
+    }
     tracing::info!(model = %name, %source, "fetching a new version");
     // A task of its own, so a client hanging up mid-download does not cancel it.
     let registry = st.registry.clone();

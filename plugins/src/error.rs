@@ -11,6 +11,9 @@ pub enum LoadError {
     Compile(String),
     #[error("does not implement the lineside:plugin@0.1.0 `{world}` world: {reason}")]
     WrongWorld { world: &'static str, reason: String },
+    /// The host's content check (a pinned digest, a signature) refused the file.
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 /// How a plugin call failed. Each maps to a distinct error code in the API.

@@ -27,7 +27,7 @@ pub use bindings::types::{
 pub use engine::{EngineOptions, PluginEngine};
 pub use error::{Failure, LoadError, PluginError};
 pub use plugin::{Kind, Limits, Plugin, PluginInfo, Sandbox, inspect_component};
-pub use slot::{PluginSlot, SlotStatus};
+pub use slot::{ContentCheck, PluginSlot, SlotStatus};
 
 /// Bytes a pixel takes in `format`.
 pub fn channels(format: PixelFormat) -> usize {

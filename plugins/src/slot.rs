@@ -18,6 +18,10 @@ use crate::plugin::{Kind, Limits, Plugin};
 /// The file's identity as the watcher sees it: a change means "try to reload".
 type Fingerprint = Option<(SystemTime, u64)>;
 
+/// A check of a plugin file's bytes before it is loaded, at start and on
+/// every reload (a pinned digest, a signature): `Err` says why it is refused.
+pub type ContentCheck = Arc<dyn Fn(&[u8]) -> Result<(), String> + Send + Sync>;
+
 /// A hot-swappable plugin loaded from a file.
 pub struct PluginSlot {
     engine: PluginEngine,
@@ -26,6 +30,7 @@ pub struct PluginSlot {
     path: PathBuf,
     config: Vec<(String, String)>,
     limits: Limits,
+    check: Option<ContentCheck>,
     current: ArcSwap<Plugin>,
     state: Mutex<State>,
 }
@@ -57,8 +62,23 @@ impl PluginSlot {
         config: Vec<(String, String)>,
         limits: Limits,
     ) -> Result<Self, LoadError> {
+        Self::load_checked(engine, name, kind, path, config, limits, None)
+    }
+
+    /// [`PluginSlot::load`], with `check` run on the file's bytes before this
+    /// and every later load.
+    pub fn load_checked(
+        engine: &PluginEngine,
+        name: &str,
+        kind: Kind,
+        path: &Path,
+        config: Vec<(String, String)>,
+        limits: Limits,
+        check: Option<ContentCheck>,
+    ) -> Result<Self, LoadError> {
         let fingerprint = fingerprint(path);
-        let plugin = Plugin::load_file(engine, name, kind, path, config.clone(), limits)?;
+        let bytes = read_checked(path, check.as_ref())?;
+        let plugin = Plugin::load(engine, name, kind, &bytes, config.clone(), limits)?;
         let status = SlotStatus {
             sha256: plugin.info().sha256.clone(),
             loaded_at: SystemTime::now(),
@@ -72,6 +92,7 @@ impl PluginSlot {
             path: path.to_path_buf(),
             config,
             limits,
+            check,
             current: ArcSwap::from_pointee(plugin),
             state: Mutex::new(State { fingerprint, status }),
         })
@@ -124,14 +145,21 @@ impl PluginSlot {
     }
 
     fn try_reload(&self) -> Result<Option<Arc<Plugin>>, LoadError> {
-        let bytes = std::fs::read(&self.path)
-            .map_err(|source| LoadError::Read { path: self.path.display().to_string(), source })?;
+        let bytes = read_checked(&self.path, self.check.as_ref())?;
         if crate::cache::digest(&bytes) == self.current.load().info().sha256 {
             return Ok(None);
         }
         let plugin = Plugin::load(&self.engine, &self.name, self.kind, &bytes, self.config.clone(), self.limits)?;
         Ok(Some(Arc::new(plugin)))
     }
+}
+
+fn read_checked(path: &Path, check: Option<&ContentCheck>) -> Result<Vec<u8>, LoadError> {
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.display().to_string(), source })?;
+    if let Some(check) = check {
+        check(&bytes).map_err(LoadError::Refused)?;
+    }
+    Ok(bytes)
 }
 
 fn fingerprint(path: &Path) -> Fingerprint {

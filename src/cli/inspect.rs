@@ -38,7 +38,11 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
     }
     let name = a.model.unwrap_or_else(|| cfg.server.default_model.clone());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let registry = rt.block_on(Registry::start(&cfg.models, lineside::hub::Hub::new(&cfg.hub)?))?;
+    let registry = rt.block_on(Registry::start(
+        &cfg.models,
+        lineside::hub::Hub::new(&cfg.hub)?,
+        lineside::integrity::Integrity::from_config(&cfg.integrity)?,
+    ))?;
     let model = registry.get(&name).ok_or_else(|| anyhow::anyhow!("model `{name}` is not configured"))?;
     registry.wait_ready()?;
 

@@ -9,4 +9,5 @@ pub mod keys;
 pub mod models;
 pub mod plugin;
 pub mod serve;
+pub mod sign;
 pub mod train;

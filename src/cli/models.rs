@@ -31,8 +31,19 @@ enum ModelsCommand {
     Pull(PullArgs),
     List(ListArgs),
     Verify(VerifyArgs),
+    Digest(DigestArgs),
     /// List the architectures lineside can load.
     Architectures,
+}
+
+/// Print a model's digest: what `[[models]] sha256` pins and `lineside sign model` signs.
+///
+/// It covers config.json, model.safetensors and, for PatchCore folders,
+/// patchcore.json and memory_bank.safetensors.
+#[derive(Args)]
+struct DigestArgs {
+    /// A folder, `builtin:NAME` or `hf://owner/name[@revision]`.
+    source: String,
 }
 
 /// Download a hub model into the cache; print the resolved commit and the snapshot folder.
@@ -66,11 +77,28 @@ pub fn run(a: ModelsArgs) -> anyhow::Result<()> {
         ModelsCommand::Pull(p) => pull(p),
         ModelsCommand::List(l) => list(l),
         ModelsCommand::Verify(v) => verify(v),
+        ModelsCommand::Digest(d) => digest(d),
         ModelsCommand::Architectures => {
             supported_architectures().iter().for_each(|a| println!("{a}"));
             Ok(())
         }
     }
+}
+
+fn digest(a: DigestArgs) -> anyhow::Result<()> {
+    let local = LocalModel::resolve_blocking(&a.source, &Hub::from_env()?, Want::Serve)?;
+    let digest = match local.dir() {
+        Some(dir) => lineside::integrity::model_digest(dir).with_context(|| format!("reading {}", dir.display()))?,
+        None => {
+            let files = local.files()?;
+            lineside::integrity::files_digest([
+                ("config.json", files.config_json.as_bytes()),
+                ("model.safetensors", &files.weights[..]),
+            ])
+        }
+    };
+    println!("{digest}");
+    Ok(())
 }
 
 fn pull(a: PullArgs) -> anyhow::Result<()> {
