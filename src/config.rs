@@ -203,7 +203,7 @@ fn scalar(v: &serde_json::Value) -> String {
 }
 
 /// What happens to a request when one of its factory's plugins fails.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OnPluginError {
     /// Answer with the plugin's error.

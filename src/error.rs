@@ -73,13 +73,17 @@ pub enum ApiError {
     Store(String),
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
+/// Every `/v1` error: `{"error": {"code", "message"}}`.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub struct Body<'a> {
     error: Detail<'a>,
 }
 
-#[derive(Serialize)]
-struct Detail<'a> {
+/// An error's stable code (branch on it) and message (show it).
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = ErrorDetail)]
+pub struct Detail<'a> {
     code: &'a str,
     message: String,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -24,7 +24,7 @@ pub struct Factory {
 }
 
 /// What `GET /v1/factories` shows of a factory.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct FactoryInfo {
     pub name: String,
     pub model: String,
@@ -34,7 +34,7 @@ pub struct FactoryInfo {
 }
 
 /// A plugin slot as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SlotInfo {
     pub name: String,
     pub path: String,

@@ -114,6 +114,7 @@ pub fn record_json(r: &lineside_store::Record) -> Value {
     v
 }
 
+#[utoipa::path(get, path = "/v1/inspections", tag = "records", security((), ("bearer" = []), ("api_key" = [])), params(("factory" = Option<String>, Query), ("line" = Option<String>, Query), ("verdict" = Option<String>, Query, description = "pass, fail or review"), ("label" = Option<String>, Query), ("model" = Option<String>, Query), ("model_version" = Option<String>, Query), ("part_id" = Option<String>, Query), ("since" = Option<String>, Query, description = "RFC 3339, epoch ms, or a span back such as 24h"), ("until" = Option<String>, Query), ("limit" = Option<u32>, Query, description = "1-500, default 50"), ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page")), responses((status = 200, description = "`{items: [record], next_cursor}`, newest first"), (status = 401, description = "no key, or an unknown one", body = crate::error::Body), (status = 403, description = "not this caller's", body = crate::error::Body)))]
 pub async fn list(
     State(st): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -142,6 +143,7 @@ async fn readable(st: &AppState, who: &Principal, id: &str) -> Result<lineside_s
     Ok(r)
 }
 
+#[utoipa::path(get, path = "/v1/inspections/{id}", tag = "records", security((), ("bearer" = []), ("api_key" = [])), params(("id" = String, Path)), responses((status = 200, description = "the record, its review history and the answer sent"), (status = 404, body = crate::error::Body), (status = 401, description = "no key, or an unknown one", body = crate::error::Body), (status = 403, description = "not this caller's", body = crate::error::Body)))]
 pub async fn get(
     State(st): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -155,6 +157,7 @@ pub async fn get(
     Ok(Json(v))
 }
 
+#[utoipa::path(get, path = "/v1/inspections/{id}/image", tag = "records", security((), ("bearer" = []), ("api_key" = [])), params(("id" = String, Path)), responses((status = 200, description = "the retained original", content_type = "image/*"), (status = 404, body = crate::error::Body), (status = 410, description = "not retained, or removed by retention", body = crate::error::Body), (status = 401, description = "no key, or an unknown one", body = crate::error::Body), (status = 403, description = "not this caller's", body = crate::error::Body)))]
 pub async fn image(
     State(st): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -163,6 +166,7 @@ pub async fn image(
     file(&st, &who, &id, |r| r.image_sha256.clone(), "image").await
 }
 
+#[utoipa::path(get, path = "/v1/inspections/{id}/heatmap", tag = "records", security((), ("bearer" = []), ("api_key" = [])), params(("id" = String, Path)), responses((status = 200, description = "the anomaly heatmap", content_type = "image/png"), (status = 404, body = crate::error::Body), (status = 410, body = crate::error::Body), (status = 401, description = "no key, or an unknown one", body = crate::error::Body), (status = 403, description = "not this caller's", body = crate::error::Body)))]
 pub async fn heatmap(
     State(st): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -194,7 +198,8 @@ async fn file(
         .into_response())
 }
 
-#[derive(Deserialize)]
+/// A reviewer's verdict on a record.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReviewBody {
     verdict: String,
@@ -202,6 +207,7 @@ pub struct ReviewBody {
     note: Option<String>,
 }
 
+#[utoipa::path(post, path = "/v1/inspections/{id}/review", tag = "records", security((), ("bearer" = []), ("api_key" = [])), params(("id" = String, Path)), request_body = ReviewBody, responses((status = 200, description = "the record with the new review"), (status = 400, body = crate::error::Body), (status = 404, body = crate::error::Body), (status = 401, description = "no key, or an unknown one", body = crate::error::Body), (status = 403, description = "not this caller's", body = crate::error::Body)))]
 pub async fn review(
     State(st): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -232,6 +238,7 @@ pub async fn review(
     Ok(Json(v))
 }
 
+#[utoipa::path(get, path = "/v1/stats", tag = "records", security((), ("bearer" = []), ("api_key" = [])), params(("factory" = Option<String>, Query), ("line" = Option<String>, Query), ("verdict" = Option<String>, Query, description = "pass, fail or review"), ("label" = Option<String>, Query), ("model" = Option<String>, Query), ("model_version" = Option<String>, Query), ("part_id" = Option<String>, Query), ("since" = Option<String>, Query, description = "RFC 3339, epoch ms, or a span back such as 24h"), ("until" = Option<String>, Query)), responses((status = 200, description = "`{total, rows}`: counts and defect rates per factory, line, label and hour"), (status = 401, description = "no key, or an unknown one", body = crate::error::Body), (status = 403, description = "not this caller's", body = crate::error::Body)))]
 pub async fn stats(
     State(st): State<AppState>,
     Extension(who): Extension<Principal>,

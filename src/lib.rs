@@ -20,6 +20,7 @@ pub mod inspections;
 pub mod integrity;
 pub mod metrics;
 pub mod oip;
+pub mod openapi;
 pub mod pipeline;
 pub mod records;
 pub mod registry;

@@ -24,8 +24,9 @@ use crate::error::ApiError;
 use crate::factories::Factory;
 use crate::registry::{ModelEntry, ModelKind};
 
-/// The answer to one inspection.
-#[derive(Debug, Clone, Serialize)]
+/// The answer to one inspection. Anomaly models add the fields of
+/// `AnomalyResult`; factory pipelines add those of `FactoryResult`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Inspection {
     pub id: String,
     pub model: ModelRef,
@@ -38,14 +39,32 @@ pub struct Inspection {
     pub image: ImageInfo,
     pub timings_ms: Timings,
     /// Anomaly models only: score, regions and, on request, heatmap PNGs.
+    // OpenAPI cannot say "these fields, sometimes" of a flattened struct: the
+    // schema's description names them instead.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     pub anomaly: Option<AnomalyResult>,
     /// Factory pipelines only: the factory, its defects and plugin details.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     pub factory: Option<FactoryResult>,
+    /// How the inspection was recorded (absent with records off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub record: Option<RecordStatus>,
     /// The model's whole output, with `Options::raw_outputs` (for tensor protocols).
     #[serde(skip)]
     pub raw: Option<RawOutput>,
+}
+
+/// What the record store did with an inspection.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct RecordStatus {
+    /// Committed before this answer was sent.
+    pub stored: bool,
+    /// Whether the original image was kept (failed and review parts, and sampled passes).
+    pub image_retained: bool,
+    /// Why an image could not be kept; the record itself was stored.
+    pub warning: Option<String>,
 }
 
 /// A model's output before it becomes labels and verdicts.
@@ -58,12 +77,14 @@ pub enum RawOutput {
 }
 
 /// What an anomaly model adds to an inspection.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AnomalyResult {
     /// Normalised score: 0.5 is the model's threshold.
     pub anomaly_score: f32,
     pub is_anomalous: bool,
-    /// Connected regions of the thresholded map, in the pixels of the image the model saw.
+    /// Connected regions of the thresholded map, in the pixels of the image the model saw:
+    /// `x`, `y`, `width`, `height`, `area`, `area_percent`, `peak`.
+    #[schema(value_type = Vec<Object>)]
     pub regions: Vec<Region>,
     /// Base64 PNG: the heatmap over the part (with `?heatmap=png`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -77,7 +98,7 @@ pub struct AnomalyResult {
 }
 
 /// What a factory pipeline adds to an inspection.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FactoryResult {
     pub factory: String,
     /// Defects with the factory's codes, from the postprocess plugin.
@@ -91,7 +112,7 @@ pub struct FactoryResult {
     pub plugin_errors: Vec<PluginFailure>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DefectOut {
     pub code: String,
     pub label: String,
@@ -101,7 +122,7 @@ pub struct DefectOut {
     pub region: Option<[u32; 4]>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PluginRun {
     pub stage: &'static str,
     pub name: String,
@@ -112,26 +133,26 @@ pub struct PluginRun {
     pub output_size: Option<[u32; 2]>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PluginFailure {
     pub plugin: String,
     pub reason: &'static str,
     pub message: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ModelRef {
     pub name: String,
     pub version: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Prediction {
     pub label: String,
     pub score: f32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     Pass,
@@ -140,14 +161,14 @@ pub enum Verdict {
     Review,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ImageInfo {
     pub width: u32,
     pub height: u32,
 }
 
 /// Where the time went, in milliseconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Timings {
     pub decode: f64,
     pub preprocess: f64,
@@ -353,6 +374,7 @@ async fn infer(
             total: ms(started.elapsed()),
         },
         factory,
+        record: None,
         raw,
     })
 }

@@ -166,12 +166,12 @@ impl Records {
         let kept = tokio::task::spawn_blocking(move || retain(&images, keep_image.then_some(image), heatmap))
             .await
             .map_err(|e| ApiError::Internal(format!("image store task: {e}")))?;
-        let mut response = serde_json::to_value(&inspection).map_err(|e| ApiError::Internal(e.to_string()))?;
-        response["record"] = json!({
-            "stored": true,
-            "image_retained": kept.image.is_some(),
-            "warning": kept.warning,
+        inspection.record = Some(crate::pipeline::RecordStatus {
+            stored: true,
+            image_retained: kept.image.is_some(),
+            warning: kept.warning.clone(),
         });
+        let response = serde_json::to_value(&inspection).map_err(|e| ApiError::Internal(e.to_string()))?;
         let record = new_record(&ctx, &inspection, kept, response);
         let inserted = self.store.insert(record).await.map_err(|e| ApiError::RecordFailed(e.to_string()))?;
         metrics::histogram!("lineside_record_seconds").record(started.elapsed().as_secs_f64());

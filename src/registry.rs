@@ -40,7 +40,7 @@ pub struct ModelEntry {
 }
 
 /// What a model computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelKind {
     /// Class probabilities (a timm classifier).
@@ -50,7 +50,7 @@ pub enum ModelKind {
 }
 
 /// What `GET /v1/models` shows of a model.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ModelInfo {
     pub name: String,
     pub kind: ModelKind,
@@ -152,7 +152,7 @@ struct History {
 }
 
 /// What `GET /v1/models/{name}` adds to [`ModelInfo`].
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct VersionInfo {
     pub previous_version: Option<String>,
     /// A hub source being downloaded for the next version.

@@ -92,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .merge(crate::oip::public_routes())
+        .merge(crate::openapi::routes())
         .merge(api)
         .merge(crate::ui::routes())
         .route_layer(axum::middleware::from_fn(crate::metrics::track))
@@ -196,10 +197,12 @@ where
     }
 }
 
+#[utoipa::path(get, path = "/health", tag = "health", responses((status = 200, description = "the process is up")))]
 async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
+#[utoipa::path(get, path = "/ready", tag = "health", responses((status = 200, description = "every model is loaded and warm"), (status = 503, description = "loading, failed or draining")))]
 async fn ready(State(st): State<AppState>) -> Response {
     let models: Vec<ModelInfo> = st.registry.all().iter().map(|m| m.info()).collect();
     let ready = st.registry.all_ready() && !st.draining();
@@ -213,11 +216,13 @@ async fn ready(State(st): State<AppState>) -> Response {
     (status, Json(json!({"status": state, "models": models}))).into_response()
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "health", security((), ("bearer" = []), ("api_key" = [])), responses((status = 200, description = "Prometheus text format", content_type = "text/plain"), (status = 401, description = "no key, or an unknown one", body = crate::error::Body), (status = 403, description = "not this caller's", body = crate::error::Body)))]
 async fn metrics(State(st): State<AppState>, Extension(who): Extension<Principal>) -> Result<Response, ApiError> {
     who.may_read_metrics(&st.access)?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render()).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/models", tag = "models", security((), ("bearer" = []), ("api_key" = [])), responses((status = 200, description = "`{default, models: [ModelInfo]}`: the models this caller may use"), (status = 401, description = "no key, or an unknown one", body = crate::error::Body), (status = 403, description = "not this caller's", body = crate::error::Body)))]
 async fn list_models(State(st): State<AppState>, Extension(who): Extension<Principal>) -> Json<serde_json::Value> {
     let models: Vec<ModelInfo> =
         st.registry.all().iter().filter(|m| who.sees_model(&m.name)).map(|m| m.info()).collect();
@@ -254,6 +259,28 @@ fn options(st: &AppState, heatmap: Option<&str>) -> Result<pipeline::Options, Ap
     })
 }
 
+#[utoipa::path(post, path = "/v1/inspect", tag = "inspect", security((), ("bearer" = []), ("api_key" = [])),
+    params(
+        ("model" = Option<String>, Query, description = "a configured model (default: server.default_model)"),
+        ("heatmap" = Option<String>, Query, description = "`png`: attach heatmap and mask PNGs (anomaly models)"),
+        ("X-Request-Timeout-Ms" = Option<u64>, Header, description = "deadline for this request"),
+        ("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key gets the stored answer"),
+        ("X-Line-Id" = Option<String>, Header, description = "recorded with the inspection"),
+        ("X-Part-Id" = Option<String>, Header, description = "recorded; with X-Capture-Id also an idempotency key"),
+        ("X-Capture-Id" = Option<String>, Header, description = "recorded"),
+    ),
+    request_body(content = Vec<u8>, description = "an encoded image (JPEG, PNG, BMP, TIFF, WebP), raw or as the `image` field of multipart/form-data", content_type = "image/jpeg"),
+    responses(
+        (status = 200, description = "the inspection, as recorded", body = crate::pipeline::Inspection),
+        (status = 400, description = "undecodable image or bad parameters", body = crate::error::Body),
+        (status = 409, description = "the same idempotency key is still running", body = crate::error::Body),
+        (status = 413, description = "body or image dimensions over the limits", body = crate::error::Body),
+        (status = 415, description = "not an image", body = crate::error::Body),
+        (status = 429, description = "the model is full; retry after `Retry-After`", body = crate::error::Body),
+        (status = 503, description = "loading, or the record could not be stored", body = crate::error::Body),
+        (status = 504, description = "deadline passed", body = crate::error::Body),
+        (status = 401, description = "no key, or an unknown one", body = crate::error::Body), (status = 403, description = "not this caller's", body = crate::error::Body),
+    ))]
 async fn inspect(
     State(st): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -323,6 +350,7 @@ pub(crate) async fn refuse_after_body(req: Request, err: ApiError) -> ApiError {
     err
 }
 
+#[utoipa::path(get, path = "/v1/models/{name}", tag = "models", security((), ("bearer" = []), ("api_key" = [])), params(("name" = String, Path)), responses((status = 200, description = "`{model: ModelInfo, versions: VersionInfo}`"), (status = 404, body = crate::error::Body), (status = 401, description = "no key, or an unknown one", body = crate::error::Body), (status = 403, description = "not this caller's", body = crate::error::Body)))]
 /// A model and the versions around it.
 async fn get_model(
     State(st): State<AppState>,
@@ -334,9 +362,9 @@ async fn get_model(
     Ok(Json(json!({ "model": model.info(), "versions": st.registry.versions(&name) })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PutModel {
+pub struct PutModel {
     /// `hf://owner/name[@revision]`, a timm hub-format folder, a PatchCore folder or `builtin:NAME`.
     source: String,
     /// A branch, tag or commit of a hub source (or give it as `@revision` in `source`).
@@ -345,6 +373,8 @@ struct PutModel {
     sha256: Option<String>,
 }
 
+#[utoipa::path(put, path = "/v1/models/{name}", tag = "admin", security(("bearer" = [])), params(("name" = String, Path)), request_body = PutModel,
+    responses((status = 202, description = "`{model, pending_version, source}`: loading beside the served version"), (status = 400, body = crate::error::Body), (status = 422, description = "the files cannot be loaded or fail their pin or signature", body = crate::error::Body), (status = 502, description = "hub unreachable and not cached", body = crate::error::Body), (status = 401, description = "no key, or an unknown one", body = crate::error::Body), (status = 403, description = "not this caller's", body = crate::error::Body)))]
 /// Loads a new version of `name` next to the served one and swaps it in when
 /// it is warm (202 at once; `GET /v1/models/{name}` shows progress).
 async fn put_model(
@@ -382,6 +412,7 @@ async fn put_model(
         .into_response())
 }
 
+#[utoipa::path(post, path = "/v1/models/{name}/rollback", tag = "admin", security(("bearer" = [])), params(("name" = String, Path)), responses((status = 200, description = "`{model, versions}`"), (status = 409, description = "no previous version", body = crate::error::Body), (status = 401, description = "no key, or an unknown one", body = crate::error::Body), (status = 403, description = "not this caller's", body = crate::error::Body)))]
 /// Serves the previous version again.
 async fn rollback_model(
     State(st): State<AppState>,
@@ -404,6 +435,10 @@ struct FitQuery {
     image_size: Option<usize>,
 }
 
+#[utoipa::path(post, path = "/v1/models/{name}/fit", tag = "admin", security(("bearer" = [])),
+    params(("name" = String, Path), ("backbone" = Option<String>, Query), ("coreset_ratio" = Option<f32>, Query), ("image_size" = Option<usize>, Query)),
+    request_body(content = Vec<u8>, description = "multipart/form-data with at least 5 `image` fields of good parts", content_type = "multipart/form-data"),
+    responses((status = 201, description = "`{model: ModelInfo, fit}`"), (status = 400, body = crate::error::Body), (status = 409, description = "another fit is running", body = crate::error::Body), (status = 422, body = crate::error::Body), (status = 401, description = "no key, or an unknown one", body = crate::error::Body), (status = 403, description = "not this caller's", body = crate::error::Body)))]
 /// Fits an anomaly model from the good images in a multipart body (`image`
 /// fields), saves it under `server.model_dir` and serves it as `name`.
 async fn fit_model(
@@ -476,11 +511,16 @@ async fn multipart_images(req: Request) -> Result<Vec<Bytes>, ApiError> {
     Ok(images)
 }
 
+#[utoipa::path(get, path = "/v1/factories", tag = "factories", security((), ("bearer" = []), ("api_key" = [])), responses((status = 200, description = "`{factories: [FactoryInfo]}`: the factories this caller may use"), (status = 401, description = "no key, or an unknown one", body = crate::error::Body), (status = 403, description = "not this caller's", body = crate::error::Body)))]
 async fn list_factories(State(st): State<AppState>, Extension(who): Extension<Principal>) -> Json<serde_json::Value> {
     let factories: Vec<_> = st.factories.all().filter(|f| who.sees_factory(&f.name)).map(|f| f.info()).collect();
     Json(json!({ "factories": factories }))
 }
 
+#[utoipa::path(post, path = "/v1/factories/{factory}/inspect", tag = "inspect", security((), ("bearer" = []), ("api_key" = [])),
+    params(("factory" = String, Path), ("heatmap" = Option<String>, Query), ("X-Request-Timeout-Ms" = Option<u64>, Header), ("Idempotency-Key" = Option<String>, Header), ("X-Line-Id" = Option<String>, Header), ("X-Part-Id" = Option<String>, Header), ("X-Capture-Id" = Option<String>, Header)),
+    request_body(content = Vec<u8>, description = "an encoded image, raw or multipart `image`", content_type = "image/jpeg"),
+    responses((status = 200, description = "the inspection with the factory's defects and plugin runs", body = crate::pipeline::Inspection), (status = 404, body = crate::error::Body), (status = 422, description = "a plugin rejected the input", body = crate::error::Body), (status = 502, description = "a plugin failed", body = crate::error::Body), (status = 504, description = "a plugin or the model ran out of time", body = crate::error::Body), (status = 401, description = "no key, or an unknown one", body = crate::error::Body), (status = 403, description = "not this caller's", body = crate::error::Body)))]
 async fn inspect_factory(
     State(st): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -517,6 +557,7 @@ pub(crate) fn metadata(factory: &Factory, headers: &HeaderMap) -> Metadata {
     Metadata { factory: factory.name.clone(), line: text("x-line-id"), part_id: text("x-part-id"), headers: allowed }
 }
 
+#[utoipa::path(post, path = "/v1/factories/{factory}/reload", tag = "admin", security(("bearer" = [])), params(("factory" = String, Path)), responses((status = 200, description = "`{factory: FactoryInfo}`"), (status = 422, description = "a plugin file failed to load; the previous version keeps serving", body = crate::error::Body), (status = 401, description = "no key, or an unknown one", body = crate::error::Body), (status = 403, description = "not this caller's", body = crate::error::Body)))]
 /// Reloads a factory's plugin files now (the watcher does the same on change).
 async fn reload_factory(
     State(st): State<AppState>,

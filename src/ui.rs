@@ -26,7 +26,8 @@ pub fn routes() -> Router<AppState> {
         .route("/ui/style.css", get(|| async { asset(STYLE, "text/css; charset=utf-8") }))
 }
 
-fn asset(body: &'static str, content_type: &'static str) -> Response {
+/// A compiled-in file with the UI's security headers.
+pub(crate) fn asset(body: &'static str, content_type: &'static str) -> Response {
     let mut resp = ([(header::CONTENT_TYPE, content_type)], body).into_response();
     let h = resp.headers_mut();
     h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
