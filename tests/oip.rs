@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{TestServer, shared};
+use common::TestServer;
 use serde_json::{Value, json};
 
 /// A binary-data request: the JSON header, then each input's bytes.
@@ -150,20 +150,9 @@ async fn bad_requests_get_a_protocol_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anomaly_models_give_scores_and_maps() {
     let models = tempfile::tempdir().unwrap();
-    let backbone = shared().join("models/mobilenetv2_100.imagenet");
-    let s = TestServer::ready(&format!(
-        "[server]\nmodel_dir = \"{}\"\nfit_backbone = \"{}\"\nadmin_token = \"t0ken\"\n",
-        models.path().display(),
-        backbone.display()
-    ))
-    .await;
-    let bottle = |p: &str| std::fs::read(shared().join("data/mvtec-ad/bottle").join(p)).unwrap();
-    let form = (0..10).fold(reqwest::multipart::Form::new(), |f, i| {
-        f.part("image", reqwest::multipart::Part::bytes(bottle(&format!("train/good/{i:03}.png"))).file_name("g.png"))
-    });
-    let r = s.client.post(s.url("/v1/models/bottle/fit")).bearer_auth("t0ken").multipart(form).send().await.unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-    common::wait_for(&s, "/v1/models/bottle", "bottle ready", |v| v["model"]["status"] == "ready").await;
+    let s = TestServer::ready(&common::fitting_toml(models.path())).await;
+    common::fit_bottle(&s, "bottle").await;
+    let bottle = common::bottle;
 
     let meta: Value = s.client.get(s.url("/v2/models/bottle")).send().await.unwrap().json().await.unwrap();
     assert_eq!(meta["platform"], "lineside_anomaly");

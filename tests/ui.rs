@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestServer, free_port, shared};
+use common::{TestServer, free_port};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
@@ -90,26 +90,16 @@ async fn wait_text(c: &Client, css: &str, want: &str) -> String {
     }
 }
 
-fn bottle(rel: &str) -> Vec<u8> {
-    std::fs::read(shared().join("data/mvtec-ad/bottle").join(rel)).unwrap()
-}
-
 /// Fits an anomaly model on a few good bottles and inspects a broken one; the record id.
 async fn failed_bottle(s: &TestServer) -> String {
-    let form = (0..10).fold(reqwest::multipart::Form::new(), |f, i| {
-        let part = reqwest::multipart::Part::bytes(bottle(&format!("train/good/{i:03}.png"))).file_name("g.png");
-        f.part("image", part)
-    });
-    let r = s.client.post(s.url("/v1/models/bottle/fit")).bearer_auth("t0ken").multipart(form).send().await.unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-    common::wait_for(s, "/v1/models/bottle", "bottle ready", |v| v["model"]["status"] == "ready").await;
+    common::fit_bottle(s, "bottle").await;
     let r = s
         .client
         .post(s.url("/v1/inspect?model=bottle"))
         .header("content-type", "image/png")
         .header("x-line-id", "bottling-2")
         .header("x-part-id", "BTL-0042")
-        .body(bottle("test/broken_large/000.png"))
+        .body(common::bottle("test/broken_large/000.png"))
         .send()
         .await
         .unwrap();
@@ -123,13 +113,7 @@ async fn failed_bottle(s: &TestServer) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_ui_shows_a_failed_part_and_persists_an_override() {
     let models = tempfile::tempdir().unwrap();
-    let backbone = shared().join("models/mobilenetv2_100.imagenet");
-    let s = TestServer::ready(&format!(
-        "[server]\nmodel_dir = \"{}\"\nfit_backbone = \"{}\"\nadmin_token = \"t0ken\"\n",
-        models.path().display(),
-        backbone.display()
-    ))
-    .await;
+    let s = TestServer::ready(&common::fitting_toml(models.path())).await;
     let id = failed_bottle(&s).await;
     // A passing steel part on another line, so the feed has more than one line.
     let r = s

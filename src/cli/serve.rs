@@ -38,6 +38,17 @@ use lineside::config::Config;
 ///   factory = "acme"                 # the factory it acts for
 ///   sha256 = "…"                     # digest of the key (the key itself is never stored)
 ///
+///   [tls]                            # HTTPS (docs/security.md); absent = plain HTTP
+///   cert = "cert.pem"                # PEM chain
+///   key = "key.pem"
+///   # client_ca = "lines-ca.pem"     # mutual TLS: clients need a certificate from this CA
+///   # client_auth = "required"       # or "optional"
+///   reload_interval_s = 10           # files re-read when they change; 0 = never
+///
+///   [integrity]                      # docs/security.md
+///   trusted_keys = []                # Ed25519 public keys (base64) whose signatures count
+///   require_signatures = false       # true: unsigned model folders and plugins are refused
+///
 ///   [[models]]                       # repeat per model
 ///   name = "steel-surface"
 ///   source = "builtin:steel-surface" # or a timm hub-format folder, a PatchCore folder (lineside fit),
@@ -47,6 +58,7 @@ use lineside::config::Config;
 ///   queue_capacity = 64              # 429 with Retry-After when full
 ///   # threads = 2                    # compute threads (default: all cores); wide convolution
 ///                                    # GEMMs use a shared pool sized by MATMUL_NUM_THREADS
+///   # sha256 = "…"                   # pin: `lineside models digest SOURCE`; other files are refused
 ///   [models.verdict]                 # pass only if top label is listed and score >= min_score
 ///   pass_labels = ["good", "ok", "pass", "normal"]
 ///   min_score = 0.5
@@ -84,6 +96,7 @@ use lineside::config::Config;
 ///   timeout_ms = 50
 ///   memory_mib = 64
 ///   max_output_mib = 32
+///   # sha256 = "…"                   # pin: the .wasm file's SHA-256; checked on every reload
 #[derive(Args, Default)]
 #[command(verbatim_doc_comment)]
 pub struct ServeArgs {

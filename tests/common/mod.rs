@@ -82,6 +82,32 @@ pub fn shared() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"))
 }
 
+/// An MVTec AD bottle image, by its path under `data/mvtec-ad/bottle`.
+pub fn bottle(rel: &str) -> Vec<u8> {
+    std::fs::read(shared().join("data/mvtec-ad/bottle").join(rel)).unwrap()
+}
+
+/// The config of a server that fits anomaly models: admin token `t0ken`,
+/// fitted models in `model_dir`, the ImageNet MobileNetV2 as backbone.
+pub fn fitting_toml(model_dir: &std::path::Path) -> String {
+    format!(
+        "[server]\nmodel_dir = \"{}\"\nfit_backbone = \"{}\"\nadmin_token = \"t0ken\"\n",
+        model_dir.display(),
+        shared().join("models/mobilenetv2_100.imagenet").display()
+    )
+}
+
+/// Fits anomaly model `name` on the first 10 good bottles and waits until it serves.
+pub async fn fit_bottle(s: &TestServer, name: &str) {
+    let form = (0..10).fold(reqwest::multipart::Form::new(), |f, i| {
+        f.part("image", reqwest::multipart::Part::bytes(bottle(&format!("train/good/{i:03}.png"))).file_name("g.png"))
+    });
+    let url = s.url(&format!("/v1/models/{name}/fit"));
+    let r = s.client.post(url).bearer_auth("t0ken").multipart(form).send().await.unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    wait_for(s, &format!("/v1/models/{name}"), "fitted model ready", |v| v["model"]["status"] == "ready").await;
+}
+
 pub fn neu_image(name: &str) -> Vec<u8> {
     let p = shared().join("data/neu-det/NEU-DET/IMAGES").join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
