@@ -128,6 +128,8 @@ fn matrix(id: &str) -> Vec<Row> {
         (M::GET, "/v2/health/live".into(), Body::None, [200, 200, 200, 200]),
         (M::GET, "/v2/health/ready".into(), Body::None, [200, 200, 200, 200]),
         (M::GET, "/ui".into(), Body::None, [200, 200, 200, 200]),
+        (M::GET, "/openapi.json".into(), Body::None, [200, 200, 200, 200]),
+        (M::GET, "/docs".into(), Body::None, [200, 200, 200, 200]),
         (M::GET, "/metrics".into(), Body::None, [401, 403, 403, 200]),
         (M::GET, "/v1/models".into(), Body::None, [401, 200, 200, 200]),
         (M::GET, "/v1/models/steel-surface".into(), Body::None, [401, 403, 200, 200]),
