@@ -15,7 +15,11 @@ fuzz_target!(|data: &[u8]| {
         .outputs
         .iter()
         .flatten()
-        .map(|r| Output { name: r.name.clone(), shape: vec![1], data: OutData::Bytes(vec![r.name.as_bytes().to_vec()]) })
+        .map(|r| Output {
+            name: r.name.clone(),
+            shape: vec![1],
+            data: OutData::Bytes(vec![r.name.as_bytes().to_vec()]),
+        })
         .collect();
     let _ = encode_response("m", "1", req.id.as_deref(), &outputs, |n| n.len() % 2 == 0);
 });
