@@ -72,6 +72,11 @@ impl Integrity {
         Ok(Self { keys, require_signatures: cfg.require_signatures })
     }
 
+    /// Whether any signature would be looked at (trusted keys, or signatures required).
+    pub fn checks_signatures(&self) -> bool {
+        self.require_signatures || !self.keys.is_empty()
+    }
+
     /// Checks `digest` (hex) of `what` against its pin and, where keys are
     /// configured, the signature in `sig_path`.
     pub fn check(&self, what: &str, digest: &str, pinned: Option<&str>, sig_path: &Path) -> Result<(), IntegrityError> {

@@ -262,7 +262,8 @@ fn batch(req: InferRequest, target: &Target) -> Result<Batch, ApiError> {
 
 /// One batch element's answer.
 struct Element {
-    inspection: Inspection,
+    /// The model's whole output.
+    raw: RawOutput,
     /// The `/v1` answer, as stored when records are on.
     answer: Value,
 }
@@ -318,8 +319,13 @@ async fn infer(
     let outputs = outputs(&model, &elements)?;
     let selected: Vec<Output> = match &wanted {
         None => outputs,
-        // In the order they were asked for.
-        Some(w) => w.iter().filter_map(|r| outputs.iter().find(|o| o.name == r.name).cloned()).collect(),
+        // In the order they were asked for; moved, not copied (a batch of maps can be large).
+        Some(w) => {
+            let mut all: Vec<Option<Output>> = outputs.into_iter().map(Some).collect();
+            w.iter()
+                .filter_map(|r| all.iter_mut().find(|o| o.as_ref().is_some_and(|o| o.name == r.name))?.take())
+                .collect()
+        }
     };
     let binary = |name: &str| match &wanted {
         None => binary_output,
@@ -357,12 +363,14 @@ async fn run_batch(
     let mut spawn = |image: Bytes, run: std::pin::Pin<Box<dyn Future<Output = _> + Send>>| {
         let (records, part) = (st.records.clone(), part.clone());
         tasks.push(tokio::spawn(async move {
-            let inspection: Inspection = run.await?;
+            let mut inspection: Inspection = run.await?;
+            // The raw output is not part of the answer: taken out, the inspection moves into the record.
+            let raw = inspection.raw.take().ok_or_else(|| ApiError::Internal("no raw model output".into()))?;
             let answer = match records {
-                Some(r) => r.commit_answer(part, inspection.clone(), image).await?.into_value(),
+                Some(r) => r.commit_answer(part, inspection, image).await?.into_value(),
                 None => serde_json::to_value(&inspection).map_err(|e| ApiError::Internal(e.to_string()))?,
             };
-            Ok::<_, ApiError>(Element { inspection, answer })
+            Ok::<_, ApiError>(Element { raw, answer })
         }));
     };
     match batch {
@@ -404,8 +412,8 @@ fn outputs(model: &ModelEntry, elements: &[Element]) -> Result<Vec<Output>, ApiE
         ModelKind::Classifier => {
             let mut scores = Vec::with_capacity(n * model.labels.len());
             for e in elements {
-                match &e.inspection.raw {
-                    Some(RawOutput::Probabilities(p)) => scores.extend_from_slice(p),
+                match &e.raw {
+                    RawOutput::Probabilities(p) => scores.extend_from_slice(p),
                     _ => return Err(ApiError::Internal("a classifier gave no probabilities".into())),
                 }
             }
@@ -414,9 +422,9 @@ fn outputs(model: &ModelEntry, elements: &[Element]) -> Result<Vec<Output>, ApiE
         ModelKind::Anomaly => {
             let (mut scores, mut maps, mut side) = (Vec::with_capacity(n), Vec::new(), 0);
             for e in elements {
-                match (&e.inspection.raw, &e.inspection.anomaly) {
-                    (Some(RawOutput::AnomalyMap { size, values }), Some(a)) => {
-                        scores.push(a.anomaly_score);
+                match (&e.raw, e.answer["anomaly_score"].as_f64()) {
+                    (RawOutput::AnomalyMap { size, values }, Some(score)) => {
+                        scores.push(score as f32);
                         maps.extend_from_slice(values);
                         side = *size;
                     }
@@ -429,7 +437,11 @@ fn outputs(model: &ModelEntry, elements: &[Element]) -> Result<Vec<Output>, ApiE
             ]
         }
     };
-    outs.push(Output { name: "label".into(), shape: vec![n], data: text(&|e| e.inspection.label.clone()) });
+    outs.push(Output {
+        name: "label".into(),
+        shape: vec![n],
+        data: text(&|e| e.answer["label"].as_str().unwrap_or_default().to_string()),
+    });
     outs.push(Output {
         name: "verdict".into(),
         shape: vec![n],
