@@ -105,7 +105,11 @@ impl Preprocessor {
 
     /// Resize, center-crop and normalize to a CHW f32 buffer.
     pub fn run(&self, img: &DynamicImage) -> Result<Vec<f32>> {
-        let rgb = img.to_rgb8();
+        // Decoded JPEGs are already RGB8; copying a 1080p frame costs 0.5 ms.
+        let rgb = match img {
+            DynamicImage::ImageRgb8(rgb) => std::borrow::Cow::Borrowed(rgb),
+            other => std::borrow::Cow::Owned(other.to_rgb8()),
+        };
         let cropped = self.resize_crop(&rgb)?;
         Ok(self.normalize(&cropped))
     }
