@@ -244,6 +244,13 @@ pub struct ServerConfig {
     /// On SIGTERM or Ctrl-C: how long in-flight requests may take to finish
     /// before the server exits anyway.
     pub shutdown_grace_s: u64,
+    /// Threads that decode and resize images; 0 means one per core.
+    pub preprocess_threads: usize,
+    /// Niceness of those threads (Linux), so that inference goes first
+    /// when both want the cores; 0 keeps the process's priority.
+    pub preprocess_nice: i32,
+    /// Images waiting for or in preprocessing before new ones get 429.
+    pub preprocess_queue: usize,
 }
 
 impl Default for ServerConfig {
@@ -260,11 +267,23 @@ impl Default for ServerConfig {
             fit_backbone: "builtin:steel-surface".into(),
             admin_token: None,
             shutdown_grace_s: 30,
+            preprocess_threads: 0,
+            preprocess_nice: 10,
+            preprocess_queue: 256,
         }
     }
 }
 
 impl ServerConfig {
+    /// The preprocessing threads this asks for.
+    pub fn preprocess_pool(&self) -> crate::preprocess_pool::PoolConfig {
+        crate::preprocess_pool::PoolConfig {
+            threads: self.preprocess_threads,
+            nice: self.preprocess_nice,
+            queue: self.preprocess_queue,
+        }
+    }
+
     pub fn decode_limits(&self) -> DecodeLimits {
         DecodeLimits {
             max_width: self.max_image_side,

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod oip;
 pub mod openapi;
 pub mod pipeline;
+pub mod preprocess_pool;
 pub mod records;
 pub mod registry;
 pub mod server;

@@ -290,8 +290,9 @@ async fn run(
     let limits = opts.limits;
     // Only an anomaly heatmap needs the picture again after inference.
     let keep_image = (opts.heatmap || opts.retain_heatmap) && model.kind == ModelKind::Anomaly;
-    // Decoding, plugins and resizing are CPU work: off the async workers, and in parallel with the batcher.
-    let prepared = tokio::task::spawn_blocking(move || {
+    // Decoding, plugins and resizing are CPU work: off the async workers, on
+    // the preprocessing threads, overlapped with the batcher.
+    let prepared = crate::preprocess_pool::run(&model.name, move || {
         let t0 = Instant::now();
         let mut img = decode(&body, limits).map_err(ApiError::from_image)?;
         let size = (img.width(), img.height());
@@ -302,10 +303,9 @@ async fn run(
         }
         let input = pre.run(&img).map_err(ApiError::from_image)?;
         let seen = Seen { width: img.width(), height: img.height(), image: keep_image.then(|| img.to_rgb8()) };
-        Ok::<_, ApiError>(Prepared { input, size, seen, decode: t1 - t0, preprocess: t1.elapsed(), trace, call })
+        Ok(Prepared { input, size, seen, decode: t1 - t0, preprocess: t1.elapsed(), trace, call })
     })
-    .await
-    .map_err(|e| ApiError::Internal(format!("preprocessing task: {e}")))??;
+    .await?;
     infer(model, prepared, started, deadline, opts).await
 }
 

@@ -112,6 +112,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = crate::metrics::handle();
+    crate::preprocess_pool::configure(cfg.server.preprocess_pool())?;
     let hub = crate::hub::Hub::new(&cfg.hub)?;
     let integrity = crate::integrity::Integrity::from_config(&cfg.integrity)?;
     let registry = Arc::new(Registry::start(&cfg.models, hub, integrity).await?);

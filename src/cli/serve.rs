@@ -29,6 +29,9 @@ use lineside::config::Config;
 ///   # admin_token = "…"                     # enables the admin API (swaps, rollbacks, fits, reloads);
 ///                                          # better: LINESIDE_SERVER__ADMIN_TOKEN, or auth.admin_token_sha256
 ///   shutdown_grace_s = 30            # on SIGTERM: how long in-flight requests may take before exit
+///   preprocess_threads = 0           # threads decoding and resizing images (0: one per core)
+///   preprocess_nice = 10             # their niceness, so inference goes first (0: same as the server)
+///   preprocess_queue = 256           # images waiting for preprocessing before 429
 ///
 ///   [auth]                           # docs/access.md
 ///   required = false                 # true: every API call needs a factory key or the admin token
