@@ -1,7 +1,7 @@
 //! lineside: the inspection server.
 //!
 //! A request flows `server` (HTTP, limits, errors) → `pipeline` (decode and
-//! preprocess on the blocking pool, submit to the model's batcher, build the
+//! preprocess on the preprocessing pool (`preprocess_pool`), submit to the model's batcher, build the
 //! verdict) → `lineside_inference::batcher` (batched candle inference on its
 //! own thread). Factory pipelines add wasm plugins before and after the
 //! model (`factories`, `lineside_plugins`). `registry` owns the loaded models; `source` and `hub` turn model sources (folders, `hf://` repos) into

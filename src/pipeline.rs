@@ -1,5 +1,5 @@
 //! One inspection: decode → [preprocess plugin] → resize and normalise
-//! (blocking pool) → batched inference (the model's batcher thread) →
+//! (preprocessing pool) → batched inference (the model's batcher thread) →
 //! predictions → [postprocess plugin] → verdict. Used by the HTTP API and by
 //! `lineside inspect`; the plugin steps run for factory pipelines.
 
