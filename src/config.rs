@@ -246,11 +246,9 @@ pub struct ServerConfig {
     pub shutdown_grace_s: u64,
     /// Threads that decode and resize images; 0 means one per core.
     pub preprocess_threads: usize,
-    /// Niceness of those threads (Linux), so that inference goes first
-    /// when both want the cores; 0 keeps the process's priority.
+    /// Niceness of those threads (Linux), 0–19, so that inference goes
+    /// first when both want the cores; 0 keeps the process's priority.
     pub preprocess_nice: i32,
-    /// Images waiting for or in preprocessing before new ones get 429.
-    pub preprocess_queue: usize,
 }
 
 impl Default for ServerConfig {
@@ -269,7 +267,6 @@ impl Default for ServerConfig {
             shutdown_grace_s: 30,
             preprocess_threads: 0,
             preprocess_nice: 10,
-            preprocess_queue: 256,
         }
     }
 }
@@ -277,11 +274,7 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// The preprocessing threads this asks for.
     pub fn preprocess_pool(&self) -> crate::preprocess_pool::PoolConfig {
-        crate::preprocess_pool::PoolConfig {
-            threads: self.preprocess_threads,
-            nice: self.preprocess_nice,
-            queue: self.preprocess_queue,
-        }
+        crate::preprocess_pool::PoolConfig { threads: self.preprocess_threads, nice: self.preprocess_nice }
     }
 
     pub fn decode_limits(&self) -> DecodeLimits {
@@ -427,6 +420,14 @@ impl Config {
             "records.pass_sample_rate must be in 0..=1"
         );
         anyhow::ensure!(self.records.max_image_age_days > 0.0, "records.max_image_age_days must be positive");
+        anyhow::ensure!(
+            (0..=19).contains(&self.server.preprocess_nice),
+            "server.preprocess_nice must be 0-19 (a lower niceness than the model's threads would make decoding preempt inference)"
+        );
+        anyhow::ensure!(
+            self.server.preprocess_threads <= 1024,
+            "server.preprocess_threads must be at most 1024 (0: one per core)"
+        );
         anyhow::ensure!(self.records.retention_interval_s >= 1, "records.retention_interval_s must be at least 1");
         anyhow::ensure!(
             (1..=600_000).contains(&self.server.default_timeout_ms),

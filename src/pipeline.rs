@@ -292,7 +292,7 @@ async fn run(
     let keep_image = (opts.heatmap || opts.retain_heatmap) && model.kind == ModelKind::Anomaly;
     // Decoding, plugins and resizing are CPU work: off the async workers, on
     // the preprocessing threads, overlapped with the batcher.
-    let prepared = crate::preprocess_pool::run(&model.name, move || {
+    let prepared = crate::preprocess_pool::run(deadline, move || {
         let t0 = Instant::now();
         let mut img = decode(&body, limits).map_err(ApiError::from_image)?;
         let size = (img.width(), img.height());
@@ -305,8 +305,18 @@ async fn run(
         let seen = Seen { width: img.width(), height: img.height(), image: keep_image.then(|| img.to_rgb8()) };
         Ok(Prepared { input, size, seen, decode: t1 - t0, preprocess: t1.elapsed(), trace, call })
     })
-    .await?;
+    .await
+    .map_err(|e| match e {
+        ApiError::DeadlineExceeded(_) => deadline_drop(model, "deadline passed while waiting for preprocessing"),
+        other => other,
+    })?;
     infer(model, prepared, started, deadline, opts).await
+}
+
+/// A request dropped for its deadline before it reached the model: counted, and its 504.
+fn deadline_drop(model: &ModelEntry, what: &str) -> ApiError {
+    metrics::counter!("lineside_dropped_total", "model" => model.name.clone(), "reason" => "deadline").increment(1);
+    ApiError::DeadlineExceeded(format!("model `{}`: {what}", model.name))
 }
 
 /// Batched inference and everything after it.
@@ -321,8 +331,7 @@ async fn infer(
         prepared;
 
     if Instant::now() >= deadline {
-        metrics::counter!("lineside_dropped_total", "model" => model.name.clone(), "reason" => "deadline").increment(1);
-        return Err(ApiError::DeadlineExceeded(format!("model `{}`: deadline passed before queueing", model.name)));
+        return Err(deadline_drop(model, "deadline passed before queueing"));
     }
     let reply = model.batcher.submit(input, deadline).map_err(|e| ApiError::from_submit(&model.name, e))?;
     let served = tokio::time::timeout_at(deadline.into(), reply)

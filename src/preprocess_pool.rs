@@ -7,13 +7,19 @@
 //! was evicted and its threads waited on each other. Here a fixed number of
 //! threads decode, at a lower scheduling priority (nice 10 by default), so
 //! inference runs whenever a batch is ready and decoding fills the gaps. On
-//! 2 cores with 1920×1080 JPEGs this raised end-to-end throughput by about
-//! 15% (docs/performance.md). The queue in front of the threads is bounded:
-//! a request that finds it full gets 429, like a full batch queue.
+//! 2 cores with 1920×1080 JPEGs this raised end-to-end throughput by about a
+//! third (docs/performance.md).
+//!
+//! The pool has no queue limit of its own: every job belongs to a request
+//! that the model's admission (`queue_capacity + max_batch_size` in flight)
+//! has already let in, so a second limit here could only refuse work that
+//! was promised. A job whose deadline has passed, or whose caller has gone,
+//! is skipped rather than decoded. A preprocess plugin holds its thread for
+//! as long as it runs (at most its `timeout_ms`).
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
+use std::time::Instant;
 
 use crate::error::ApiError;
 
@@ -22,23 +28,19 @@ use crate::error::ApiError;
 pub struct PoolConfig {
     /// Worker threads; 0 means one per core.
     pub threads: usize,
-    /// Niceness of the workers (Linux: per thread; 0 keeps the process's).
+    /// Niceness of the workers, 0–19 (Linux: per thread; 0 keeps the process's).
     pub nice: i32,
-    /// Requests waiting for or in preprocessing before new ones get 429.
-    pub queue: usize,
 }
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        Self { threads: 0, nice: 10, queue: 256 }
+        Self { threads: 0, nice: 10 }
     }
 }
 
-/// A bounded pool of preprocessing threads.
+/// The pool of preprocessing threads.
 pub struct PreprocessPool {
     pool: rayon::ThreadPool,
-    pending: Arc<AtomicUsize>,
-    capacity: usize,
 }
 
 static POOL: OnceLock<PreprocessPool> = OnceLock::new();
@@ -57,6 +59,14 @@ fn pool() -> &'static PreprocessPool {
     POOL.get_or_init(|| PreprocessPool::new(PoolConfig::default()).expect("preprocessing threads start"))
 }
 
+/// Runs `f` on the process's preprocessing threads (see [`PreprocessPool::run`]).
+pub async fn run<T: Send + 'static>(
+    deadline: Instant,
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    pool().run(deadline, f).await
+}
+
 impl PreprocessPool {
     fn new(cfg: PoolConfig) -> anyhow::Result<Self> {
         let threads = match cfg.threads {
@@ -69,42 +79,28 @@ impl PreprocessPool {
             .thread_name(|i| format!("preprocess-{i}"))
             .start_handler(move |_| lower_priority(nice))
             .build()?;
-        Ok(Self { pool, pending: Arc::default(), capacity: cfg.queue.max(1) })
+        Ok(Self { pool })
     }
-}
 
-/// Runs `f` on the process's preprocessing threads (see [`PreprocessPool::run`]).
-pub async fn run<T: Send + 'static>(
-    model: &str,
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    pool().run(model, f).await
-}
-
-impl PreprocessPool {
-    /// Runs `f` on the pool; `model` names the model in a 429 when the queue
-    /// is full. A panic in `f` becomes a 500 for this request only.
+    /// Runs `f` on the pool, unless `deadline` has passed by the time a
+    /// thread is free (504). A panic in `f` becomes a 500 for this request only.
     pub async fn run<T: Send + 'static>(
         &self,
-        model: &str,
+        deadline: Instant,
         f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
-        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.capacity {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
-            return Err(ApiError::Overloaded {
-                model: model.into(),
-                reason: format!("{} images are already waiting for preprocessing", self.capacity),
-            });
-        }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let pending = self.pending.clone();
         self.pool.spawn(move || {
             // A caller that has gone (client disconnected) needs no decoding.
-            if !tx.is_closed() {
-                let _ = tx.send(std::panic::catch_unwind(AssertUnwindSafe(f)));
+            if tx.is_closed() {
+                return;
             }
-            // Counted down here, not by the caller, which may be dropped while waiting.
-            pending.fetch_sub(1, Ordering::AcqRel);
+            let out = if Instant::now() >= deadline {
+                Ok(Err(ApiError::DeadlineExceeded("the deadline passed while waiting for preprocessing".into())))
+            } else {
+                std::panic::catch_unwind(AssertUnwindSafe(f))
+            };
+            let _ = tx.send(out);
         });
         match rx.await {
             Ok(Ok(result)) => result,
@@ -130,41 +126,47 @@ fn lower_priority(nice: i32) {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
-    fn small_pool(queue: usize) -> PreprocessPool {
-        PreprocessPool::new(PoolConfig { threads: 1, nice: 0, queue }).unwrap()
+    fn small_pool() -> PreprocessPool {
+        PreprocessPool::new(PoolConfig { threads: 1, nice: 0 }).unwrap()
     }
 
-    #[tokio::test]
-    async fn a_full_queue_answers_429_and_frees_up() {
-        let pool = small_pool(1);
-        let (release, wait) = std::sync::mpsc::channel::<()>();
-        let busy = pool.run("m", move || Ok(wait.recv().is_ok()));
-        let meanwhile = async {
-            // The first job holds the only place once it is counted.
-            while pool.pending.load(Ordering::Acquire) == 0 {
-                tokio::task::yield_now().await;
-            }
-            let refused = pool.run("m", || Ok(())).await;
-            assert!(matches!(refused, Err(ApiError::Overloaded { .. })), "{refused:?}");
-            release.send(()).unwrap();
-        };
-        let (busy, ()) = tokio::join!(busy, meanwhile);
-        assert!(busy.unwrap());
-        while pool.pending.load(Ordering::Acquire) != 0 {
-            tokio::task::yield_now().await;
-        }
-        assert_eq!(pool.run("m", || Ok(7)).await.unwrap(), 7);
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(60)
     }
 
     #[tokio::test]
     async fn a_panic_fails_only_its_request() {
-        let pool = small_pool(4);
-        let r: Result<(), _> = pool.run("m", || panic!("bad image")).await;
+        let pool = small_pool();
+        let r: Result<(), _> = pool.run(later(), || panic!("bad image")).await;
         assert!(matches!(r, Err(ApiError::Internal(_))), "{r:?}");
-        assert_eq!(pool.run("m", || Ok("still serving")).await.unwrap(), "still serving");
-        let e = pool.run("m", || Err::<(), _>(ApiError::InvalidImage("no".into()))).await;
+        assert_eq!(pool.run(later(), || Ok("still serving")).await.unwrap(), "still serving");
+        let e = pool.run(later(), || Err::<(), _>(ApiError::InvalidImage("no".into()))).await;
         assert!(matches!(e, Err(ApiError::InvalidImage(_))), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn work_past_its_deadline_is_skipped() {
+        let pool = small_pool();
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let busy = pool.run(later(), move || Ok(wait.recv().is_ok()));
+        let flag = ran.clone();
+        let late = pool.run(Instant::now() + Duration::from_millis(20), move || {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        });
+        let unblock = async {
+            // The only thread is busy until the second job's deadline has passed.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            release.send(()).unwrap();
+        };
+        let (busy, late, ()) = tokio::join!(busy, late, unblock);
+        assert!(busy.unwrap());
+        assert!(matches!(late, Err(ApiError::DeadlineExceeded(_))), "{late:?}");
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst), "expired work was not run");
     }
 }

@@ -38,6 +38,7 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
     }
     let name = a.model.unwrap_or_else(|| cfg.server.default_model.clone());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    lineside::preprocess_pool::configure(cfg.server.preprocess_pool())?;
     let registry = rt.block_on(Registry::start(
         &cfg.models,
         lineside::hub::Hub::new(&cfg.hub)?,

@@ -30,8 +30,7 @@ use lineside::config::Config;
 ///                                          # better: LINESIDE_SERVER__ADMIN_TOKEN, or auth.admin_token_sha256
 ///   shutdown_grace_s = 30            # on SIGTERM: how long in-flight requests may take before exit
 ///   preprocess_threads = 0           # threads decoding and resizing images (0: one per core)
-///   preprocess_nice = 10             # their niceness, so inference goes first (0: same as the server)
-///   preprocess_queue = 256           # images waiting for preprocessing before 429
+///   preprocess_nice = 10             # their niceness, 0-19, so inference goes first (0: same as the server)
 ///
 ///   [auth]                           # docs/access.md
 ///   required = false                 # true: every API call needs a factory key or the admin token
