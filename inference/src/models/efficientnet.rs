@@ -207,25 +207,26 @@ enum Block {
 
 impl Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (y, skip) = match self {
+        // Each block ends in one convolution (`last`) applied to `inner`.
+        let (inner, last, skip) = match self {
             Block::DepthwiseSeparable { dw, se, pw, skip } => {
                 let mut y = dw.forward(x)?;
                 if let Some(se) = se {
                     y = se.forward(&y)?;
                 }
-                (pw.forward(&y)?, *skip)
+                (y, pw, *skip)
             }
             Block::InvertedResidual { pw, dw, se, pwl, skip } => {
                 let mut y = dw.forward(&pw.forward(x)?)?;
                 if let Some(se) = se {
                     y = se.forward(&y)?;
                 }
-                (pwl.forward(&y)?, *skip)
+                (y, pwl, *skip)
             }
-            Block::Conv { conv, skip } => (conv.forward(x)?, *skip),
-            Block::EdgeResidual { exp, pwl, skip } => (pwl.forward(&exp.forward(x)?)?, *skip),
+            Block::Conv { conv, skip } => (x.clone(), conv, *skip),
+            Block::EdgeResidual { exp, pwl, skip } => (exp.forward(x)?, pwl, *skip),
         };
-        Ok(if skip { (y + x)? } else { y })
+        if skip { last.forward_residual(&inner, x, Activation::Identity) } else { last.forward(&inner) }
     }
 }
 

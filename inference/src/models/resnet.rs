@@ -73,17 +73,15 @@ enum Block {
 
 impl Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (out, down) = match self {
-            Block::Basic { conv1, conv2, down } => (conv2.forward(&conv1.forward(x)?)?, down),
-            Block::Bottleneck { conv1, conv2, conv3, down } => {
-                (conv3.forward(&conv2.forward(&conv1.forward(x)?)?)?, down)
-            }
+        let (inner, last, down) = match self {
+            Block::Basic { conv1, conv2, down } => (conv1.forward(x)?, conv2, down),
+            Block::Bottleneck { conv1, conv2, conv3, down } => (conv2.forward(&conv1.forward(x)?)?, conv3, down),
         };
         let shortcut = match down {
             Some(d) => d.forward(x)?,
             None => x.clone(),
         };
-        Ok((out + shortcut)?.relu()?)
+        last.forward_residual(&inner, &shortcut, Activation::Relu)
     }
 }
 

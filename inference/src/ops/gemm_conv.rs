@@ -15,7 +15,7 @@
 //! into its store. Elsewhere two GEMM crates serve, each for the shapes it is
 //! faster on ([`WIDE`]).
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -68,6 +68,28 @@ struct Dims {
     pad: Padding,
 }
 
+/// What happens to `W · B + bias` before it is stored: the residual added
+/// (same shape as the output), then the activation.
+#[derive(Clone, Copy)]
+struct Epilogue<'a> {
+    residual: Option<&'a [f32]>,
+    act: Activation,
+}
+
+impl Epilogue<'_> {
+    /// Adds the residual and applies the activation to a finished output.
+    fn apply(&self, dst: &mut [f32]) {
+        if let Some(res) = self.residual {
+            dst.par_chunks_mut(4096).zip(res.par_chunks(4096)).for_each(|(d, r)| {
+                d.iter_mut().zip(r).for_each(|(d, r)| *d += r);
+                self.act.apply_slice(d);
+            });
+        } else if self.act != Activation::Identity {
+            dst.par_chunks_mut(4096).for_each(|d| self.act.apply_slice(d));
+        }
+    }
+}
+
 /// Which GEMM a layer may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemmPath {
@@ -112,9 +134,9 @@ impl GemmConv {
         self.in_ch * self.kernel * self.kernel
     }
 
-    /// `dst[out × cols] = bias + W · rhs[k × cols]`, then the activation,
-    /// on the GEMM crates (CPUs without AVX-512F).
-    fn gemm_bias_act(&self, weight: &[f32], rhs: &[f32], cols: usize, dst: &mut [f32]) {
+    /// `dst[out × cols] = bias + W · rhs[k × cols]`, then the epilogue, on
+    /// the GEMM crates (CPUs without AVX-512F).
+    fn gemm_bias_act(&self, weight: &[f32], rhs: &[f32], cols: usize, dst: &mut [f32], epi: Epilogue) {
         let k = self.k_dim();
         assert_eq!(rhs.len(), k * cols);
         assert_eq!(dst.len(), self.out_ch * cols);
@@ -144,9 +166,7 @@ impl GemmConv {
         } else {
             self.gemm_narrow(weight, rhs, cols, dst);
         }
-        if self.act != Activation::Identity {
-            dst.par_chunks_mut(cols.max(4096)).for_each(|r| self.act.apply_slice(r));
-        }
+        epi.apply(dst);
     }
 
     /// The `gemm` crate, for few columns, where it is the faster of the two.
@@ -181,58 +201,129 @@ impl GemmConv {
         }
     }
 
-    /// `out = act(W · B + bias)` for a `B` of `k × cols`, written with row stride `cols`.
-    fn gemm_from(&self, rhs: &impl Rhs, out: &mut Uninit) {
+    /// `out = epi(W · B + bias)` for a `B` of `k × cols`, written with row stride `cols`.
+    fn gemm_from(&self, rhs: &impl Rhs, out: &mut Uninit, epi: Epilogue) {
         let cols = rhs.cols();
         match &self.weight {
             Weights::Packed(packed) => {
-                sgemm::gemm(packed, rhs, out, cols, &self.bias, self.act.fused());
-                if self.act.fused() == Fused::None && self.act != Activation::Identity {
+                let fused = epi.act.fused();
+                sgemm::gemm(packed, rhs, out, cols, &self.bias, epi.residual, fused);
+                if fused == Fused::None && epi.act != Activation::Identity {
                     // SAFETY: the GEMM wrote all of C.
                     let out = unsafe { assume_init(out) };
-                    out.par_chunks_mut(cols.max(4096)).for_each(|r| self.act.apply_slice(r));
+                    Epilogue { residual: None, act: epi.act }.apply(out);
                 }
             }
             Weights::Plain(weight) => {
                 // The GEMM crates take B as a matrix in memory: the image
                 // itself for a 1×1 convolution, else its im2col matrix.
                 if let Some(b) = rhs.stored() {
-                    return self.gemm_bias_act(weight, b, cols, zeroed(out));
+                    return self.gemm_bias_act(weight, b, cols, zeroed(out), epi);
                 }
                 let mut b = vec![0f32; rhs.rows() * cols];
                 b.par_chunks_mut(cols)
                     .enumerate()
                     .for_each_init(|| vec![0f32; cols], |buf, (r, row)| row.copy_from_slice(rhs.row(r, 0..cols, buf)));
-                self.gemm_bias_act(weight, &b, cols, zeroed(out));
+                self.gemm_bias_act(weight, &b, cols, zeroed(out), epi);
             }
         }
     }
 
     /// One GEMM per image, written in place in the NCHW output.
-    fn per_image(&self, inp: &[f32], n: usize, d: Dims, out: &mut Uninit) {
+    fn per_image(&self, inp: &[f32], n: usize, d: Dims, out: &mut Uninit, epi: Epilogue) {
         let (ohw, chw) = (d.oh * d.ow, d.c * d.h * d.w);
+        let out_len = self.out_ch * ohw;
         for img in 0..n {
             let x = &inp[img * chw..(img + 1) * chw];
-            let o = &mut out[img * self.out_ch * ohw..(img + 1) * self.out_ch * ohw];
+            let o = &mut out[img * out_len..(img + 1) * out_len];
+            let epi = Epilogue { residual: epi.residual.map(|r| &r[img * out_len..(img + 1) * out_len]), ..epi };
             if self.pointwise() {
-                self.gemm_from(&Dense::new(x, d.c, ohw, ohw), o);
+                self.gemm_from(&Dense::new(x, d.c, ohw, ohw), o, epi);
             } else {
-                self.gemm_from(&Im2col { conv: self, x, n: 1, d }, o);
+                self.gemm_from(&Im2col { conv: self, x, n: 1, d }, o, epi);
             }
         }
     }
 
-    /// One GEMM for the whole batch over `[k, n·oh·ow]`, then scattered to NCHW.
-    fn batched(&self, inp: &[f32], n: usize, d: Dims, out: &mut Uninit) {
+    /// One GEMM for the whole batch over `[k, n·oh·ow]`, then scattered to
+    /// NCHW. The residual is in NCHW, so it is added during the scatter.
+    fn batched(&self, inp: &[f32], n: usize, d: Dims, out: &mut Uninit, epi: Epilogue) {
         let ohw = d.oh * d.ow;
         let mut tmp = uninit_output(self.out_ch * n * ohw);
-        self.gemm_from(&Im2col { conv: self, x: inp, n, d }, &mut tmp);
+        let in_gemm = match epi.residual {
+            Some(_) => Epilogue { residual: None, act: Activation::Identity },
+            None => epi,
+        };
+        self.gemm_from(&Im2col { conv: self, x: inp, n, d }, &mut tmp, in_gemm);
         // SAFETY: `gemm_from` wrote all of C.
         let tmp = unsafe { assume_init(&mut tmp) };
         out.par_chunks_mut(ohw).enumerate().for_each(|(i, dst)| {
             let (img, oc) = (i / self.out_ch, i % self.out_ch);
-            dst.write_copy_of_slice(&tmp[oc * n * ohw + img * ohw..][..ohw]);
+            let src = &tmp[oc * n * ohw + img * ohw..][..ohw];
+            let dst = dst.write_copy_of_slice(src);
+            if let Some(res) = epi.residual {
+                dst.iter_mut().zip(&res[i * ohw..][..ohw]).for_each(|(d, r)| *d += r);
+                epi.act.apply_slice(dst);
+            }
         });
+    }
+
+    /// Runs the layer on an NCHW input, with `epi` applied to its output.
+    fn run(&self, storage: &CpuStorage, layout: &Layout, epi: Epilogue) -> candle_core::Result<(CpuStorage, Shape)> {
+        let inp = contiguous_f32(storage, layout)?;
+        let (n, c, h, w) = layout.shape().dims4()?;
+        if c != self.in_ch {
+            candle_core::bail!("convolution expects {} input channels, got {c}", self.in_ch);
+        }
+        let pad = self.pad.resolve(h, w, self.kernel, self.stride);
+        let oh = out_size(h, self.kernel, self.stride, pad.top, pad.bottom);
+        let ow = out_size(w, self.kernel, self.stride, pad.left, pad.right);
+        let shape = Shape::from((n, self.out_ch, oh, ow));
+        if let Some(res) = epi.residual
+            && res.len() != shape.elem_count()
+        {
+            candle_core::bail!("the residual has {} values, the convolution's output {shape:?}", res.len());
+        }
+        let d = Dims { c, h, w, oh, ow, pad };
+        let mut out = uninit_output(shape.elem_count());
+        if n > 1 && oh * ow < BATCHED_BELOW {
+            self.batched(inp, n, d, &mut out, epi);
+        } else {
+            self.per_image(inp, n, d, &mut out, epi);
+        }
+        // SAFETY: both paths write every output element (C is written whole,
+        // per image or scattered from the batched result).
+        Ok((CpuStorage::F32(unsafe { finish(out) }), shape))
+    }
+}
+
+/// A convolution whose output gets a residual added before an activation:
+/// `act(conv(x) + residual)`, the end of a ResNet or inverted-residual block,
+/// in one pass. The convolution's own activation must be the identity
+/// ([`crate::ops::ConvBnAct::forward_residual`] checks).
+pub struct ConvAddAct<'a> {
+    pub conv: &'a GemmConv,
+    pub act: Activation,
+}
+
+impl CustomOp2 for ConvAddAct<'_> {
+    fn name(&self) -> &'static str {
+        "lineside-conv-add-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        residual: &CpuStorage,
+        res_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let residual = contiguous_f32(residual, res_layout)?;
+        let (storage, shape) = self.conv.run(x, x_layout, Epilogue { residual: Some(residual), act: self.act })?;
+        if res_layout.shape() != &shape {
+            candle_core::bail!("the residual is {:?}, the convolution's output {shape:?}", res_layout.shape());
+        }
+        Ok((storage, shape))
     }
 }
 
@@ -326,24 +417,7 @@ impl CustomOp1 for GemmConv {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let inp = contiguous_f32(storage, layout)?;
-        let (n, c, h, w) = layout.shape().dims4()?;
-        if c != self.in_ch {
-            candle_core::bail!("convolution expects {} input channels, got {c}", self.in_ch);
-        }
-        let pad = self.pad.resolve(h, w, self.kernel, self.stride);
-        let oh = out_size(h, self.kernel, self.stride, pad.top, pad.bottom);
-        let ow = out_size(w, self.kernel, self.stride, pad.left, pad.right);
-        let d = Dims { c, h, w, oh, ow, pad };
-        let mut out = uninit_output(n * self.out_ch * oh * ow);
-        if n > 1 && oh * ow < BATCHED_BELOW {
-            self.batched(inp, n, d, &mut out);
-        } else {
-            self.per_image(inp, n, d, &mut out);
-        }
-        // SAFETY: both paths write every output element (C is written whole,
-        // per image or scattered from the batched result).
-        Ok((CpuStorage::F32(unsafe { finish(out) }), Shape::from((n, self.out_ch, oh, ow))))
+        self.run(storage, layout, Epilogue { residual: None, act: self.act })
     }
 }
 

@@ -146,11 +146,24 @@ impl Rhs for Dense<'_> {
     }
 }
 
-/// `C = act(A · B + bias)`: C is `m×n` with row stride `ldc`, `bias` has
-/// one value per row. Runs on the current rayon pool.
+/// `C = act(A · B + bias [+ R])`: C is `m×n` with row stride `ldc`, `bias`
+/// has one value per row, and the optional residual `R` (a ResNet shortcut,
+/// an inverted residual's input) has C's shape and stride. Runs on the
+/// current rayon pool.
 ///
+/// The residual is added in registers before the activation, so a block's
+/// `relu(conv(x) + shortcut)` makes one pass over memory instead of three.
 /// C may be uninitialized: every element of its `m×n` is written.
-pub fn gemm(a: &PackedA, b: &impl Rhs, c: &mut [MaybeUninit<f32>], ldc: usize, bias: &[f32], act: Fused) {
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    a: &PackedA,
+    b: &impl Rhs,
+    c: &mut [MaybeUninit<f32>],
+    ldc: usize,
+    bias: &[f32],
+    residual: Option<&[f32]>,
+    act: Fused,
+) {
     let (m, k, n) = (a.m, a.k, b.cols());
     assert_eq!(b.rows(), k, "A is {m}×{k} but B has {} rows", b.rows());
     if m == 0 || n == 0 {
@@ -159,8 +172,12 @@ pub fn gemm(a: &PackedA, b: &impl Rhs, c: &mut [MaybeUninit<f32>], ldc: usize, b
     assert!(k > 0 && n <= ldc, "bad GEMM strides");
     assert!(c.len() >= (m - 1) * ldc + n, "C is smaller than {m}×{n}");
     assert_eq!(bias.len(), m, "one bias per row");
+    if let Some(r) = residual {
+        assert!(r.len() >= (m - 1) * ldc + n, "the residual is smaller than {m}×{n}");
+    }
+    let res = residual.map(|r| SharedIn(r.as_ptr()));
     let plan = Plan::new(m, a.mr, n, k, rayon::current_num_threads());
-    let job = Job { a, b, n, c: SharedOut(c.as_mut_ptr().cast()), ldc, bias, act, plan };
+    let job = Job { a, b, n, c: SharedOut(c.as_mut_ptr().cast()), ldc, bias, res, act, plan };
     if plan.tasks() == 1 {
         job.run(0);
     } else {
@@ -208,6 +225,13 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
+/// The residual's pointer (read only), shared by every task.
+#[derive(Clone, Copy)]
+struct SharedIn(*const f32);
+// SAFETY: only read, and the borrow it came from outlives the job.
+unsafe impl Send for SharedIn {}
+unsafe impl Sync for SharedIn {}
+
 struct Job<'a, R> {
     a: &'a PackedA,
     b: &'a R,
@@ -215,6 +239,7 @@ struct Job<'a, R> {
     c: SharedOut,
     ldc: usize,
     bias: &'a [f32],
+    res: Option<SharedIn>,
     act: Fused,
     plan: Plan,
 }
@@ -240,7 +265,9 @@ impl<R: Rhs> Job<'_, R> {
                 let kc = p.kc.min(k - k0);
                 self.pack_b(k0, kc, j0..j1, block, row);
                 let first = k0 == 0;
-                let act = if k0 + kc == k { self.act } else { Fused::None };
+                // The residual and activation belong to the finished sum.
+                let last = k0 + kc == k;
+                let act = if last { self.act } else { Fused::None };
                 let tiles = (j0..j1).step_by(NR).enumerate();
                 if kc >= TILE_MAJOR_FROM {
                     // A B sliver stays in L1 while the A panels stream past
@@ -248,7 +275,7 @@ impl<R: Rhs> Job<'_, R> {
                     for (tile, j) in tiles {
                         let sliver = &block[tile * kc * NR..][..kc * NR];
                         for panel in panels.clone() {
-                            self.tile(panel, j, NR.min(j1 - j), k0, kc, sliver, first, act);
+                            self.tile(panel, j, NR.min(j1 - j), k0, kc, sliver, first, last, act);
                         }
                     }
                 } else {
@@ -257,7 +284,7 @@ impl<R: Rhs> Job<'_, R> {
                     for panel in panels.clone() {
                         for (tile, j) in tiles.clone() {
                             let sliver = &block[tile * kc * NR..][..kc * NR];
-                            self.tile(panel, j, NR.min(j1 - j), k0, kc, sliver, first, act);
+                            self.tile(panel, j, NR.min(j1 - j), k0, kc, sliver, first, last, act);
                         }
                     }
                 }
@@ -283,7 +310,18 @@ impl<R: Rhs> Job<'_, R> {
 
     /// One `mr×NR` tile of C at row panel `panel`, column `j`.
     #[allow(clippy::too_many_arguments)]
-    fn tile(&self, panel: usize, j: usize, cols: usize, k0: usize, kc: usize, sliver: &[f32], first: bool, act: Fused) {
+    fn tile(
+        &self,
+        panel: usize,
+        j: usize,
+        cols: usize,
+        k0: usize,
+        kc: usize,
+        sliver: &[f32],
+        first: bool,
+        last: bool,
+        act: Fused,
+    ) {
         let (m, k, mr) = (self.a.m, self.a.k, self.a.mr);
         let row0 = panel * mr;
         let rows = mr.min(m - row0);
@@ -293,17 +331,23 @@ impl<R: Rhs> Job<'_, R> {
         // stride `ldc` with `n` columns; `j + cols <= n`; this task is the
         // only writer of this tile; the kernel exists only where AVX-512F
         // was detected (`PackedA::new`).
+        // The residual, where given, has C's shape and stride (`gemm`).
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            let c = self.c.0.add(row0 * self.ldc + j);
+            let at = row0 * self.ldc + j;
+            let c = self.c.0.add(at);
+            let res = match self.res {
+                Some(r) if last => r.0.add(at),
+                _ => std::ptr::null(),
+            };
             match mr {
-                MR_DEEP => avx512::kernel::<MR_DEEP>(kc, a, sliver, c, self.ldc, rows, cols, bias, act),
-                _ => avx512::kernel::<MR_SHALLOW>(kc, a, sliver, c, self.ldc, rows, cols, bias, act),
+                MR_DEEP => avx512::kernel::<MR_DEEP>(kc, a, sliver, c, self.ldc, rows, cols, bias, res, act),
+                _ => avx512::kernel::<MR_SHALLOW>(kc, a, sliver, c, self.ldc, rows, cols, bias, res, act),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (j, cols, sliver, a, bias, act);
+            let _ = (j, cols, sliver, a, bias, last, act);
             unreachable!("PackedA exists only on x86-64")
         }
     }
@@ -414,11 +458,12 @@ pub(crate) mod avx512 {
         (m(n), m(n.saturating_sub(16)))
     }
 
-    /// `C[rows×cols] = act((bias or C) + A·B)` for one tile.
+    /// `C[rows×cols] = act((bias or C) + A·B [+ R])` for one tile.
     ///
     /// # Safety
     /// The CPU has AVX-512F; `c` points at `rows` (≤ `MR`) rows of at least
-    /// `cols` (≤ `NR`) writable floats at stride `ldc`.
+    /// `cols` (≤ `NR`) writable floats at stride `ldc`; `res` is null or
+    /// points at as many readable floats, laid out the same way.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel<const MR: usize>(
@@ -430,6 +475,7 @@ pub(crate) mod avx512 {
         rows: usize,
         cols: usize,
         bias: Option<&[f32]>,
+        res: *const f32,
         act: Fused,
     ) {
         debug_assert!(a.len() >= kc * MR && b.len() >= kc * NR && rows <= MR && cols <= NR);
@@ -466,6 +512,11 @@ pub(crate) mod avx512 {
             let six = _mm512_set1_ps(6.0);
             for (i, &[mut lo, mut hi]) in acc.iter().enumerate() {
                 if i < rows {
+                    if !res.is_null() {
+                        let r = res.add(i * ldc);
+                        lo = _mm512_add_ps(lo, _mm512_maskz_loadu_ps(m0, r));
+                        hi = _mm512_add_ps(hi, _mm512_maskz_loadu_ps(m1, r.add(16)));
+                    }
                     match act {
                         Fused::None => {}
                         Fused::Relu => {
@@ -496,7 +547,18 @@ mod tests {
         unsafe { &mut *(s as *mut [f32] as *mut [MaybeUninit<f32>]) }
     }
 
-    fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, bias: &[f32], act: Fused) -> Vec<f32> {
+    /// `act(A·B + bias + res)`, with `res` (if any) at row stride `ldr`.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        a: &[f32],
+        b: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        bias: &[f32],
+        res: Option<(&[f32], usize)>,
+        act: Fused,
+    ) -> Vec<f32> {
         let mut c = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
@@ -504,7 +566,7 @@ mod tests {
                 for kk in 0..k {
                     s += a[i * k + kk] as f64 * b[kk * n + j] as f64;
                 }
-                let v = s as f32;
+                let v = s as f32 + res.map_or(0.0, |(r, ldr)| r[i * ldr + j]);
                 c[i * n + j] = match act {
                     Fused::None => v,
                     Fused::Relu => v.max(0.0),
@@ -551,13 +613,17 @@ mod tests {
         for &(m, k, n) in
             &[(1, 1, 1), (7, 3, 17), (8, 27, 32), (13, 256, 33), (24, 257, 49), (70, 600, 530), (16, 5, 1100)]
         {
-            for act in [Fused::None, Fused::Relu, Fused::Relu6] {
+            for (act, with_res) in
+                [Fused::None, Fused::Relu, Fused::Relu6].into_iter().flat_map(|a| [(a, false), (a, true)])
+            {
                 let (a, b, bias) = (values(m * k, 1), values(k * n, 2), values(m, 3));
-                let want = naive(&a, &b, m, k, n, &bias, act);
                 // Strided C: the padding columns must survive untouched.
                 let ldc = n + 3;
+                let res = with_res.then(|| values(m * ldc, 5));
+                let want = naive(&a, &b, m, k, n, &bias, res.as_deref().map(|r| (r, ldc)), act);
                 let mut c = vec![f32::NAN; m * ldc];
-                gemm(&PackedA::new(&a, m, k).unwrap(), &Dense::new(&b, k, n, n), as_uninit(&mut c), ldc, &bias, act);
+                let pa = PackedA::new(&a, m, k).unwrap();
+                gemm(&pa, &Dense::new(&b, k, n, n), as_uninit(&mut c), ldc, &bias, res.as_deref(), act);
                 for i in 0..m {
                     for j in 0..ldc {
                         let got = c[i * ldc + j];
@@ -568,7 +634,7 @@ mod tests {
                         let w = want[i * n + j];
                         assert!(
                             (got - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                            "{m}×{k}×{n} {act:?} [{i},{j}]: {got} vs {w}"
+                            "{m}×{k}×{n} {act:?} residual {with_res} [{i},{j}]: {got} vs {w}"
                         );
                     }
                 }
@@ -614,7 +680,8 @@ mod tests {
                 }
                 flops / best / 1e9
             };
-            let ours = time(&mut || gemm(&pa, &Dense::new(&b, k, n, n), as_uninit(&mut c), n, &bias, Fused::Relu));
+            let ours =
+                time(&mut || gemm(&pa, &Dense::new(&b, k, n, n), as_uninit(&mut c), n, &bias, None, Fused::Relu));
             let mm = time(&mut || unsafe {
                 matrixmultiply::sgemm(
                     m,
