@@ -1,19 +1,22 @@
 //! How a CPU batch is spread over the cores and the caches.
 //!
-//! Across threads: a batch of at least two images is cut into one share per
-//! thread, and each share runs the whole network on its own, rather than
-//! every layer being split across the threads. A layer then costs no fork
-//! and join, and small deep-layer GEMMs are not cut thinner than their tiles.
-//! Measured here (2 threads, batch 8, alternating runs, median of 3, img/s):
-//! resnet18 42.9 → 47.8, tf_efficientnet_lite0 89.3 → 98.4, mobilenetv2
-//! 122.2 → 126.7.
+//! Across threads: a batch of at least two images is cut into shares, one
+//! per thread (fewer where a share would hold under [`MIN_SHARE`] images, see
+//! [`shares`]), and each share runs the whole network on its own. The
+//! kernels' parallel loops still fork, but with every thread busy on its
+//! own share their tasks mostly run where they were forked, and no thread
+//! waits for the others at the end of every layer; a thread that finishes
+//! first steals from the rest. Measured here (2 threads, batch 8,
+//! alternating runs, median of 3, img/s): resnet18 42.9 → 47.8,
+//! tf_efficientnet_lite0 89.3 → 98.4, mobilenetv2 122.2 → 126.7. Not
+//! measured on more than two cores.
 //!
 //! In time: a share larger than [`CPU_MICRO_BATCH`] runs as consecutive
 //! micro-batches. On CPU a batch's layer outputs are its working set: at
 //! batch 32 a single mobilenetv2 activation is 154 MiB, past the caches and
 //! past glibc's largest heap block (so every layer page-faults its output in
-//! again). Running eight images at a time keeps each step's working set
-//! small; measured on mobilenetv2 (2 cores), batch 32 then runs as fast per
+//! again). Running eight images at a time per share (so at most eight per
+//! thread in flight) keeps each step's working set small; measured on mobilenetv2 (2 cores), batch 32 then runs as fast per
 //! image as batch 8 instead of 25% slower.
 //!
 //! The results are the same either way: every layer treats images
@@ -27,6 +30,19 @@ use crate::Result;
 
 /// Images per step on CPU.
 pub const CPU_MICRO_BATCH: usize = 8;
+
+/// Fewest images per share beyond the first two shares: on many cores a
+/// batch of 8 makes two shares of 4 (the rest of the threads help inside
+/// their layers), not eight shares of one image, whose small-map layers
+/// would lose the whole-batch GEMM.
+pub const MIN_SHARE: usize = 4;
+
+/// How many shares a batch of `n` images is cut into on `threads` threads:
+/// one where either is 1, else at least two, and more only while every
+/// share keeps [`MIN_SHARE`] images.
+pub fn shares(n: usize, threads: usize) -> usize {
+    if n < 2 || threads < 2 { 1 } else { threads.min((n / MIN_SHARE).max(2)) }
+}
 
 /// A network whose batches are shared out over the current rayon pool's
 /// threads, each share in steps of at most `size` images.
@@ -77,18 +93,13 @@ fn concat(parts: Vec<Outputs>) -> Result<Outputs> {
 
 impl ImageModel for MicroBatched {
     fn forward_maps(&self, x: &Tensor, last: Option<usize>, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
-        // One share of the images per thread, each running the whole
-        // network: no fork and join per layer, and no layer split thinner
-        // than its GEMM tiles. The kernels' own parallel loops still run,
-        // so a thread that finishes early helps the other (rayon steals).
         let n = x.dim(0)?;
-        let threads = rayon::current_num_threads().min(n);
-        if threads < 2 {
+        let k = shares(n, rayon::current_num_threads());
+        if k < 2 {
             return self.steps(x, last, logits);
         }
-        let shares: Vec<(usize, usize)> =
-            (0..threads).map(|t| (t * n / threads, (t + 1) * n / threads - t * n / threads)).collect();
-        let parts = shares
+        let bounds: Vec<(usize, usize)> = (0..k).map(|t| (t * n / k, (t + 1) * n / k - t * n / k)).collect();
+        let parts = bounds
             .into_par_iter()
             .map(|(start, len)| self.steps(&x.narrow(0, start, len)?, last, logits))
             .collect::<Result<Vec<_>>>()?;
@@ -111,7 +122,20 @@ mod tests {
     use super::*;
     use crate::models::{LoadedModel, ModelFiles};
 
-    /// Split batches (shares on three threads, each in steps of two images)
+    #[test]
+    fn shares_keep_enough_images_each() {
+        assert_eq!(shares(1, 16), 1);
+        assert_eq!(shares(8, 1), 1);
+        assert_eq!(shares(2, 2), 2);
+        assert_eq!(shares(7, 3), 2);
+        assert_eq!(shares(8, 2), 2);
+        assert_eq!(shares(8, 16), 2);
+        assert_eq!(shares(32, 2), 2);
+        assert_eq!(shares(64, 16), 16);
+        assert_eq!(shares(40, 16), 10);
+    }
+
+    /// Split batches (two shares on three threads, each in steps of two images)
     /// give the same logits and feature maps as the whole batch on one thread.
     #[test]
     fn split_batches_match_the_whole_batch() {

@@ -268,8 +268,15 @@ impl GemmConv {
         });
     }
 
-    /// Runs the layer on an NCHW input, with `epi` applied to its output.
-    fn run(&self, storage: &CpuStorage, layout: &Layout, epi: Epilogue) -> candle_core::Result<(CpuStorage, Shape)> {
+    /// Runs the layer on an NCHW input, with `epi` applied to its output;
+    /// `res_shape` is the shape of `epi`'s residual, if it has one.
+    fn run(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+        epi: Epilogue,
+        res_shape: Option<&Shape>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let inp = contiguous_f32(storage, layout)?;
         let (n, c, h, w) = layout.shape().dims4()?;
         if c != self.in_ch {
@@ -279,10 +286,10 @@ impl GemmConv {
         let oh = out_size(h, self.kernel, self.stride, pad.top, pad.bottom);
         let ow = out_size(w, self.kernel, self.stride, pad.left, pad.right);
         let shape = Shape::from((n, self.out_ch, oh, ow));
-        if let Some(res) = epi.residual
-            && res.len() != shape.elem_count()
+        if let (Some(res), Some(res_shape)) = (epi.residual, res_shape)
+            && (res_shape != &shape || res.len() != shape.elem_count())
         {
-            candle_core::bail!("the residual has {} values, the convolution's output {shape:?}", res.len());
+            candle_core::bail!("the residual is {res_shape:?}, the convolution's output {shape:?}");
         }
         let d = Dims { c, h, w, oh, ow, pad };
         let mut out = uninit_output(shape.elem_count());
@@ -298,9 +305,10 @@ impl GemmConv {
 }
 
 /// A convolution whose output gets a residual added before an activation:
-/// `act(conv(x) + residual)`, the end of a ResNet or inverted-residual block,
-/// in one pass. The convolution's own activation must be the identity
-/// ([`crate::ops::ConvBnAct::forward_residual`] checks).
+/// `act(conv(x) + residual)`, the end of a ResNet or inverted-residual block.
+/// Per image the residual is added in the GEMM's store; on the whole-batch
+/// path (small maps) while the result is scattered back to NCHW. The
+/// convolution's own activation must be the identity.
 pub struct ConvAddAct<'a> {
     pub conv: &'a GemmConv,
     pub act: Activation,
@@ -318,12 +326,12 @@ impl CustomOp2 for ConvAddAct<'_> {
         residual: &CpuStorage,
         res_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let residual = contiguous_f32(residual, res_layout)?;
-        let (storage, shape) = self.conv.run(x, x_layout, Epilogue { residual: Some(residual), act: self.act })?;
-        if res_layout.shape() != &shape {
-            candle_core::bail!("the residual is {:?}, the convolution's output {shape:?}", res_layout.shape());
+        if self.conv.act != Activation::Identity {
+            candle_core::bail!("a convolution with its own activation ({:?}) cannot take a residual", self.conv.act);
         }
-        Ok((storage, shape))
+        let residual = contiguous_f32(residual, res_layout)?;
+        let epi = Epilogue { residual: Some(residual), act: self.act };
+        self.conv.run(x, x_layout, epi, Some(res_layout.shape()))
     }
 }
 
@@ -417,7 +425,7 @@ impl CustomOp1 for GemmConv {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run(storage, layout, Epilogue { residual: None, act: self.act })
+        self.run(storage, layout, Epilogue { residual: None, act: self.act }, None)
     }
 }
 

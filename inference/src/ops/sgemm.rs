@@ -3,8 +3,9 @@
 //! `C[m×n] = act(A[m×k] · B[k×n] + bias)`, where A is a layer's weights
 //! (packed once, at load time), B the activation or its im2col matrix (packed
 //! per call, in blocks that stay in cache) and C the NCHW output. The bias is
-//! the accumulators' starting value and ReLU/ReLU6 are applied in registers
-//! before the store, so nothing else touches the output afterwards.
+//! the accumulators' starting value; a residual (a block's shortcut) is added
+//! and ReLU/ReLU6 applied in registers before the store, so nothing else
+//! touches the output afterwards.
 //!
 //! Blocking follows BLIS: a `KC×NR` sliver of B stays in L1 while the
 //! `MR`-row panels of A stream past it from L2. The general-purpose GEMM
