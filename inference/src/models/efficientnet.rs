@@ -9,7 +9,7 @@
 use candle_core::Tensor;
 
 use crate::models::{FeatureInfo, ImageModel};
-use crate::ops::{Activation, ConvBnAct, PadMode};
+use crate::ops::{self, Activation, ConvBnAct, PadMode};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -207,6 +207,17 @@ enum Block {
 
 impl Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Without squeeze-excite, large maps run as one fused op.
+        let fused = match self {
+            Block::DepthwiseSeparable { dw, se: None, pw, skip } => ops::inverted_residual(x, None, dw, pw, *skip)?,
+            Block::InvertedResidual { pw, dw, se: None, pwl, skip } => {
+                ops::inverted_residual(x, Some(pw), dw, pwl, *skip)?
+            }
+            _ => None,
+        };
+        if let Some(y) = fused {
+            return Ok(y);
+        }
         // Each block ends in one convolution (`last`) applied to `inner`.
         let (inner, last, skip) = match self {
             Block::DepthwiseSeparable { dw, se, pw, skip } => {

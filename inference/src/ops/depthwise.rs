@@ -2,24 +2,25 @@
 //! activation, NCHW, f32, CPU.
 //!
 //! candle would split a depthwise convolution into one convolution per
-//! channel. Here each channel plane is convolved directly: on AVX-512F CPUs
-//! sixteen outputs at a time with the padding done by masked loads
-//! ([`avx512::plane`]); elsewhere through a zero-padded scratch copy.
+//! channel. Here each channel plane is convolved directly through a
+//! zero-padded scratch copy: on AVX-512F CPUs sixteen outputs at a time from
+//! a copy split by row and column phase, so that no tap needs a mask or a
+//! permute ([`avx512::plane`]); elsewhere from a copy split by column phase.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-use super::{Activation, PadMode, Padding, contiguous_f32, finish, out_size, sgemm, uninit_output, zeroed};
 #[cfg(target_arch = "x86_64")]
-use super::{Uninit, assume_init};
+use super::assume_init;
+use super::{Activation, PadMode, Padding, Uninit, contiguous_f32, finish, out_size, sgemm, uninit_output, zeroed};
 
 /// Input height and width, output width and padding of one depthwise plane.
 #[derive(Clone, Copy)]
-struct Geometry {
-    h: usize,
-    w: usize,
-    ow: usize,
-    pad: Padding,
+pub(super) struct Geometry {
+    pub h: usize,
+    pub w: usize,
+    pub ow: usize,
+    pub pad: Padding,
 }
 
 /// Direct depthwise convolution with fused bias and activation (NCHW, f32, CPU).
@@ -28,13 +29,13 @@ pub struct DepthwiseConv {
     /// `[channels * k * k]`.
     weight: Vec<f32>,
     bias: Vec<f32>,
-    kernel: usize,
-    stride: usize,
-    pad: PadMode,
-    act: Activation,
+    pub(super) kernel: usize,
+    pub(super) stride: usize,
+    pub(super) pad: PadMode,
+    pub(super) act: Activation,
     /// Whether the AVX-512 plane kernel runs (detected at construction).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    simd: bool,
+    pub(super) simd: bool,
 }
 
 impl DepthwiseConv {
@@ -90,7 +91,7 @@ impl DepthwiseConv {
 
 #[cfg(target_arch = "x86_64")]
 impl DepthwiseConv {
-    fn plane_simd(&self, ch: usize, x: &[f32], g: Geometry, out: &mut Uninit) {
+    fn plane_simd(&self, ch: usize, x: &[f32], g: Geometry, scratch: &mut Vec<f32>, out: &mut Uninit) {
         let k = self.kernel;
         let p = avx512::Plane {
             x,
@@ -106,11 +107,28 @@ impl DepthwiseConv {
         };
         // SAFETY: `simd` is set only where AVX-512F was detected, with the
         // kernel size and stride the plane kernel supports.
-        unsafe { avx512::plane(&p, out) };
+        unsafe { avx512::plane(&p, scratch, out) };
         if self.act == Activation::Silu {
             // SAFETY: the plane kernel wrote every element.
             self.act.apply_slice(unsafe { assume_init(out) });
         }
+    }
+}
+
+impl DepthwiseConv {
+    /// Channels (one filter each).
+    pub(super) fn channels(&self) -> usize {
+        self.bias.len()
+    }
+
+    /// Channel `ch`'s output plane from its input plane `x`, on the AVX-512
+    /// kernel where it runs; `scratch` is reused between calls.
+    pub(super) fn plane_into(&self, ch: usize, x: &[f32], g: Geometry, scratch: &mut Vec<f32>, out: &mut Uninit) {
+        #[cfg(target_arch = "x86_64")]
+        if self.simd {
+            return self.plane_simd(ch, x, g, scratch, out);
+        }
+        self.plane(ch, x, g, scratch, zeroed(out));
     }
 }
 
@@ -143,12 +161,7 @@ impl CustomOp1 for DepthwiseConv {
         let mut out = uninit_output(n * c * oh * ow);
         let g = Geometry { h, w, ow, pad };
         out.par_chunks_mut(oh * ow).enumerate().for_each_init(Vec::new, |scratch, (plane, o)| {
-            let x = &inp[plane * h * w..(plane + 1) * h * w];
-            #[cfg(target_arch = "x86_64")]
-            if self.simd {
-                return self.plane_simd(plane % c, x, g, o);
-            }
-            self.plane(plane % c, x, g, scratch, zeroed(o));
+            self.plane_into(plane % c, &inp[plane * h * w..(plane + 1) * h * w], g, scratch, o);
         });
         // SAFETY: both plane kernels write every element of their plane.
         Ok((CpuStorage::F32(unsafe { finish(out) }), Shape::from((n, c, oh, ow))))
@@ -163,7 +176,7 @@ mod avx512 {
 
     use super::Padding;
     use crate::ops::sgemm::Fused;
-    use crate::ops::sgemm::avx512::load16;
+    use crate::ops::sgemm::avx512::{shifted_copy, stride2_copy};
 
     /// One channel plane and its filter.
     #[derive(Debug)]
@@ -180,75 +193,110 @@ mod avx512 {
         pub act: Fused,
     }
 
-    /// Sixteen outputs of a row at a time: each of the k·k taps is one
-    /// load and one FMA into one of `k` accumulators (one per kernel row, so
-    /// the FMA latency overlaps); stride 2 loads 32 inputs and keeps the even
-    /// ones. Chunks that touch the padding use masked loads.
+    /// The zero-padded plane split into `stride²` phases (row and column
+    /// parity at stride 2), each `rows × pitch`. At stride `S`, output
+    /// `(oy, ox)`'s tap `(ky, kx)` then reads phase `(ky mod S, kx mod S)` at
+    /// `(oy + ky/S)·pitch + ox + kx/S`: every tap of sixteen neighbouring
+    /// outputs is one plain unaligned load, with no masks, bounds checks or
+    /// permutes in the inner loop.
+    struct Phases {
+        rows: usize,
+        pitch: usize,
+    }
+
+    impl Phases {
+        fn new(p: &Plane) -> Self {
+            let s = p.stride;
+            Self {
+                rows: (p.h + p.pad.top + p.pad.bottom).div_ceil(s),
+                pitch: (p.w + p.pad.left + p.pad.right).div_ceil(s),
+            }
+        }
+
+        fn len(&self, s: usize) -> usize {
+            s * s * self.rows * self.pitch
+        }
+
+        /// Fills `scratch` (which must be at least `len`) from the plane.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn fill(&self, p: &Plane, scratch: &mut [f32]) {
+            let (s, size) = (p.stride, self.rows * self.pitch);
+            for r in 0..self.rows * s {
+                let (qy, ry) = (r % s, r / s);
+                let src = r.checked_sub(p.pad.top).filter(|&y| y < p.h).map(|y| &p.x[y * p.w..][..p.w]);
+                for qx in 0..s {
+                    let dst = &mut scratch[(qy * s + qx) * size + ry * self.pitch..][..self.pitch];
+                    let start = qx as isize - p.pad.left as isize;
+                    // SAFETY: the caller has AVX-512F.
+                    match src {
+                        None => dst.fill(0.0),
+                        Some(src) if s == 1 => unsafe { shifted_copy(dst, src, start) },
+                        Some(src) => unsafe { stride2_copy(dst, src, start) },
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sixteen outputs of a row at a time, from the phase-split copy of the
+    /// plane ([`Phases`]): each of the k·k taps is one load and one FMA into
+    /// one of `k` accumulators (one per kernel row, so the FMA latency
+    /// overlaps). The last chunk of a row computes sixteen lanes and stores
+    /// only the row's.
     ///
     /// # Safety
     /// The CPU has AVX-512F; `kernel` is 3 or 5 and `stride` 1 or 2.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn plane(p: &Plane, out: &mut [MaybeUninit<f32>]) {
+    pub unsafe fn plane(p: &Plane, scratch: &mut Vec<f32>, out: &mut [MaybeUninit<f32>]) {
         match (p.kernel, p.stride) {
-            (3, 1) => plane_k::<3, 1>(p, out),
-            (3, 2) => plane_k::<3, 2>(p, out),
-            (5, 1) => plane_k::<5, 1>(p, out),
-            (5, 2) => plane_k::<5, 2>(p, out),
+            (3, 1) => plane_k::<3, 1>(p, scratch, out),
+            (3, 2) => plane_k::<3, 2>(p, scratch, out),
+            (5, 1) => plane_k::<5, 1>(p, scratch, out),
+            (5, 2) => plane_k::<5, 2>(p, scratch, out),
             (k, s) => unreachable!("no AVX-512 depthwise kernel for k{k} s{s}"),
         }
     }
 
     #[target_feature(enable = "avx512f")]
-    fn plane_k<const K: usize, const S: usize>(p: &Plane, out: &mut [MaybeUninit<f32>]) {
+    fn plane_k<const K: usize, const S: usize>(p: &Plane, scratch: &mut Vec<f32>, out: &mut [MaybeUninit<f32>]) {
         debug_assert_eq!(p.weight.len(), K * K);
+        let ph = Phases::new(p);
+        // The last chunk of the last row reads up to 15 lanes past the row,
+        // and a tap up to K/S columns further.
+        let len = ph.len(S) + 16 + K;
+        if scratch.len() < len {
+            scratch.resize(len, 0.0);
+        }
+        // SAFETY: AVX-512F is enabled here.
+        unsafe { ph.fill(p, scratch) };
+        let size = ph.rows * ph.pitch;
+        let offset: [[usize; K]; K] = std::array::from_fn(|ky| {
+            std::array::from_fn(|kx| ((ky % S) * S + kx % S) * size + (ky / S) * ph.pitch + kx / S)
+        });
         let taps: [[__m512; K]; K] =
             std::array::from_fn(|ky| std::array::from_fn(|kx| _mm512_set1_ps(p.weight[ky * K + kx])));
-        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
-        let (w, left) = (p.w as isize, p.pad.left as isize);
-        // Inputs one chunk reads past its first: 16 lanes × stride + the taps.
-        let span = (16 * S + K - 1) as isize;
+        let (zero, six, bias) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0), _mm512_set1_ps(p.bias));
+        let base = scratch.as_ptr();
         for (oy, orow) in out.chunks_mut(p.ow).enumerate() {
-            let top = (oy * S) as isize - p.pad.top as isize;
-            // The input rows under the kernel; rows in the padding are None.
-            let mut rows: [Option<&[f32]>; K] = [None; K];
-            for (ky, row) in rows.iter_mut().enumerate() {
-                let iy = top + ky as isize;
-                if (0..p.h as isize).contains(&iy) {
-                    *row = Some(&p.x[iy as usize * p.w..][..p.w]);
-                }
-            }
             for (c, chunk) in orow.chunks_mut(16).enumerate() {
-                let base = (c * 16 * S) as isize - left;
-                let inside = base >= 0 && base + span <= w;
+                let at = oy * ph.pitch + c * 16;
                 let mut acc = [_mm512_setzero_ps(); K];
                 // Constant indices and no closures (which would not inherit
                 // AVX-512), so the loops unroll and `acc` stays in registers.
                 #[allow(clippy::needless_range_loop)]
                 for ky in 0..K {
-                    let Some(row) = rows[ky] else { continue };
                     for kx in 0..K {
-                        let tap = taps[ky][kx];
-                        let at = base + kx as isize;
-                        let v = if inside {
-                            // SAFETY: `inside`: `at..at + 16·S` lies in `row`.
-                            unsafe {
-                                let lo = _mm512_loadu_ps(row.as_ptr().offset(at));
-                                if S == 1 {
-                                    lo
-                                } else {
-                                    _mm512_permutex2var_ps(lo, even, _mm512_loadu_ps(row.as_ptr().offset(at + 16)))
-                                }
-                            }
-                        } else if S == 1 {
-                            load16(row, at)
-                        } else {
-                            _mm512_permutex2var_ps(load16(row, at), even, load16(row, at + 16))
-                        };
-                        acc[ky] = _mm512_fmadd_ps(v, tap, acc[ky]);
+                        // SAFETY: `at + offset + 16` is at most `len`: the
+                        // output row's taps lie inside the phases, and a
+                        // chunk reads at most 15 lanes past the row.
+                        let v = unsafe { _mm512_loadu_ps(base.add(at + offset[ky][kx])) };
+                        acc[ky] = _mm512_fmadd_ps(v, taps[ky][kx], acc[ky]);
                     }
                 }
-                let mut sum = _mm512_set1_ps(p.bias);
+                let mut sum = bias;
                 for a in acc {
                     sum = _mm512_add_ps(sum, a);
                 }

@@ -38,19 +38,19 @@ const WIDE: usize = 128;
 /// A groups=1 convolution with folded BatchNorm and an activation (f32, CPU).
 #[derive(Debug, Clone)]
 pub struct GemmConv {
-    weight: Weights,
-    bias: Vec<f32>,
-    out_ch: usize,
-    in_ch: usize,
+    pub(super) weight: Weights,
+    pub(super) bias: Vec<f32>,
+    pub(super) out_ch: usize,
+    pub(super) in_ch: usize,
     kernel: usize,
     stride: usize,
     pad: PadMode,
-    act: Activation,
+    pub(super) act: Activation,
 }
 
 /// A layer's `[out, in·k·k]` weight matrix, in the form its GEMM takes.
 #[derive(Debug, Clone)]
-enum Weights {
+pub(super) enum Weights {
     /// Packed for [`sgemm`] (AVX-512F CPUs).
     Packed(PackedA),
     /// Row-major, for the GEMM crates.
@@ -126,7 +126,7 @@ impl GemmConv {
         Self { weight, bias, out_ch, in_ch, kernel, stride, pad, act }
     }
 
-    fn pointwise(&self) -> bool {
+    pub(super) fn pointwise(&self) -> bool {
         self.kernel == 1 && self.stride == 1
     }
 

@@ -165,20 +165,49 @@ pub fn gemm(
     residual: Option<&[f32]>,
     act: Fused,
 ) {
+    let (m, n) = (a.m, b.cols());
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(n <= ldc, "bad GEMM strides");
+    assert!(c.len() >= (m - 1) * ldc + n, "C is smaller than {m}×{n}");
+    let threads = rayon::current_num_threads();
+    // SAFETY: checked just above; `c` is borrowed mutably, so no one else
+    // writes it.
+    unsafe { gemm_raw(threads, a, b, c.as_mut_ptr().cast(), ldc, bias, residual, act) }
+}
+
+/// [`gemm`] into C given by pointer, on `threads` tasks at most (1: on the
+/// calling thread). Lets callers running in parallel write disjoint
+/// column ranges of one matrix.
+///
+/// # Safety
+/// `c` points at `(m - 1)·ldc + n` floats, of which the `m×n` block at
+/// stride `ldc` is writable and written by no one else during the call.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_raw(
+    threads: usize,
+    a: &PackedA,
+    b: &impl Rhs,
+    c: *mut f32,
+    ldc: usize,
+    bias: &[f32],
+    residual: Option<&[f32]>,
+    act: Fused,
+) {
     let (m, k, n) = (a.m, a.k, b.cols());
     assert_eq!(b.rows(), k, "A is {m}×{k} but B has {} rows", b.rows());
     if m == 0 || n == 0 {
         return;
     }
     assert!(k > 0 && n <= ldc, "bad GEMM strides");
-    assert!(c.len() >= (m - 1) * ldc + n, "C is smaller than {m}×{n}");
     assert_eq!(bias.len(), m, "one bias per row");
     if let Some(r) = residual {
         assert!(r.len() >= (m - 1) * ldc + n, "the residual is smaller than {m}×{n}");
     }
     let res = residual.map(|r| SharedIn(r.as_ptr()));
-    let plan = Plan::new(m, a.mr, n, k, rayon::current_num_threads());
-    let job = Job { a, b, n, c: SharedOut(c.as_mut_ptr().cast()), ldc, bias, res, act, plan };
+    let plan = Plan::new(m, a.mr, n, k, threads.max(1));
+    let job = Job { a, b, n, c: SharedOut(c), ldc, bias, res, act, plan };
     if plan.tasks() == 1 {
         job.run(0);
     } else {
@@ -410,7 +439,7 @@ pub(crate) mod avx512 {
     /// `src[base + lane]` for the 16 lanes, 0 where that is outside `src`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub fn load16(src: &[f32], base: isize) -> __m512 {
+    fn load16(src: &[f32], base: isize) -> __m512 {
         let lo = (-base).clamp(0, 16) as u32;
         let hi = (src.len() as isize - base).clamp(0, 16) as u32;
         let valid = if hi > lo { (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16 } else { 0 };

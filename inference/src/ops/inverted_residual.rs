@@ -1,0 +1,197 @@
+//! A whole inverted-residual block (1×1 expansion, depthwise, 1×1
+//! projection, optional skip) in bands of output rows, so that the expanded
+//! activation never leaves the core's cache.
+//!
+//! Layer by layer, MobileNetV2's first blocks write and re-read expanded
+//! maps of 1.8–4.8 MB per image (112×112×96 floats is 4.8 MB), over the
+//! 2 MiB L2: the depthwise kernel then waits on memory, not on its FMAs.
+//! Here each band of output rows expands only the input rows under it (plus
+//! the kernel's halo, recomputed at each band's edge), runs the depthwise
+//! kernel on them and projects the result straight into the NCHW output,
+//! with the skip added in the GEMM's store. A band's buffers are a few
+//! hundred KiB. Bands are independent, so they are also the unit of
+//! parallelism at batch 1.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use rayon::prelude::*;
+
+use super::depthwise::Geometry;
+use super::gemm_conv::Weights;
+use super::sgemm::{self, Dense, Fused, PackedA};
+use super::{Activation, DepthwiseConv, GemmConv, Padding, Uninit, contiguous_f32, finish, out_size, uninit_output};
+
+/// Blocks whose expanded map per image is smaller than this run layer by
+/// layer: it fits in L2, and a thin per-band GEMM would only lose.
+const FUSE_FROM_BYTES: usize = 1 << 20;
+
+/// Target size of one band's expanded rows.
+const BAND_BYTES: usize = 384 << 10;
+
+/// The block's layers, each known to run on the packed AVX-512 kernels with
+/// its activation applied in registers.
+pub struct InvertedResidual<'a> {
+    expand: Option<(&'a PackedA, &'a GemmConv)>,
+    dw: &'a DepthwiseConv,
+    project: (&'a PackedA, &'a GemmConv),
+    skip: bool,
+}
+
+impl<'a> InvertedResidual<'a> {
+    /// The fused block where every layer can run fused and the expanded map
+    /// of an `h×w` input is large enough to gain from it; else `None`, and
+    /// the caller runs the layers one by one.
+    pub fn new(
+        expand: Option<&'a GemmConv>,
+        dw: &'a DepthwiseConv,
+        project: &'a GemmConv,
+        skip: bool,
+        (h, w): (usize, usize),
+    ) -> Option<Self> {
+        let in_registers = |act: Activation| act == Activation::Identity || act.fused() != Fused::None;
+        let packed = |conv: &'a GemmConv| match &conv.weight {
+            Weights::Packed(a) if conv.pointwise() && in_registers(conv.act) => Some((a, conv)),
+            _ => None,
+        };
+        let expand = match expand {
+            Some(conv) => Some(packed(conv)?),
+            None => None,
+        };
+        let project = packed(project)?;
+        let expanded = expand.map_or(project.1.in_ch, |(_, e)| e.out_ch);
+        let fits = dw.simd
+            && in_registers(dw.act)
+            && dw.channels() == expanded
+            && project.1.in_ch == expanded
+            && expand.is_none_or(|(_, e)| e.out_ch == expanded)
+            && !(skip && (project.1.act != Activation::Identity || dw.stride != 1));
+        let large = expanded * h * w * size_of::<f32>() >= FUSE_FROM_BYTES;
+        (fits && large).then_some(Self { expand, dw, project, skip })
+    }
+
+    fn in_channels(&self) -> usize {
+        self.expand.map_or(self.project.1.in_ch, |(_, e)| e.in_ch)
+    }
+
+    fn expanded(&self) -> usize {
+        self.project.1.in_ch
+    }
+}
+
+/// Sizes of one image's pass.
+#[derive(Clone, Copy)]
+struct Dims {
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    pad: Padding,
+    /// Output rows per band.
+    band: usize,
+}
+
+/// One band's buffers, kept per worker.
+#[derive(Default)]
+struct Scratch {
+    expanded: Vec<f32>,
+    depthwise: Vec<f32>,
+    plane: Vec<f32>,
+}
+
+/// The output pointer, shared by bands that write disjoint columns.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: each band writes only its own output columns (`InvertedResidual::band`).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl InvertedResidual<'_> {
+    /// Output rows `o0..o1` of one image: expand the input rows under them,
+    /// depthwise, project into `out` (the image's `[out_ch, oh·ow]`).
+    fn band(&self, x: &[f32], d: Dims, o0: usize, s: &mut Scratch, out: Out) {
+        let (k, st) = (self.dw.kernel, self.dw.stride);
+        // The band's rows in padded coordinates, then in the input.
+        let (p0, p1) = (o0 * st, ((o0 + d.band).min(d.oh) - 1) * st + k);
+        let rows = o0..(o0 + d.band).min(d.oh);
+        let r0 = p0.saturating_sub(d.pad.top).min(d.h);
+        let r1 = p1.saturating_sub(d.pad.top).min(d.h);
+        let top = d.pad.top.saturating_sub(p0);
+        let pad = Padding { top, bottom: p1 - p0 - top - (r1 - r0), ..d.pad };
+        let (hw, band_in) = (d.h * d.w, (r1 - r0) * d.w);
+        let c = self.expanded();
+
+        // The expanded rows (or, without expansion, the input's own rows).
+        let (src, pitch) = match self.expand {
+            Some((a, conv)) => {
+                s.expanded.resize(c * band_in, 0.0);
+                let b = Dense::new(&x[r0 * d.w..], conv.in_ch, band_in, hw);
+                // SAFETY: `expanded` holds `c × band_in` floats, this
+                // worker's own.
+                unsafe {
+                    sgemm::gemm_raw(1, a, &b, s.expanded.as_mut_ptr(), band_in, &conv.bias, None, conv.act.fused())
+                };
+                (&s.expanded[..], band_in)
+            }
+            None => (&x[r0 * d.w..], hw),
+        };
+
+        let band_out = rows.len() * d.ow;
+        s.depthwise.resize(c * band_out, 0.0);
+        let g = Geometry { h: r1 - r0, w: d.w, ow: d.ow, pad };
+        for (ch, plane) in s.depthwise.chunks_mut(band_out).enumerate() {
+            self.dw.plane_into(ch, &src[ch * pitch..][..band_in], g, &mut s.plane, as_uninit(plane));
+        }
+
+        let (a, conv) = self.project;
+        let ohw = d.oh * d.ow;
+        let b = Dense::new(&s.depthwise, c, band_out, band_out);
+        let residual = self.skip.then(|| &x[o0 * d.ow..]);
+        // SAFETY: `out` holds `out_ch × oh·ow` floats; this band writes only
+        // columns `o0·ow .. o0·ow + band_out` of each row, which no other
+        // band writes.
+        unsafe { sgemm::gemm_raw(1, a, &b, out.0.add(o0 * d.ow), ohw, &conv.bias, residual, conv.act.fused()) };
+    }
+}
+
+/// An initialized buffer seen as one a kernel may overwrite.
+fn as_uninit(s: &mut [f32]) -> &mut Uninit {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and whatever is
+    // written through it is an initialized f32.
+    unsafe { &mut *(s as *mut [f32] as *mut Uninit) }
+}
+
+impl CustomOp1 for InvertedResidual<'_> {
+    fn name(&self) -> &'static str {
+        "lineside-inverted-residual"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let inp = contiguous_f32(storage, layout)?;
+        let (n, c, h, w) = layout.shape().dims4()?;
+        if c != self.in_channels() {
+            candle_core::bail!("the block expects {} input channels, got {c}", self.in_channels());
+        }
+        let (k, st) = (self.dw.kernel, self.dw.stride);
+        let pad = self.dw.pad.resolve(h, w, k, st);
+        let (oh, ow) = (out_size(h, k, st, pad.top, pad.bottom), out_size(w, k, st, pad.left, pad.right));
+        let out_ch = self.project.1.out_ch;
+        if self.skip && (out_ch, oh, ow) != (c, h, w) {
+            candle_core::bail!("the skip needs the block's output ({out_ch}×{oh}×{ow}) to match its input");
+        }
+        // As many output rows as keep the band's expanded rows near BAND_BYTES.
+        let row_bytes = self.expanded() * w * size_of::<f32>();
+        let in_rows = (BAND_BYTES / row_bytes.max(1)).max(k);
+        let band = ((in_rows - k) / st + 1).min(oh);
+        let d = Dims { h, w, oh, ow, pad, band };
+        let mut out = uninit_output(n * out_ch * oh * ow);
+        for img in 0..n {
+            let x = &inp[img * c * h * w..][..c * h * w];
+            let dst = Out(out[img * out_ch * oh * ow..].as_mut_ptr().cast());
+            (0..oh.div_ceil(band)).into_par_iter().for_each_init(Scratch::default, |s, b| {
+                self.band(x, d, b * band, s, dst);
+            });
+        }
+        // SAFETY: the bands cover every output row, and each writes all
+        // columns of its rows for every channel.
+        Ok((CpuStorage::F32(unsafe { finish(out) }), Shape::from((n, out_ch, oh, ow))))
+    }
+}
