@@ -22,6 +22,7 @@ use crate::Result;
 
 mod depthwise;
 mod gemm_conv;
+#[cfg(target_arch = "x86_64")]
 mod inverted_residual;
 mod max_pool;
 pub mod sgemm;
@@ -346,10 +347,13 @@ pub fn inverted_residual(
         return Ok(None);
     };
     let (_, _, h, w) = x.dims4()?;
-    match inverted_residual::InvertedResidual::new(expand, depthwise, project, skip, (h, w)) {
-        Some(op) => Ok(Some(x.contiguous()?.apply_op1_no_bwd(&op)?)),
-        None => Ok(None),
+    #[cfg(target_arch = "x86_64")]
+    if let Some(op) = inverted_residual::InvertedResidual::new(expand, depthwise, project, skip, (h, w)) {
+        return Ok(Some(x.contiguous()?.apply_op1_no_bwd(&op)?));
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (expand, depthwise, project, skip, h, w);
+    Ok(None)
 }
 
 #[cfg(test)]

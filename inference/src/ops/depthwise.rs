@@ -12,6 +12,8 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::assume_init;
+#[cfg(target_arch = "x86_64")]
+pub(super) use avx512::Phases;
 use super::{Activation, PadMode, Padding, Uninit, contiguous_f32, finish, out_size, sgemm, uninit_output, zeroed};
 
 /// Input height and width, output width and padding of one depthwise plane.
@@ -91,10 +93,9 @@ impl DepthwiseConv {
 
 #[cfg(target_arch = "x86_64")]
 impl DepthwiseConv {
-    fn plane_simd(&self, ch: usize, x: &[f32], g: Geometry, scratch: &mut Vec<f32>, out: &mut Uninit) {
+    fn simd_plane(&self, ch: usize, g: Geometry) -> avx512::Plane<'_> {
         let k = self.kernel;
-        let p = avx512::Plane {
-            x,
+        avx512::Plane {
             h: g.h,
             w: g.w,
             ow: g.ow,
@@ -104,10 +105,45 @@ impl DepthwiseConv {
             weight: &self.weight[ch * k * k..(ch + 1) * k * k],
             bias: self.bias[ch],
             act: self.act.fused(),
-        };
+        }
+    }
+
+    fn plane_simd(&self, ch: usize, x: &[f32], g: Geometry, scratch: &mut Vec<f32>, out: &mut Uninit) {
+        let p = self.simd_plane(ch, g);
+        let len = p.phases().len();
+        if scratch.len() < len {
+            scratch.resize(len, 0.0);
+        }
         // SAFETY: `simd` is set only where AVX-512F was detected, with the
-        // kernel size and stride the plane kernel supports.
-        unsafe { avx512::plane(&p, scratch, out) };
+        // kernel size and stride the plane kernel supports; `scratch` holds
+        // the phases.
+        unsafe {
+            p.phases().fill(&p, x, scratch);
+            avx512::plane(&p, scratch, out);
+        }
+        self.finish_simd(out);
+    }
+
+    /// Channel `ch`'s output plane from its input already in the phase
+    /// layout ([`Self::phases`]), as a fused block's expansion writes it.
+    ///
+    /// # Panics
+    /// Where the AVX-512 kernel does not run (`simd` is false).
+    pub(super) fn plane_from_phases(&self, ch: usize, phases: &[f32], g: Geometry, out: &mut Uninit) {
+        assert!(self.simd, "the phase layout is the AVX-512 kernel's");
+        let p = self.simd_plane(ch, g);
+        assert!(phases.len() >= p.phases().len(), "the phases are too short");
+        // SAFETY: as in `plane_simd`; `phases` is long enough.
+        unsafe { avx512::plane(&p, phases, out) };
+        self.finish_simd(out);
+    }
+
+    /// The layout [`Self::plane_from_phases`] reads for a plane of `g`.
+    pub(super) fn phases(&self, g: Geometry) -> avx512::Phases {
+        avx512::Phases::new(g, self.stride, self.kernel)
+    }
+
+    fn finish_simd(&self, out: &mut Uninit) {
         if self.act == Activation::Silu {
             // SAFETY: the plane kernel wrote every element.
             self.act.apply_slice(unsafe { assume_init(out) });
@@ -174,14 +210,13 @@ mod avx512 {
 
     use std::mem::MaybeUninit;
 
-    use super::Padding;
+    use super::{Geometry, Padding};
     use crate::ops::sgemm::Fused;
     use crate::ops::sgemm::avx512::{shifted_copy, stride2_copy};
 
-    /// One channel plane and its filter.
+    /// One channel plane's geometry and its filter.
     #[derive(Debug)]
     pub struct Plane<'a> {
-        pub x: &'a [f32],
         pub h: usize,
         pub w: usize,
         pub ow: usize,
@@ -194,47 +229,113 @@ mod avx512 {
     }
 
     /// The zero-padded plane split into `stride²` phases (row and column
-    /// parity at stride 2), each `rows × pitch`. At stride `S`, output
-    /// `(oy, ox)`'s tap `(ky, kx)` then reads phase `(ky mod S, kx mod S)` at
-    /// `(oy + ky/S)·pitch + ox + kx/S`: every tap of sixteen neighbouring
-    /// outputs is one plain unaligned load, with no masks, bounds checks or
-    /// permutes in the inner loop.
-    struct Phases {
-        rows: usize,
-        pitch: usize,
+    /// parity at stride 2), each `rows × pitch`, followed by slack. At stride
+    /// `S`, output `(oy, ox)`'s tap `(ky, kx)` then reads phase
+    /// `(ky mod S, kx mod S)` at `(oy + ky/S)·pitch + ox + kx/S`: every tap
+    /// of sixteen neighbouring outputs is one plain unaligned load, with no
+    /// masks, bounds checks or permutes in the inner loop.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Phases {
+        pub stride: usize,
+        /// Rows of one phase.
+        pub rows: usize,
+        /// Floats per row of a phase.
+        pub pitch: usize,
+        kernel: usize,
+        pad: Padding,
+        h: usize,
+        w: usize,
+    }
+
+    impl Plane<'_> {
+        pub fn phases(&self) -> Phases {
+            Phases::new(Geometry { h: self.h, w: self.w, ow: self.ow, pad: self.pad }, self.stride, self.kernel)
+        }
     }
 
     impl Phases {
-        fn new(p: &Plane) -> Self {
-            let s = p.stride;
+        pub fn new(g: Geometry, stride: usize, kernel: usize) -> Self {
             Self {
-                rows: (p.h + p.pad.top + p.pad.bottom).div_ceil(s),
-                pitch: (p.w + p.pad.left + p.pad.right).div_ceil(s),
+                stride,
+                rows: (g.h + g.pad.top + g.pad.bottom).div_ceil(stride),
+                pitch: (g.w + g.pad.left + g.pad.right).div_ceil(stride),
+                kernel,
+                pad: g.pad,
+                h: g.h,
+                w: g.w,
             }
         }
 
-        fn len(&self, s: usize) -> usize {
-            s * s * self.rows * self.pitch
+        /// Floats of the phases themselves.
+        pub fn body(&self) -> usize {
+            self.stride * self.stride * self.rows * self.pitch
         }
 
-        /// Fills `scratch` (which must be at least `len`) from the plane.
+        /// Floats the kernel may read: the body, then the slack the last
+        /// chunk of the last row reads past it (15 lanes and a tap's reach).
+        pub fn len(&self) -> usize {
+            self.body() + 16 + self.kernel
+        }
+
+        /// Writes one phase row of column phase `qx` from column `cx0` on
+        /// into `dst`: from `src`, the plane's row under it, or zeros where
+        /// that is a padding row (`None`).
         ///
         /// # Safety
         /// The CPU has AVX-512F.
         #[target_feature(enable = "avx512f")]
-        unsafe fn fill(&self, p: &Plane, scratch: &mut [f32]) {
-            let (s, size) = (p.stride, self.rows * self.pitch);
-            for r in 0..self.rows * s {
-                let (qy, ry) = (r % s, r / s);
-                let src = r.checked_sub(p.pad.top).filter(|&y| y < p.h).map(|y| &p.x[y * p.w..][..p.w]);
-                for qx in 0..s {
-                    let dst = &mut scratch[(qy * s + qx) * size + ry * self.pitch..][..self.pitch];
-                    let start = qx as isize - p.pad.left as isize;
-                    // SAFETY: the caller has AVX-512F.
-                    match src {
-                        None => dst.fill(0.0),
-                        Some(src) if s == 1 => unsafe { shifted_copy(dst, src, start) },
-                        Some(src) => unsafe { stride2_copy(dst, src, start) },
+        pub unsafe fn phase_row(&self, src: Option<&[f32]>, qx: usize, cx0: usize, dst: &mut [f32]) {
+            let Some(src) = src else { return dst.fill(0.0) };
+            let start = (cx0 * self.stride + qx) as isize - self.pad.left as isize;
+            // SAFETY: the caller has AVX-512F.
+            unsafe {
+                if self.stride == 1 {
+                    shifted_copy(dst, src, start)
+                } else {
+                    stride2_copy(dst, src, start)
+                }
+            }
+        }
+
+        /// The input row under phase row `r` of phase `(qy, ·)`, if any.
+        pub fn input_row(&self, qy: usize, r: usize) -> Option<usize> {
+            (r * self.stride + qy).checked_sub(self.pad.top).filter(|&y| y < self.h)
+        }
+
+        /// Zeroes the padding in a body whose every other position is
+        /// already written (a GEMM that computed `act(bias)` there).
+        pub fn zero_padding(&self, body: &mut [f32]) {
+            let (s, size) = (self.stride, self.rows * self.pitch);
+            for (phase, body) in body[..self.body()].chunks_mut(size).enumerate() {
+                let (qy, qx) = (phase / s, phase % s);
+                // Columns `cx` with `left <= cx·s + qx < left + w` hold the plane.
+                let lo = self.pad.left.saturating_sub(qx).div_ceil(s).min(self.pitch);
+                let hi = (self.pad.left + self.w).saturating_sub(qx).div_ceil(s).min(self.pitch);
+                for (r, row) in body.chunks_mut(self.pitch).enumerate() {
+                    if self.input_row(qy, r).is_none() {
+                        row.fill(0.0);
+                    } else {
+                        row[..lo].fill(0.0);
+                        row[hi..].fill(0.0);
+                    }
+                }
+            }
+        }
+
+        /// Fills the body of `scratch` from the plane `x`.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn fill(&self, p: &Plane, x: &[f32], scratch: &mut [f32]) {
+            let (s, size) = (self.stride, self.rows * self.pitch);
+            for qy in 0..s {
+                for r in 0..self.rows {
+                    let src = self.input_row(qy, r).map(|y| &x[y * p.w..][..p.w]);
+                    for qx in 0..s {
+                        let dst = &mut scratch[(qy * s + qx) * size + r * self.pitch..][..self.pitch];
+                        // SAFETY: the caller has AVX-512F.
+                        unsafe { self.phase_row(src, qx, 0, dst) };
                     }
                 }
             }
@@ -242,36 +343,30 @@ mod avx512 {
     }
 
     /// Sixteen outputs of a row at a time, from the phase-split copy of the
-    /// plane ([`Phases`]): each of the k·k taps is one load and one FMA into
-    /// one of `k` accumulators (one per kernel row, so the FMA latency
-    /// overlaps). The last chunk of a row computes sixteen lanes and stores
-    /// only the row's.
+    /// plane ([`Phases`], filled): each of the k·k taps is one load and one
+    /// FMA into one of `k` accumulators (one per kernel row, so the FMA
+    /// latency overlaps). The last chunk of a row computes sixteen lanes and
+    /// stores only the row's.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `kernel` is 3 or 5 and `stride` 1 or 2.
+    /// The CPU has AVX-512F; `kernel` is 3 or 5 and `stride` 1 or 2;
+    /// `phases` holds at least `p.phases().len()` floats.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn plane(p: &Plane, scratch: &mut Vec<f32>, out: &mut [MaybeUninit<f32>]) {
+    pub unsafe fn plane(p: &Plane, phases: &[f32], out: &mut [MaybeUninit<f32>]) {
         match (p.kernel, p.stride) {
-            (3, 1) => plane_k::<3, 1>(p, scratch, out),
-            (3, 2) => plane_k::<3, 2>(p, scratch, out),
-            (5, 1) => plane_k::<5, 1>(p, scratch, out),
-            (5, 2) => plane_k::<5, 2>(p, scratch, out),
+            (3, 1) => plane_k::<3, 1>(p, phases, out),
+            (3, 2) => plane_k::<3, 2>(p, phases, out),
+            (5, 1) => plane_k::<5, 1>(p, phases, out),
+            (5, 2) => plane_k::<5, 2>(p, phases, out),
             (k, s) => unreachable!("no AVX-512 depthwise kernel for k{k} s{s}"),
         }
     }
 
     #[target_feature(enable = "avx512f")]
-    fn plane_k<const K: usize, const S: usize>(p: &Plane, scratch: &mut Vec<f32>, out: &mut [MaybeUninit<f32>]) {
+    fn plane_k<const K: usize, const S: usize>(p: &Plane, phases: &[f32], out: &mut [MaybeUninit<f32>]) {
         debug_assert_eq!(p.weight.len(), K * K);
-        let ph = Phases::new(p);
-        // The last chunk of the last row reads up to 15 lanes past the row,
-        // and a tap up to K/S columns further.
-        let len = ph.len(S) + 16 + K;
-        if scratch.len() < len {
-            scratch.resize(len, 0.0);
-        }
-        // SAFETY: AVX-512F is enabled here.
-        unsafe { ph.fill(p, scratch) };
+        let ph = p.phases();
+        assert!(phases.len() >= ph.len(), "the phases are too short");
         let size = ph.rows * ph.pitch;
         let offset: [[usize; K]; K] = std::array::from_fn(|ky| {
             std::array::from_fn(|kx| ((ky % S) * S + kx % S) * size + (ky / S) * ph.pitch + kx / S)
@@ -279,7 +374,7 @@ mod avx512 {
         let taps: [[__m512; K]; K] =
             std::array::from_fn(|ky| std::array::from_fn(|kx| _mm512_set1_ps(p.weight[ky * K + kx])));
         let (zero, six, bias) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0), _mm512_set1_ps(p.bias));
-        let base = scratch.as_ptr();
+        let base = phases.as_ptr();
         for (oy, orow) in out.chunks_mut(p.ow).enumerate() {
             for (c, chunk) in orow.chunks_mut(16).enumerate() {
                 let at = oy * ph.pitch + c * 16;

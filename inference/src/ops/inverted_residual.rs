@@ -15,9 +15,11 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-use super::depthwise::Geometry;
+use std::ops::Range;
+
+use super::depthwise::{Geometry, Phases};
 use super::gemm_conv::Weights;
-use super::sgemm::{self, Dense, Fused, PackedA};
+use super::sgemm::{self, Dense, Fused, PackedA, Rhs};
 use super::{Activation, DepthwiseConv, GemmConv, Padding, Uninit, contiguous_f32, finish, out_size, uninit_output};
 
 /// Blocks whose expanded map per image is smaller than this run layer by
@@ -119,26 +121,30 @@ impl InvertedResidual<'_> {
         let (hw, band_in) = (d.h * d.w, (r1 - r0) * d.w);
         let c = self.expanded();
 
-        // The expanded rows (or, without expansion, the input's own rows).
-        let (src, pitch) = match self.expand {
-            Some((a, conv)) => {
-                s.expanded.resize(c * band_in, 0.0);
-                let b = Dense::new(&x[r0 * d.w..], conv.in_ch, band_in, hw);
-                // SAFETY: `expanded` holds `c × band_in` floats, this
-                // worker's own.
-                unsafe {
-                    sgemm::gemm_raw(1, a, &b, s.expanded.as_mut_ptr(), band_in, &conv.bias, None, conv.act.fused())
-                };
-                (&s.expanded[..], band_in)
-            }
-            None => (&x[r0 * d.w..], hw),
-        };
-
         let band_out = rows.len() * d.ow;
         s.depthwise.resize(c * band_out, 0.0);
         let g = Geometry { h: r1 - r0, w: d.w, ow: d.ow, pad };
-        for (ch, plane) in s.depthwise.chunks_mut(band_out).enumerate() {
-            self.dw.plane_into(ch, &src[ch * pitch..][..band_in], g, &mut s.plane, as_uninit(plane));
+        match self.expand {
+            Some((a, conv)) => {
+                // The GEMM writes the expanded rows straight in the layout
+                // the depthwise kernel reads: no copy in between.
+                let phases = self.dw.phases(g);
+                let body = phases.body();
+                s.expanded.resize(c * body + phases.len() - body, 0.0);
+                let b = PhasedInput { x: &x[r0 * d.w..], hw, w: d.w, cin: conv.in_ch, phases };
+                // SAFETY: `expanded` holds `c × body` floats, this worker's own.
+                unsafe { sgemm::gemm_raw(1, a, &b, s.expanded.as_mut_ptr(), body, &conv.bias, None, conv.act.fused()) };
+                for (ch, plane) in s.depthwise.chunks_mut(band_out).enumerate() {
+                    phases.zero_padding(&mut s.expanded[ch * body..]);
+                    self.dw.plane_from_phases(ch, &s.expanded[ch * body..], g, as_uninit(plane));
+                }
+            }
+            None => {
+                let src = &x[r0 * d.w..];
+                for (ch, plane) in s.depthwise.chunks_mut(band_out).enumerate() {
+                    self.dw.plane_into(ch, &src[ch * hw..][..band_in], g, &mut s.plane, as_uninit(plane));
+                }
+            }
         }
 
         let (a, conv) = self.project;
@@ -149,6 +155,45 @@ impl InvertedResidual<'_> {
         // columns `o0·ow .. o0·ow + band_out` of each row, which no other
         // band writes.
         unsafe { sgemm::gemm_raw(1, a, &b, out.0.add(o0 * d.ow), ohw, &conv.bias, residual, conv.act.fused()) };
+    }
+}
+
+/// The expansion's right-hand side for one band: the input rows under it
+/// (`[cin, rows·w]` at channel stride `hw`), arranged as the depthwise
+/// kernel's phases with zeros in the padding.
+struct PhasedInput<'a> {
+    x: &'a [f32],
+    hw: usize,
+    w: usize,
+    cin: usize,
+    phases: Phases,
+}
+
+impl Rhs for PhasedInput<'_> {
+    fn rows(&self) -> usize {
+        self.cin
+    }
+
+    fn cols(&self) -> usize {
+        self.phases.body()
+    }
+
+    fn row<'a>(&'a self, r: usize, cols: Range<usize>, buf: &'a mut [f32]) -> &'a [f32] {
+        let ph = &self.phases;
+        let (s, size) = (ph.stride, ph.rows * ph.pitch);
+        let mut j = cols.start;
+        while j < cols.end {
+            // One phase row at a time.
+            let (phase, at) = (j / size, j % size);
+            let (row, cx) = (at / ph.pitch, at % ph.pitch);
+            let n = (ph.pitch - cx).min(cols.end - j);
+            let src = ph.input_row(phase / s, row).map(|y| &self.x[r * self.hw + y * self.w..][..self.w]);
+            // SAFETY: a fused block exists only with packed GEMMs, so the CPU
+            // has AVX-512F.
+            unsafe { ph.phase_row(src, phase % s, cx, &mut buf[j - cols.start..][..n]) };
+            j += n;
+        }
+        &buf[..cols.len()]
     }
 }
 
@@ -180,7 +225,11 @@ impl CustomOp1 for InvertedResidual<'_> {
         // As many output rows as keep the band's expanded rows near BAND_BYTES.
         let row_bytes = self.expanded() * w * size_of::<f32>();
         let in_rows = (BAND_BYTES / row_bytes.max(1)).max(k);
-        let band = ((in_rows - k) / st + 1).min(oh);
+        let mut band = ((in_rows - k) / st + 1).min(oh);
+        if n == 1 {
+            // Bands are the only parallelism within one image.
+            band = band.min(oh.div_ceil(rayon::current_num_threads()));
+        }
         let d = Dims { h, w, oh, ow, pad, band };
         let mut out = uninit_output(n * out_ch * oh * ow);
         for img in 0..n {
