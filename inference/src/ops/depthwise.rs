@@ -12,9 +12,9 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::assume_init;
+use super::{Activation, PadMode, Padding, Uninit, contiguous_f32, finish, out_size, sgemm, uninit_output, zeroed};
 #[cfg(target_arch = "x86_64")]
 pub(super) use avx512::Phases;
-use super::{Activation, PadMode, Padding, Uninit, contiguous_f32, finish, out_size, sgemm, uninit_output, zeroed};
 
 /// Input height and width, output width and padding of one depthwise plane.
 #[derive(Clone, Copy)]
@@ -288,13 +288,7 @@ mod avx512 {
             let Some(src) = src else { return dst.fill(0.0) };
             let start = (cx0 * self.stride + qx) as isize - self.pad.left as isize;
             // SAFETY: the caller has AVX-512F.
-            unsafe {
-                if self.stride == 1 {
-                    shifted_copy(dst, src, start)
-                } else {
-                    stride2_copy(dst, src, start)
-                }
-            }
+            unsafe { if self.stride == 1 { shifted_copy(dst, src, start) } else { stride2_copy(dst, src, start) } }
         }
 
         /// The input row under phase row `r` of phase `(qy, ·)`, if any.

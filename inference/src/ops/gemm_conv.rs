@@ -376,6 +376,48 @@ impl Im2col<'_> {
         }
         buf
     }
+
+    /// [`Self::same_size_row`] written straight into the packed slivers.
+    #[cfg(target_arch = "x86_64")]
+    fn pack_same_size_row(
+        &self,
+        (ci, ky, kx): (usize, usize, usize),
+        cols: Range<usize>,
+        dst: &mut [f32],
+        stride: usize,
+    ) {
+        let d = self.d;
+        let plane = d.h * d.w;
+        let shift = (ky as isize - d.pad.top as isize) * d.w as isize + kx as isize - d.pad.left as isize;
+        let (wrap_lo, wrap_hi) = (d.pad.left.saturating_sub(kx), (d.w + d.pad.left).saturating_sub(kx).min(d.w));
+        let at = |c: usize| (c / sgemm::NR) * stride + c % sgemm::NR;
+        let len = cols.len();
+        // The last sliver's columns past the row are zero.
+        for c in len..len.next_multiple_of(sgemm::NR) {
+            dst[at(c)] = 0.0;
+        }
+        let mut j = cols.start;
+        while j < cols.end {
+            let (img, p) = (j / plane, j % plane);
+            let end = (j - p + plane).min(cols.end);
+            let src = &self.x[(img * d.c + ci) * plane..][..plane];
+            // SAFETY: packing runs only for the packed GEMM, which exists
+            // only where the CPU has AVX-512F.
+            unsafe { sgemm::avx512::shifted_to_slivers(dst, stride, j - cols.start, end - j, src, p as isize + shift) };
+            // Zero the wrapped columns of every output row in `p..p + len`.
+            let mut row_start = p - p % d.w;
+            while row_start < p + (end - j) {
+                for ox in (0..wrap_lo).chain(wrap_hi..d.w) {
+                    let c = row_start + ox;
+                    if c >= p && c < p + (end - j) {
+                        dst[at(c - p + j - cols.start)] = 0.0;
+                    }
+                }
+                row_start += d.w;
+            }
+            j = end;
+        }
+    }
 }
 
 impl Rhs for Im2col<'_> {
@@ -416,6 +458,17 @@ impl Rhs for Im2col<'_> {
             }
         }
         buf
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn pack_row(&self, r: usize, cols: Range<usize>, buf: &mut [f32], dst: &mut [f32], stride: usize) {
+        let k = self.conv.kernel;
+        let (ci, ky, kx) = (r / (k * k), (r / k) % k, r % k);
+        if self.conv.stride == 1 && (self.d.oh, self.d.ow) == (self.d.h, self.d.w) {
+            return self.pack_same_size_row((ci, ky, kx), cols, dst, stride);
+        }
+        // SAFETY: as in `Rhs::pack_row`.
+        unsafe { sgemm::avx512::scatter_row(self.row(r, cols, buf), dst, stride) };
     }
 }
 

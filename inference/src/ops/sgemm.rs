@@ -107,6 +107,21 @@ pub trait Rhs: Sync {
     fn stored(&self) -> Option<&[f32]> {
         None
     }
+    /// Packs `B[r, cols]` for the packed GEMM (AVX-512F CPUs): its
+    /// `NR`-column pieces go `stride` apart into `dst`, one per sliver, the
+    /// last zero-padded. By default through [`Rhs::row`] and a copy; a B
+    /// that can produce its row in place overrides this to skip the copy.
+    fn pack_row(&self, r: usize, cols: Range<usize>, buf: &mut [f32], dst: &mut [f32], stride: usize) {
+        let src = self.row(r, cols, buf);
+        // SAFETY: only the packed GEMM packs, and it exists only where the
+        // CPU has AVX-512F (`PackedA::new`).
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            avx512::scatter_row(src, dst, stride)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("PackedA exists only on x86-64 ({src:?} {dst:?} {stride})");
+    }
 }
 
 /// A row-major matrix in memory.
@@ -326,15 +341,7 @@ impl<R: Rhs> Job<'_, R> {
     /// zero-padding the last one.
     fn pack_b(&self, k0: usize, kc: usize, cols: Range<usize>, block: &mut [f32], row: &mut [f32]) {
         for kk in 0..kc {
-            let src = self.b.row(k0 + kk, cols.clone(), &mut row[..cols.len()]);
-            // SAFETY: a Job exists only for a PackedA, so AVX-512F is
-            // present (`PackedA::new`).
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                avx512::scatter_row(src, &mut block[kk * NR..], kc * NR)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("PackedA exists only on x86-64 ({src:?} {block:?})");
+            self.b.pack_row(k0 + kk, cols.clone(), &mut row[..cols.len()], &mut block[kk * NR..], kc * NR);
         }
     }
 
@@ -478,6 +485,35 @@ pub(crate) mod avx512 {
         for (c, out) in dst.chunks_mut(16).enumerate() {
             let first = start + c as isize * 32;
             store_first(out, _mm512_permutex2var_ps(load16(src, first), even, load16(src, first + 16)));
+        }
+    }
+
+    /// `src[start + i]` (0 outside `src`) for `i` in `0..len`, written as
+    /// packed columns `at..at + len` of a row whose `NR`-column slivers lie
+    /// `stride` apart in `dst`: the shifted copy and the packing in one pass.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn shifted_to_slivers(dst: &mut [f32], stride: usize, at: usize, len: usize, src: &[f32], start: isize) {
+        let mut c = at;
+        while c < at + len {
+            // Lanes `lane0..lane0 + n` of the 16-column group holding `c`.
+            let (lane0, group) = (c % 16, c - c % 16);
+            let n = (16 - lane0).min(at + len - c);
+            let want = (((1u32 << n) - 1) << lane0) as u16;
+            let base = start + group as isize - at as isize;
+            let lo = (-base).clamp(0, 16) as u32;
+            let hi = (src.len() as isize - base).clamp(0, 16) as u32;
+            let valid = if hi > lo { (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16 } else { 0 };
+            let out = &mut dst[(group / NR) * stride + group % NR..][..16];
+            // SAFETY: the loaded lanes index inside `src` (`valid`), the
+            // stored ones inside `out`.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(want & valid, src.as_ptr().wrapping_offset(base));
+                _mm512_mask_storeu_ps(out.as_mut_ptr(), want, v);
+            }
+            c += n;
         }
     }
 
