@@ -487,6 +487,7 @@ mod tests {
             (2, 16, 72, 16, 3, 1, 67, 61, PadMode::Symmetric(1), true, true),
             (1, 12, 96, 20, 3, 2, 75, 70, PadMode::Symmetric(1), true, false),
             (1, 10, 64, 24, 5, 2, 70, 64, PadMode::TfSame, true, false),
+            (2, 8, 40, 16, 3, 2, 84, 84, PadMode::TfSame, true, false),
             (1, 8, 48, 8, 5, 1, 73, 77, PadMode::TfSame, true, true),
             (2, 64, 64, 16, 3, 1, 66, 65, PadMode::Symmetric(1), false, false),
         ] {

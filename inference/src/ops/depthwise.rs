@@ -118,7 +118,7 @@ impl DepthwiseConv {
         // kernel size and stride the plane kernel supports; `scratch` holds
         // the phases.
         unsafe {
-            p.phases().fill(&p, x, scratch);
+            p.phases().fill(x, scratch);
             avx512::plane(&p, scratch, out);
         }
         self.finish_simd(out);
@@ -128,7 +128,8 @@ impl DepthwiseConv {
     /// layout ([`Self::phases`]), as a fused block's expansion writes it.
     ///
     /// # Panics
-    /// Where the AVX-512 kernel does not run (`simd` is false).
+    /// Where the AVX-512 kernel does not run (`simd` is false), or where
+    /// `phases` is shorter than the layout's [`avx512::Phases::len`].
     pub(super) fn plane_from_phases(&self, ch: usize, phases: &[f32], g: Geometry, out: &mut Uninit) {
         assert!(self.simd, "the phase layout is the AVX-512 kernel's");
         let p = self.simd_plane(ch, g);
@@ -153,6 +154,7 @@ impl DepthwiseConv {
 
 impl DepthwiseConv {
     /// Channels (one filter each).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(super) fn channels(&self) -> usize {
         self.bias.len()
     }
@@ -236,6 +238,7 @@ mod avx512 {
     /// masks, bounds checks or permutes in the inner loop.
     #[derive(Debug, Clone, Copy)]
     pub struct Phases {
+        /// The convolution's stride: `stride²` phases.
         pub stride: usize,
         /// Rows of one phase.
         pub rows: usize,
@@ -248,12 +251,14 @@ mod avx512 {
     }
 
     impl Plane<'_> {
+        /// The phase layout this plane's kernel reads.
         pub fn phases(&self) -> Phases {
             Phases::new(Geometry { h: self.h, w: self.w, ow: self.ow, pad: self.pad }, self.stride, self.kernel)
         }
     }
 
     impl Phases {
+        /// The layout for a plane of `g` under a `kernel`×`kernel`, `stride` filter.
         pub fn new(g: Geometry, stride: usize, kernel: usize) -> Self {
             Self {
                 stride,
@@ -271,8 +276,8 @@ mod avx512 {
             self.stride * self.stride * self.rows * self.pitch
         }
 
-        /// Floats the kernel may read: the body, then the slack the last
-        /// chunk of the last row reads past it (15 lanes and a tap's reach).
+        /// Floats the kernel may read: the body, then slack for the last
+        /// chunk of a row, which loads up to 15 lanes past the row.
         pub fn len(&self) -> usize {
             self.body() + 16 + self.kernel
         }
@@ -285,6 +290,7 @@ mod avx512 {
         /// The CPU has AVX-512F.
         #[target_feature(enable = "avx512f")]
         pub unsafe fn phase_row(&self, src: Option<&[f32]>, qx: usize, cx0: usize, dst: &mut [f32]) {
+            debug_assert!(self.stride <= 2, "phases exist for strides 1 and 2");
             let Some(src) = src else { return dst.fill(0.0) };
             let start = (cx0 * self.stride + qx) as isize - self.pad.left as isize;
             // SAFETY: the caller has AVX-512F.
@@ -321,11 +327,11 @@ mod avx512 {
         /// # Safety
         /// The CPU has AVX-512F.
         #[target_feature(enable = "avx512f")]
-        pub unsafe fn fill(&self, p: &Plane, x: &[f32], scratch: &mut [f32]) {
+        pub unsafe fn fill(&self, x: &[f32], scratch: &mut [f32]) {
             let (s, size) = (self.stride, self.rows * self.pitch);
             for qy in 0..s {
                 for r in 0..self.rows {
-                    let src = self.input_row(qy, r).map(|y| &x[y * p.w..][..p.w]);
+                    let src = self.input_row(qy, r).map(|y| &x[y * self.w..][..self.w]);
                     for qx in 0..s {
                         let dst = &mut scratch[(qy * s + qx) * size + r * self.pitch..][..self.pitch];
                         // SAFETY: the caller has AVX-512F.
@@ -361,6 +367,9 @@ mod avx512 {
         debug_assert_eq!(p.weight.len(), K * K);
         let ph = p.phases();
         assert!(phases.len() >= ph.len(), "the phases are too short");
+        // The loads below are unchecked: the output must be the plane's.
+        let oh = (p.h + p.pad.top + p.pad.bottom - K) / S + 1;
+        assert!(p.ow == (p.w + p.pad.left + p.pad.right - K) / S + 1 && out.len() == oh * p.ow, "bad output size");
         let size = ph.rows * ph.pitch;
         let offset: [[usize; K]; K] = std::array::from_fn(|ky| {
             std::array::from_fn(|kx| ((ky % S) * S + kx % S) * size + (ky / S) * ph.pitch + kx / S)

@@ -120,7 +120,10 @@ pub trait Rhs: Sync {
             avx512::scatter_row(src, dst, stride)
         };
         #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("PackedA exists only on x86-64 ({src:?} {dst:?} {stride})");
+        {
+            let _ = (src, dst, stride);
+            unreachable!("PackedA exists only on x86-64");
+        }
     }
 }
 
@@ -223,8 +226,8 @@ pub unsafe fn gemm_raw(
     let res = residual.map(|r| SharedIn(r.as_ptr()));
     let plan = Plan::new(m, a.mr, n, k, threads.max(1));
     let job = Job { a, b, n, c: SharedOut(c), ldc, bias, res, act, plan };
-    if plan.tasks() == 1 {
-        job.run(0);
+    if threads <= 1 {
+        (0..plan.tasks()).for_each(|t| job.run(t));
     } else {
         (0..plan.tasks()).into_par_iter().for_each(|t| job.run(t));
     }
