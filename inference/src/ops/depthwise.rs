@@ -118,7 +118,7 @@ impl DepthwiseConv {
         // kernel size and stride the plane kernel supports; `scratch` holds
         // the phases.
         unsafe {
-            p.phases().fill(x, scratch);
+            p.phases().write(x, 0..p.phases().body(), scratch);
             avx512::plane(&p, scratch, out);
         }
         self.finish_simd(out);
@@ -211,6 +211,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use std::mem::MaybeUninit;
+    use std::ops::Range;
 
     use super::{Geometry, Padding};
     use crate::ops::sgemm::Fused;
@@ -322,22 +323,24 @@ mod avx512 {
             }
         }
 
-        /// Fills the body of `scratch` from the plane `x`.
+        /// Writes body positions `cols` into `dst` (as long as `cols`) from
+        /// the plane `x`, one phase row at a time: the whole body for the
+        /// kernel's own copy, a GEMM's packing range for a fused block.
         ///
         /// # Safety
         /// The CPU has AVX-512F.
         #[target_feature(enable = "avx512f")]
-        pub unsafe fn fill(&self, x: &[f32], scratch: &mut [f32]) {
+        pub unsafe fn write(&self, x: &[f32], cols: Range<usize>, dst: &mut [f32]) {
             let (s, size) = (self.stride, self.rows * self.pitch);
-            for qy in 0..s {
-                for r in 0..self.rows {
-                    let src = self.input_row(qy, r).map(|y| &x[y * self.w..][..self.w]);
-                    for qx in 0..s {
-                        let dst = &mut scratch[(qy * s + qx) * size + r * self.pitch..][..self.pitch];
-                        // SAFETY: the caller has AVX-512F.
-                        unsafe { self.phase_row(src, qx, 0, dst) };
-                    }
-                }
+            let mut j = cols.start;
+            while j < cols.end {
+                let (phase, at) = (j / size, j % size);
+                let (row, cx) = (at / self.pitch, at % self.pitch);
+                let n = (self.pitch - cx).min(cols.end - j);
+                let src = self.input_row(phase / s, row).map(|y| &x[y * self.w..][..self.w]);
+                // SAFETY: the caller has AVX-512F.
+                unsafe { self.phase_row(src, phase % s, cx, &mut dst[j - cols.start..][..n]) };
+                j += n;
             }
         }
     }

@@ -345,11 +345,22 @@ struct Im2col<'a> {
 }
 
 impl Im2col<'_> {
+    /// Row `r`'s input channel and kernel tap.
+    fn tap(&self, r: usize) -> (usize, usize, usize) {
+        let k = self.conv.kernel;
+        (r / (k * k), (r / k) % k, r % k)
+    }
+
+    /// Whether rows are shifted copies of the plane ([`Self::same_size`]).
+    fn is_same_size(&self) -> bool {
+        self.conv.stride == 1 && (self.d.oh, self.d.ow) == (self.d.h, self.d.w)
+    }
+
     /// A row of a stride-1 convolution whose output is the input's size: the
     /// image plane shifted by `(ky − top)·w + kx − left`, one copy per image
     /// (the top and bottom padding fall outside the plane and read as zero),
     /// then the columns that wrapped around a row's edge are zeroed.
-    fn same_size_row<'b>(&self, ci: usize, ky: usize, kx: usize, cols: Range<usize>, buf: &'b mut [f32]) -> &'b [f32] {
+    fn same_size(&self, (ci, ky, kx): (usize, usize, usize), cols: Range<usize>, out: &mut impl RowOut) {
         let d = self.d;
         let plane = d.h * d.w;
         let shift = (ky as isize - d.pad.top as isize) * d.w as isize + kx as isize - d.pad.left as isize;
@@ -358,65 +369,61 @@ impl Im2col<'_> {
         let mut j = cols.start;
         while j < cols.end {
             let (img, p) = (j / plane, j % plane);
-            let end = (j - p + plane).min(cols.end);
-            let dst = &mut buf[j - cols.start..end - cols.start];
-            let src = &self.x[(img * d.c + ci) * plane..][..plane];
-            sgemm::padded_copy(dst, src, p as isize + shift, 1);
+            let len = (plane - p).min(cols.end - j);
+            out.copy(j - cols.start, len, &self.x[(img * d.c + ci) * plane..][..plane], p as isize + shift);
             // Zero the wrapped columns of every output row in `p..p + len`.
             let mut row_start = p - p % d.w;
-            while row_start < p + dst.len() {
-                for ox in (0..wrap_lo).chain(wrap_hi..d.w) {
-                    if let Some(v) = (row_start + ox).checked_sub(p).and_then(|i| dst.get_mut(i)) {
-                        *v = 0.0;
+            while row_start < p + len {
+                for c in (0..wrap_lo).chain(wrap_hi..d.w).map(|ox| row_start + ox) {
+                    if (p..p + len).contains(&c) {
+                        out.zero(c - p + j - cols.start);
                     }
                 }
                 row_start += d.w;
             }
-            j = end;
+            j += len;
         }
-        buf
+    }
+}
+
+/// Where [`Im2col::same_size`] writes a row.
+trait RowOut {
+    /// `src[start + i]` (0 outside `src`) as row positions `at + i`, `i < len`.
+    fn copy(&mut self, at: usize, len: usize, src: &[f32], start: isize);
+    /// Clears row position `at`.
+    fn zero(&mut self, at: usize);
+}
+
+/// The row as a plain slice.
+struct Plain<'a>(&'a mut [f32]);
+
+impl RowOut for Plain<'_> {
+    fn copy(&mut self, at: usize, len: usize, src: &[f32], start: isize) {
+        sgemm::padded_copy(&mut self.0[at..at + len], src, start, 1);
     }
 
-    /// [`Self::same_size_row`] written straight into the packed slivers.
-    #[cfg(target_arch = "x86_64")]
-    fn pack_same_size_row(
-        &self,
-        (ci, ky, kx): (usize, usize, usize),
-        cols: Range<usize>,
-        dst: &mut [f32],
-        stride: usize,
-    ) {
-        let d = self.d;
-        let plane = d.h * d.w;
-        let shift = (ky as isize - d.pad.top as isize) * d.w as isize + kx as isize - d.pad.left as isize;
-        let (wrap_lo, wrap_hi) = (d.pad.left.saturating_sub(kx), (d.w + d.pad.left).saturating_sub(kx).min(d.w));
-        let at = |c: usize| (c / sgemm::NR) * stride + c % sgemm::NR;
-        let len = cols.len();
-        // The last sliver's columns past the row are zero.
-        for c in len..len.next_multiple_of(sgemm::NR) {
-            dst[at(c)] = 0.0;
-        }
-        let mut j = cols.start;
-        while j < cols.end {
-            let (img, p) = (j / plane, j % plane);
-            let end = (j - p + plane).min(cols.end);
-            let src = &self.x[(img * d.c + ci) * plane..][..plane];
-            // SAFETY: packing runs only for the packed GEMM, which exists
-            // only where the CPU has AVX-512F.
-            unsafe { sgemm::avx512::shifted_to_slivers(dst, stride, j - cols.start, end - j, src, p as isize + shift) };
-            // Zero the wrapped columns of every output row in `p..p + len`.
-            let mut row_start = p - p % d.w;
-            while row_start < p + (end - j) {
-                for ox in (0..wrap_lo).chain(wrap_hi..d.w) {
-                    let c = row_start + ox;
-                    if c >= p && c < p + (end - j) {
-                        dst[at(c - p + j - cols.start)] = 0.0;
-                    }
-                }
-                row_start += d.w;
-            }
-            j = end;
-        }
+    fn zero(&mut self, at: usize) {
+        self.0[at] = 0.0;
+    }
+}
+
+/// The row packed for the GEMM: `NR`-column slivers `stride` apart.
+#[cfg(target_arch = "x86_64")]
+struct Slivers<'a> {
+    dst: &'a mut [f32],
+    stride: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl RowOut for Slivers<'_> {
+    fn copy(&mut self, at: usize, len: usize, src: &[f32], start: isize) {
+        // SAFETY: packing runs only for the packed GEMM, which exists only
+        // where the CPU has AVX-512F.
+        unsafe { sgemm::avx512::shifted_to_slivers(self.dst, self.stride, at, len, src, start) };
+    }
+
+    fn zero(&mut self, at: usize) {
+        self.dst[(at / sgemm::NR) * self.stride + at % sgemm::NR] = 0.0;
     }
 }
 
@@ -430,11 +437,12 @@ impl Rhs for Im2col<'_> {
     }
 
     fn row<'b>(&'b self, r: usize, cols: Range<usize>, buf: &'b mut [f32]) -> &'b [f32] {
-        let (k, s, d) = (self.conv.kernel, self.conv.stride, self.d);
-        let (ci, ky, kx) = (r / (k * k), (r / k) % k, r % k);
+        let (s, d) = (self.conv.stride, self.d);
+        let (ci, ky, kx) = self.tap(r);
         let (ohw, plane) = (d.oh * d.ow, d.h * d.w);
-        if s == 1 && (d.oh, d.ow) == (d.h, d.w) {
-            return self.same_size_row(ci, ky, kx, cols, buf);
+        if self.is_same_size() {
+            self.same_size((ci, ky, kx), cols, &mut Plain(buf));
+            return buf;
         }
         let (mut img, p) = (cols.start / ohw, cols.start % ohw);
         let (mut oy, mut ox0) = (p / d.ow, p % d.ow);
@@ -462,13 +470,14 @@ impl Rhs for Im2col<'_> {
 
     #[cfg(target_arch = "x86_64")]
     fn pack_row(&self, r: usize, cols: Range<usize>, buf: &mut [f32], dst: &mut [f32], stride: usize) {
-        let k = self.conv.kernel;
-        let (ci, ky, kx) = (r / (k * k), (r / k) % k, r % k);
-        if self.conv.stride == 1 && (self.d.oh, self.d.ow) == (self.d.h, self.d.w) {
-            return self.pack_same_size_row((ci, ky, kx), cols, dst, stride);
+        if !self.is_same_size() {
+            // SAFETY: as in `Rhs::pack_row`.
+            return unsafe { sgemm::avx512::scatter_row(self.row(r, cols, buf), dst, stride) };
         }
-        // SAFETY: as in `Rhs::pack_row`.
-        unsafe { sgemm::avx512::scatter_row(self.row(r, cols, buf), dst, stride) };
+        let mut out = Slivers { dst, stride };
+        // The last sliver's columns past the row are zero.
+        (cols.len()..cols.len().next_multiple_of(sgemm::NR)).for_each(|c| out.zero(c));
+        self.same_size(self.tap(r), cols, &mut out);
     }
 }
 

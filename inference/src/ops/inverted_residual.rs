@@ -146,7 +146,7 @@ impl InvertedResidual<'_> {
                 let phases = self.dw.phases(g);
                 let body = phases.body();
                 s.expanded.resize(c * body + phases.len() - body, 0.0);
-                let b = PhasedInput { x: &x[r0 * d.w..], hw, w: d.w, cin: conv.in_ch, phases };
+                let b = PhasedInput { x: &x[r0 * d.w..], hw, cin: conv.in_ch, phases };
                 // SAFETY: `expanded` holds `c × body` floats, this worker's own.
                 unsafe { sgemm::gemm_raw(1, a, &b, s.expanded.as_mut_ptr(), body, &conv.bias, None, conv.act.fused()) };
                 for (ch, plane) in s.depthwise.chunks_mut(band_out).enumerate() {
@@ -179,7 +179,6 @@ impl InvertedResidual<'_> {
 struct PhasedInput<'a> {
     x: &'a [f32],
     hw: usize,
-    w: usize,
     cin: usize,
     phases: Phases,
 }
@@ -194,21 +193,11 @@ impl Rhs for PhasedInput<'_> {
     }
 
     fn row<'a>(&'a self, r: usize, cols: Range<usize>, buf: &'a mut [f32]) -> &'a [f32] {
-        let ph = &self.phases;
-        let (s, size) = (ph.stride, ph.rows * ph.pitch);
-        let mut j = cols.start;
-        while j < cols.end {
-            // One phase row at a time.
-            let (phase, at) = (j / size, j % size);
-            let (row, cx) = (at / ph.pitch, at % ph.pitch);
-            let n = (ph.pitch - cx).min(cols.end - j);
-            let src = ph.input_row(phase / s, row).map(|y| &self.x[r * self.hw + y * self.w..][..self.w]);
-            // SAFETY: a fused block exists only with packed GEMMs, so the CPU
-            // has AVX-512F.
-            unsafe { ph.phase_row(src, phase % s, cx, &mut buf[j - cols.start..][..n]) };
-            j += n;
-        }
-        &buf[..cols.len()]
+        let buf = &mut buf[..cols.len()];
+        // SAFETY: a fused block exists only with packed GEMMs, so the CPU
+        // has AVX-512F.
+        unsafe { self.phases.write(&self.x[r * self.hw..], cols, buf) };
+        buf
     }
 }
 

@@ -450,9 +450,7 @@ pub(crate) mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn load16(src: &[f32], base: isize) -> __m512 {
-        let lo = (-base).clamp(0, 16) as u32;
-        let hi = (src.len() as isize - base).clamp(0, 16) as u32;
-        let valid = if hi > lo { (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16 } else { 0 };
+        let valid = valid_lanes(src, base);
         // SAFETY: only the lanes in `valid` are read, and they index inside `src`.
         unsafe { _mm512_maskz_loadu_ps(valid, src.as_ptr().wrapping_offset(base)) }
     }
@@ -506,9 +504,7 @@ pub(crate) mod avx512 {
             let n = (16 - lane0).min(at + len - c);
             let want = (((1u32 << n) - 1) << lane0) as u16;
             let base = start + group as isize - at as isize;
-            let lo = (-base).clamp(0, 16) as u32;
-            let hi = (src.len() as isize - base).clamp(0, 16) as u32;
-            let valid = if hi > lo { (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16 } else { 0 };
+            let valid = valid_lanes(src, base);
             let out = &mut dst[(group / NR) * stride + group % NR..][..16];
             // SAFETY: the loaded lanes index inside `src` (`valid`), the
             // stored ones inside `out`.
@@ -518,6 +514,14 @@ pub(crate) mod avx512 {
             }
             c += n;
         }
+    }
+
+    /// The lanes `l` of 16 for which `src[base + l]` exists.
+    #[inline]
+    fn valid_lanes(src: &[f32], base: isize) -> __mmask16 {
+        let lo = (-base).clamp(0, 16) as u32;
+        let hi = (src.len() as isize - base).clamp(0, 16) as u32;
+        if hi > lo { (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16 } else { 0 }
     }
 
     /// Masks for the first `n` of two 16-lane halves.
