@@ -6,6 +6,10 @@
 # e2e/raw ratio.
 #
 #   bench/http.sh [--connections 16] [--duration 20] [--batch 8] [--image FILE] [--no-records]
+#                 [--jpeg-decode full|scaled]
+#
+# --jpeg-decode sets server.jpeg_decode (full, the default: every pixel;
+# scaled: DCT-scaled JPEG decoding, docs/performance.md).
 #
 # Records are on (as in production), in a temporary data directory.
 #
@@ -13,7 +17,7 @@
 # or another binary in LINESIDE_BIN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CONNS=16 DURATION=20 BATCH=8 RUNS=3 RECORDS=
+CONNS=16 DURATION=20 BATCH=8 RUNS=3 RECORDS= JPEG=full
 IMG=../shared/data/neu-det/NEU-DET/IMAGES/scratches_1.jpg
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -23,6 +27,7 @@ while [ $# -gt 0 ]; do
     --image) IMG=$2; shift 2 ;;
     --runs) RUNS=$2; shift 2 ;;
     --no-records) RECORDS=--no-records; shift ;;
+    --jpeg-decode) JPEG=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -33,6 +38,7 @@ CFG=$(mktemp --suffix .toml)
 cat > "$CFG" <<TOML
 [server]
 addr = "127.0.0.1:$PORT"
+jpeg_decode = "$JPEG"
 [[models]]
 name = "steel-surface"
 source = "builtin:steel-surface"
@@ -48,7 +54,7 @@ until curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null; do sleep 0.2; done
 echo "== raw model (lineside bench, batch $BATCH)"
 RAW=$("$BIN" bench --batch-sizes "$BATCH" --runs 3 --json | tail -1)
 echo "$RAW"
-echo "== end to end: wrk -c $CONNS -d ${DURATION}s, $RUNS runs, $(basename "$IMG")"
+echo "== end to end: wrk -c $CONNS -d ${DURATION}s, $RUNS runs, $(basename "$IMG"), jpeg_decode = $JPEG"
 IMG=$IMG wrk -t2 -c"$CONNS" -d2s -s bench/post_image.lua "http://127.0.0.1:$PORT/v1/inspect" >/dev/null # warm-up
 RESULTS=()
 for i in $(seq "$RUNS"); do

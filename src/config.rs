@@ -8,7 +8,7 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use lineside_inference::batcher::BatcherConfig;
-use lineside_inference::preprocess::DecodeLimits;
+use lineside_inference::preprocess::{DecodeLimits, JpegDecode};
 use serde::{Deserialize, Serialize};
 
 /// Everything `lineside serve` and `lineside inspect` read.
@@ -249,6 +249,11 @@ pub struct ServerConfig {
     /// Niceness of those threads (Linux), 0–19, so that inference goes
     /// first when both want the cores; 0 keeps the process's priority.
     pub preprocess_nice: i32,
+    /// `scaled`: decode JPEGs at the smallest DCT scale that still covers
+    /// the model's resize (PIL's draft mode), except where a preprocess
+    /// plugin or a heatmap needs the full image. `full` (the default) is
+    /// exactly timm's eval transform.
+    pub jpeg_decode: JpegDecode,
 }
 
 impl Default for ServerConfig {
@@ -267,6 +272,7 @@ impl Default for ServerConfig {
             shutdown_grace_s: 30,
             preprocess_threads: 0,
             preprocess_nice: 10,
+            jpeg_decode: JpegDecode::Full,
         }
     }
 }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use image::DynamicImage;
 use lineside_inference::anomaly::{AnomalyMap, Region, regions as anomaly_regions, render};
 use lineside_inference::models::Output;
-use lineside_inference::preprocess::{DecodeLimits, decode};
+use lineside_inference::preprocess::{DecodeLimits, Decoded, JpegDecode};
 use lineside_plugins::{
     AnomalyMap as WitAnomalyMap, Decision, Failure, Image as PluginImage, LabelScore, Metadata, ModelOutput,
     PixelFormat, Plugin, PluginError,
@@ -197,6 +197,8 @@ impl VerdictRule {
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
     pub limits: DecodeLimits,
+    /// How JPEGs are decoded where nothing needs the full image.
+    pub jpeg_decode: JpegDecode,
     /// Predictions returned (classifiers).
     pub top_k: usize,
     /// Attach heatmap and mask PNGs (anomaly models).
@@ -290,19 +292,28 @@ async fn run(
     let limits = opts.limits;
     // Only an anomaly heatmap needs the picture again after inference.
     let keep_image = (opts.heatmap || opts.retain_heatmap) && model.kind == ModelKind::Anomaly;
+    // A preprocess plugin crops in the coordinates of the image as sent, and
+    // a heatmap is drawn over it: both need every pixel.
+    let plugin_first = call.as_ref().is_some_and(|c| c.factory.preprocess.is_some());
+    let jpeg = if plugin_first || keep_image { JpegDecode::Full } else { opts.jpeg_decode };
     // Decoding, plugins and resizing are CPU work: off the async workers, on
     // the preprocessing threads, overlapped with the batcher.
     let prepared = crate::preprocess_pool::run(deadline, move || {
         let t0 = Instant::now();
-        let mut img = decode(&body, limits).map_err(ApiError::from_image)?;
-        let size = (img.width(), img.height());
+        let Decoded { image: mut img, source_size: size } =
+            pre.decode(&body, limits, jpeg).map_err(ApiError::from_image)?;
         let t1 = Instant::now();
+        metrics::histogram!("lineside_decode_seconds", "scale" => decode_scale(size.0, img.width()))
+            .record((t1 - t0).as_secs_f64());
         let mut trace = Trace::default();
         if let Some(c) = &call {
             img = run_preprocess(c, img, &mut trace)?;
         }
         let input = pre.run(&img).map_err(ApiError::from_image)?;
-        let seen = Seen { width: img.width(), height: img.height(), image: keep_image.then(|| img.to_rgb8()) };
+        // Regions are reported in the coordinates of what the model was shown:
+        // the plugin's output, else the image as sent (not a scaled decode's).
+        let (width, height) = if plugin_first { (img.width(), img.height()) } else { size };
+        let seen = Seen { width, height, image: keep_image.then(|| img.to_rgb8()) };
         Ok(Prepared { input, size, seen, decode: t1 - t0, preprocess: t1.elapsed(), trace, call })
     })
     .await
@@ -311,6 +322,18 @@ async fn run(
         other => other,
     })?;
     infer(model, prepared, started, deadline, opts).await
+}
+
+/// The DCT scale a JPEG was decoded at, as a metric label: `1` (every pixel),
+/// `1/2`, `1/4` or `1/8`.
+fn decode_scale(source_width: u32, decoded_width: u32) -> &'static str {
+    // libjpeg rounds scaled sides up, so 1001 px at 1/2 is 501: round the ratio.
+    match (source_width as f64 / decoded_width.max(1) as f64).round() as u32 {
+        0 | 1 => "1",
+        2 => "1/2",
+        3..=5 => "1/4",
+        _ => "1/8",
+    }
 }
 
 /// A request dropped for its deadline before it reached the model: counted, and its 504.

@@ -253,6 +253,7 @@ fn options(st: &AppState, heatmap: Option<&str>) -> Result<pipeline::Options, Ap
     };
     Ok(pipeline::Options {
         limits: server.decode_limits(),
+        jpeg_decode: server.jpeg_decode,
         top_k: server.top_k,
         heatmap,
         retain_heatmap: st.records.is_some(),

@@ -35,6 +35,68 @@ async fn classifies_held_out_neu_images() {
     }
 }
 
+/// A held-out NEU image as a 1920×1080 camera frame: the part scaled to
+/// 1080×1080 on a grey background, as a quality-90 JPEG.
+fn neu_frame_1080p(file: &str) -> Vec<u8> {
+    use image::{GenericImage, RgbImage, imageops};
+    let part = image::load_from_memory(&neu_image(file)).unwrap().to_rgb8();
+    let part = imageops::resize(&part, 1080, 1080, imageops::FilterType::Triangle);
+    let mut frame = RgbImage::from_pixel(1920, 1080, image::Rgb([128, 128, 128]));
+    frame.copy_from(&part, 420, 0).unwrap();
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90).encode_image(&frame).unwrap();
+    jpeg
+}
+
+/// `jpeg_decode = "scaled"` against the exact transform on held-out images
+/// as 1080p frames: its answers must be as right as the exact ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaled_jpeg_decode_keeps_held_out_accuracy() {
+    let full = TestServer::ready(DEFAULT).await;
+    let scaled = TestServer::ready("[server]\njpeg_decode = \"scaled\"\n").await;
+    // Every third held-out image (16 per class) keeps this under a minute;
+    // docs/performance.md gives the run over all 288.
+    let files: Vec<String> = held_out_files().into_iter().step_by(3).collect();
+    let (mut right_full, mut right_scaled, mut agree, mut decode_ms) = (0, 0, 0, [0.0f64; 2]);
+    for f in &files {
+        let frame = tokio::task::spawn_blocking({
+            let f = f.clone();
+            move || neu_frame_1080p(&f)
+        })
+        .await
+        .unwrap();
+        let mut labels = Vec::new();
+        for (i, s) in [&full, &scaled].into_iter().enumerate() {
+            let r = s.inspect("", "image/jpeg", frame.clone()).await;
+            assert_eq!(r.status(), 200, "{f}");
+            let v: serde_json::Value = r.json().await.unwrap();
+            assert_eq!((v["image"]["width"].as_u64(), v["image"]["height"].as_u64()), (Some(1920), Some(1080)));
+            decode_ms[i] += v["timings_ms"]["decode"].as_f64().unwrap();
+            labels.push(v["label"].as_str().unwrap().to_string());
+        }
+        let truth = neu_class(f);
+        right_full += usize::from(labels[0] == truth);
+        right_scaled += usize::from(labels[1] == truth);
+        agree += usize::from(labels[0] == labels[1]);
+    }
+    let n = files.len();
+    println!(
+        "held-out NEU as 1080p JPEG, {n} images: top-1 full {right_full}, scaled {right_scaled}, \
+         same label {agree}; mean decode {:.2} ms full, {:.2} ms scaled",
+        decode_ms[0] / n as f64,
+        decode_ms[1] / n as f64
+    );
+    // The scaled server did decode at a quarter scale (the metrics are per process).
+    let metrics = scaled.client.get(scaled.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let quarter = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("lineside_decode_seconds_count{scale=\"1/4\"} "))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    assert!(quarter.is_some_and(|q| q >= n), "1/4-scale decodes {quarter:?} of {n}:\n{metrics}");
+    assert!(right_full * 100 >= n * 95, "the exact transform itself: {right_full}/{n}");
+    assert!(right_scaled + 1 >= right_full, "scaled {right_scaled}/{n} against full {right_full}/{n}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepts_multipart_and_named_model() {
     let s = TestServer::ready(DEFAULT).await;

@@ -15,9 +15,10 @@ pub mod models;
 pub mod ops;
 pub mod parity;
 pub mod preprocess;
+mod scaled_jpeg;
 pub mod weights;
 
 pub use error::{Error, Result};
 pub use hub_config::{HubConfig, PretrainedCfg};
 pub use models::{Classifier, ImageModel, LoadedModel, ModelFiles};
-pub use preprocess::{DecodeLimits, Preprocessor};
+pub use preprocess::{DecodeLimits, Decoded, JpegDecode, Preprocessor};

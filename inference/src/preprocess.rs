@@ -53,6 +53,52 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<DynamicImage> {
     })
 }
 
+/// How JPEGs are decoded for a model whose input is much smaller than the image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JpegDecode {
+    /// Every pixel, then timm's resize: exactly timm's eval transform.
+    #[default]
+    Full,
+    /// At the smallest DCT scale (1/2, 1/4 or 1/8) that still covers timm's
+    /// resize target, then the same resize, as PIL's `draft` mode does. About
+    /// 4× less decoding for 1080p frames into 224×224 models; the pixels
+    /// differ slightly from `Full` (docs/performance.md gives by how much).
+    Scaled,
+}
+
+/// A decoded image, and the size it was encoded at.
+pub struct Decoded {
+    pub image: DynamicImage,
+    /// Width and height as encoded: larger than `image` after a scaled decode.
+    pub source_size: (u32, u32),
+}
+
+impl Preprocessor {
+    /// Decodes `bytes` for this transform: as [`decode`] does, or, for a JPEG
+    /// under [`JpegDecode::Scaled`], at the smallest DCT scale that still
+    /// covers the resize target. [`decode`] takes over where no smaller scale
+    /// does, where the JPEG is not YCbCr or grey, and where libjpeg finds it
+    /// corrupt or unsupported, so both modes accept the same images.
+    pub fn decode(&self, bytes: &[u8], limits: DecodeLimits, mode: JpegDecode) -> Result<Decoded> {
+        if mode == JpegDecode::Scaled {
+            let target = |w: u32, h: u32| {
+                let (nw, nh) = self.resized_size(w as usize, h as usize);
+                (nw as u32, nh as u32)
+            };
+            match crate::scaled_jpeg::decode(bytes, limits, target) {
+                Ok(Some(s)) => {
+                    return Ok(Decoded { image: DynamicImage::ImageRgb8(s.image), source_size: s.source_size });
+                }
+                Ok(None) | Err(Error::Decode(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let image = decode(bytes, limits)?;
+        Ok(Decoded { source_size: (image.width(), image.height()), image })
+    }
+}
+
 /// The resize step of timm's eval transform.
 #[derive(Debug, Clone, Copy)]
 enum Scale {
@@ -122,13 +168,7 @@ impl Preprocessor {
         if w == 0 || h == 0 {
             return Err(Error::Decode("image has no pixels".into()));
         }
-        let (nw, nh) = match self.scale {
-            // torchvision.Resize(int): the shorter side becomes `s`, the other keeps the aspect (truncated).
-            Scale::ShorterSide(s) if w <= h => (s, (s as u64 * h as u64 / w as u64) as usize),
-            Scale::ShorterSide(s) => ((s as u64 * w as u64 / h as u64) as usize, s),
-            Scale::Exact { width, height } => (width, height),
-        };
-        let (nw, nh) = (nw.max(self.width), nh.max(self.height));
+        let (nw, nh) = self.resized_size(w, h);
         // torchvision.CenterCrop: int(round((size - crop) / 2)) with Python's round-half-even.
         let top = round_half_even((nh - self.height) as f64 / 2.0);
         let left = round_half_even((nw - self.width) as f64 / 2.0);
@@ -146,6 +186,17 @@ impl Preprocessor {
         let mut dst = RgbImage::new(self.width as u32, self.height as u32);
         fr::Resizer::new().resize(rgb, &mut dst, &options).map_err(|e| Error::Decode(format!("resize failed: {e}")))?;
         Ok(dst)
+    }
+
+    /// The size a `w`×`h` image is resized to before the center crop.
+    fn resized_size(&self, w: usize, h: usize) -> (usize, usize) {
+        let (nw, nh) = match self.scale {
+            // torchvision.Resize(int): the shorter side becomes `s`, the other keeps the aspect (truncated).
+            Scale::ShorterSide(s) if w <= h => (s, (s as u64 * h as u64 / w.max(1) as u64) as usize),
+            Scale::ShorterSide(s) => ((s as u64 * w as u64 / h.max(1) as u64) as usize, s),
+            Scale::Exact { width, height } => (width, height),
+        };
+        (nw.max(self.width), nh.max(self.height))
     }
 
     fn normalize(&self, rgb: &RgbImage) -> Vec<f32> {
@@ -187,6 +238,114 @@ mod tests {
             let out = pre.run(&img).unwrap();
             assert_eq!(out.len(), 3 * 224 * 224, "{w}x{h}");
             assert!((out[0] - (10.0 / 255.0 - 0.5) / 0.5).abs() < 0.02, "{w}x{h}: {}", out[0]);
+        }
+    }
+
+    fn imagenet_224() -> Preprocessor {
+        let cfg: PretrainedCfg = serde_json::from_str(
+            r#"{"input_size":[3,224,224],"interpolation":"bicubic","crop_pct":0.875,"mean":[0.485,0.456,0.406],"std":[0.229,0.224,0.225]}"#,
+        )
+        .unwrap();
+        Preprocessor::new(&cfg)
+    }
+
+    /// A `w`×`h` JPEG of smooth gradients with a sharp checkered patch.
+    fn jpeg(w: u32, h: u32) -> Vec<u8> {
+        let img = RgbImage::from_fn(w, h, |x, y| {
+            let check = if (x / 7 + y / 5) % 2 == 0 && x > w / 3 && x < w / 2 { 90 } else { 0 };
+            image::Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, (((x + y) / 3) % 160) as u8 + check])
+        });
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).encode_image(&img).unwrap();
+        out
+    }
+
+    #[test]
+    fn scaled_jpeg_decode_keeps_the_resize_target_covered() {
+        let pre = imagenet_224();
+        let limits = DecodeLimits::default();
+        // 1080 / 4 = 270 still covers the 256 px shorter side; 1080 / 8 would not.
+        let d = pre.decode(&jpeg(1920, 1080), limits, JpegDecode::Scaled).unwrap();
+        assert_eq!((d.image.width(), d.image.height(), d.source_size), (480, 270, (1920, 1080)));
+        let d = pre.decode(&jpeg(1920, 1080), limits, JpegDecode::Full).unwrap();
+        assert_eq!((d.image.width(), d.image.height(), d.source_size), (1920, 1080, (1920, 1080)));
+        // Portrait, rounding up: ceil(1001 / 2) = 501 >= 256 * 1001 / 600 = 427 (not at 1/4: 251 < 256).
+        let d = pre.decode(&jpeg(600, 1001), limits, JpegDecode::Scaled).unwrap();
+        assert_eq!((d.image.width(), d.image.height()), (300, 501));
+        // Nothing smaller covers a 300 px image: decoded in full.
+        let d = pre.decode(&jpeg(300, 300), limits, JpegDecode::Scaled).unwrap();
+        assert_eq!((d.image.width(), d.image.height()), (300, 300));
+    }
+
+    #[test]
+    fn scaled_jpeg_tensor_stays_close_to_the_full_transform() {
+        let pre = imagenet_224();
+        let bytes = jpeg(1920, 1080);
+        let tensor = |mode| pre.run(&pre.decode(&bytes, DecodeLimits::default(), mode).unwrap().image).unwrap();
+        let (full, scaled) = (tensor(JpegDecode::Full), tensor(JpegDecode::Scaled));
+        // In 8-bit pixel levels: undo Normalize's std.
+        let plane = 224 * 224;
+        let levels: Vec<f32> = full
+            .iter()
+            .zip(&scaled)
+            .enumerate()
+            .map(|(i, (a, b))| (a - b).abs() * [0.229, 0.224, 0.225][i / plane] * 255.0)
+            .collect();
+        let mean = levels.iter().sum::<f32>() / levels.len() as f32;
+        let max = levels.iter().cloned().fold(0.0, f32::max);
+        assert!(mean < 1.5 && max < 40.0, "mean {mean:.2} max {max:.1} levels");
+    }
+
+    #[test]
+    fn scaled_jpeg_decode_accepts_what_the_full_decoder_accepts() {
+        let pre = imagenet_224();
+        let limits = DecodeLimits::default();
+        let whole = jpeg(1920, 1080);
+        let cut = &whole[..whole.len() / 2];
+        let garbage = [&[0xFF, 0xD8, 0xFF, 0xE0][..], &[0x42; 64]].concat();
+        // libjpeg would fill a truncated file's missing rows with grey and
+        // only warn: the scaled decoder refuses both, and leaves the answer
+        // to the full one.
+        let target = |_, _| (256, 256);
+        for bad in [cut, &garbage[..]] {
+            let err = crate::scaled_jpeg::decode(bad, limits, target).err();
+            assert!(matches!(err, Some(Error::Decode(_))), "{err:?}");
+            let size = |mode| pre.decode(bad, limits, mode).map(|d| d.source_size);
+            let (full, scaled) = (size(JpegDecode::Full), size(JpegDecode::Scaled));
+            assert_eq!(full.is_ok(), scaled.is_ok(), "full {full:?}, scaled {scaled:?}");
+        }
+        assert!(pre.decode(&garbage, limits, JpegDecode::Scaled).is_err());
+        let small = DecodeLimits { max_width: 1000, ..limits };
+        assert!(matches!(pre.decode(&whole, small, JpegDecode::Scaled), Err(Error::ImageTooLarge(_))));
+        // Other formats take the usual path.
+        let mut png = Vec::new();
+        DynamicImage::ImageRgb8(RgbImage::new(640, 480))
+            .write_to(&mut std::io::Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
+        let d = pre.decode(&png, limits, JpegDecode::Scaled).unwrap();
+        assert_eq!((d.image.width(), d.image.height()), (640, 480));
+    }
+
+    /// Decode times of `LINESIDE_JPEG` (a file) in both modes:
+    /// `LINESIDE_JPEG=part.jpg cargo test --release -p lineside-inference --lib decode_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn decode_speed() {
+        let bytes = std::fs::read(std::env::var("LINESIDE_JPEG").expect("LINESIDE_JPEG")).unwrap();
+        let pre = imagenet_224();
+        for mode in [JpegDecode::Full, JpegDecode::Scaled, JpegDecode::Full, JpegDecode::Scaled] {
+            let mut times: Vec<f64> = (0..30)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    let d = pre.decode(&bytes, DecodeLimits::default(), mode).unwrap();
+                    let decoded = t.elapsed().as_secs_f64() * 1e3;
+                    std::hint::black_box(pre.run(&d.image).unwrap());
+                    [decoded, t.elapsed().as_secs_f64() * 1e3]
+                })
+                .map(|[d, _]| d)
+                .collect();
+            times.sort_by(f64::total_cmp);
+            println!("{mode:?}: decode median {:.2} ms (min {:.2})", times[15], times[0]);
         }
     }
 

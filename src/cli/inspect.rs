@@ -65,6 +65,7 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                         deadline,
                         lineside::pipeline::Options {
                             limits: server.decode_limits(),
+                            jpeg_decode: server.jpeg_decode,
                             top_k: server.top_k,
                             heatmap: false,
                             retain_heatmap: false,

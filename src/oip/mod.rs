@@ -354,6 +354,7 @@ async fn run_batch(
     let model = target.model().clone();
     let opts = pipeline::Options {
         limits: st.server.decode_limits(),
+        jpeg_decode: st.server.jpeg_decode,
         top_k: model.labels.len(),
         heatmap: false,
         retain_heatmap: st.records.is_some(),
