@@ -79,7 +79,7 @@ impl Preprocessor {
     /// under [`JpegDecode::Scaled`], at the smallest DCT scale that still
     /// covers the resize target. [`decode`] takes over where no smaller scale
     /// does, where the JPEG is not YCbCr or grey, and where libjpeg finds it
-    /// corrupt or unsupported, so both modes accept the same images.
+    /// corrupt or unsupported, so this refuses nothing that [`decode`] accepts.
     pub fn decode(&self, bytes: &[u8], limits: DecodeLimits, mode: JpegDecode) -> Result<Decoded> {
         if mode == JpegDecode::Scaled {
             let target = |w: u32, h: u32| {
@@ -269,9 +269,12 @@ mod tests {
         assert_eq!((d.image.width(), d.image.height(), d.source_size), (480, 270, (1920, 1080)));
         let d = pre.decode(&jpeg(1920, 1080), limits, JpegDecode::Full).unwrap();
         assert_eq!((d.image.width(), d.image.height(), d.source_size), (1920, 1080, (1920, 1080)));
-        // Portrait, rounding up: ceil(1001 / 2) = 501 >= 256 * 1001 / 600 = 427 (not at 1/4: 251 < 256).
+        // Portrait: 1/2 gives 300×501 for a 256×427 target (1/4 would be 150 wide).
         let d = pre.decode(&jpeg(600, 1001), limits, JpegDecode::Scaled).unwrap();
         assert_eq!((d.image.width(), d.image.height()), (300, 501));
+        // libjpeg rounds up: ceil(2041 / 8) = 256 covers 256 (rounding down would need 1/4).
+        let d = pre.decode(&jpeg(2041, 2041), limits, JpegDecode::Scaled).unwrap();
+        assert_eq!((d.image.width(), d.image.height()), (256, 256));
         // Nothing smaller covers a 300 px image: decoded in full.
         let d = pre.decode(&jpeg(300, 300), limits, JpegDecode::Scaled).unwrap();
         assert_eq!((d.image.width(), d.image.height()), (300, 300));
@@ -297,7 +300,7 @@ mod tests {
     }
 
     #[test]
-    fn scaled_jpeg_decode_accepts_what_the_full_decoder_accepts() {
+    fn scaled_jpeg_decode_leaves_bad_and_odd_jpegs_to_the_full_decoder() {
         let pre = imagenet_224();
         let limits = DecodeLimits::default();
         let whole = jpeg(1920, 1080);
@@ -310,11 +313,17 @@ mod tests {
         for bad in [cut, &garbage[..]] {
             let err = crate::scaled_jpeg::decode(bad, limits, target).err();
             assert!(matches!(err, Some(Error::Decode(_))), "{err:?}");
-            let size = |mode| pre.decode(bad, limits, mode).map(|d| d.source_size);
-            let (full, scaled) = (size(JpegDecode::Full), size(JpegDecode::Scaled));
-            assert_eq!(full.is_ok(), scaled.is_ok(), "full {full:?}, scaled {scaled:?}");
         }
         assert!(pre.decode(&garbage, limits, JpegDecode::Scaled).is_err());
+        // More SOS markers than zune-jpeg takes (here in a comment segment)
+        // are left to zune-jpeg, whatever libjpeg would make of them.
+        assert!(crate::scaled_jpeg::decode(&whole, limits, target).unwrap().is_some());
+        let mut comment = vec![0xFF, 0xFE, 0, 0];
+        comment.extend([0xFF, 0xDA].repeat(101));
+        let len = (comment.len() - 2) as u16;
+        comment[2..4].copy_from_slice(&len.to_be_bytes());
+        let many_scans = [&whole[..2], &comment, &whole[2..]].concat();
+        assert!(crate::scaled_jpeg::decode(&many_scans, limits, target).unwrap().is_none());
         let small = DecodeLimits { max_width: 1000, ..limits };
         assert!(matches!(pre.decode(&whole, small, JpegDecode::Scaled), Err(Error::ImageTooLarge(_))));
         // Other formats take the usual path.

@@ -16,7 +16,10 @@
 //! also papers over corrupt data (a truncated file decodes with its missing
 //! rows grey) and only *warns*; we turn those warnings into errors too, and
 //! the caller leaves a damaged image to the full decoder to accept or refuse,
-//! so that both modes agree on what is a valid image.
+//! so scaled decoding refuses nothing that full decoding accepts.
+//!
+//! The C library is built without its SIMD code (that needs nasm): its
+//! entropy decoding, most of the cost at reduced scales, has none anyway.
 
 use std::any::Any;
 use std::os::raw::c_int;
@@ -29,6 +32,11 @@ use mozjpeg_sys::{jpeg_common_struct, jpeg_error_mgr, jpeg_std_error};
 use crate::preprocess::DecodeLimits;
 use crate::{Error, Result};
 
+// Every libjpeg error reaches Rust as an unwind: with panic = "abort" each
+// corrupt upload would abort the server.
+#[cfg(panic = "abort")]
+compile_error!("scaled_jpeg needs panic = \"unwind\": libjpeg's errors unwind to catch_unwind");
+
 /// DCT scales tried, smallest output first: numerators over 8.
 const NUMERATORS: [u8; 3] = [1, 2, 4];
 
@@ -36,6 +44,12 @@ const NUMERATORS: [u8; 3] = [1, 2, 4];
 /// progressive JPEG keeps every coefficient (2 bytes × 3 components) of
 /// the whole image until its last scan.
 const WORKING_BYTES_PER_PIXEL: u64 = 6;
+
+/// Most scans (SOS markers) this decoder takes on. libjpeg has no limit of
+/// its own, and a progressive JPEG of a hundred thousand tiny scans would
+/// walk the whole coefficient buffer for each; zune-jpeg, which the rest go
+/// to, refuses more than 100.
+const MAX_SCANS: usize = 100;
 
 /// A JPEG decoded at a reduced scale, and the size it was encoded at.
 pub(crate) struct ScaledJpeg {
@@ -48,14 +62,15 @@ pub(crate) struct ScaledJpeg {
 ///
 /// `Ok(None)` means this decoder does not apply and the caller should decode
 /// in full: not a JPEG, a colour space other than YCbCr or grey (CMYK), no
-/// scale below 1 that keeps the target, or an image whose working memory
-/// would exceed `limits.max_alloc` (the full decoder enforces that limit).
+/// scale below 1 that keeps the target, more than [`MAX_SCANS`] scans, or an
+/// image whose working memory would exceed `limits.max_alloc` (the full
+/// decoder enforces those limits).
 pub(crate) fn decode(
     bytes: &[u8],
     limits: DecodeLimits,
     target: impl Fn(u32, u32) -> (u32, u32),
 ) -> Result<Option<ScaledJpeg>> {
-    if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+    if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) || scan_markers(bytes) > MAX_SCANS {
         return Ok(None);
     }
     match catch_unwind(AssertUnwindSafe(|| decode_unguarded(bytes, limits, target))) {
@@ -95,9 +110,20 @@ fn decode_unguarded(
     let (w, h) = (started.width() as u32, started.height() as u32);
     let pixels: Vec<u8> = started.read_scanlines().map_err(io)?;
     started.finish().map_err(io)?;
+    if w < min_w || h < min_h {
+        // Not libjpeg's documented rounding: let the full decoder do it.
+        return Ok(None);
+    }
     let image = RgbImage::from_raw(w, h, pixels)
         .ok_or_else(|| Error::Decode(format!("libjpeg returned a short image for {w}×{h}")))?;
     Ok(Some(ScaledJpeg { image, source_size: (width, height) }))
+}
+
+/// How many SOS markers `bytes` holds, at most. Byte stuffing keeps `FF DA`
+/// out of entropy-coded data; one inside a metadata segment (an EXIF
+/// thumbnail) only overcounts, which costs a full decode.
+fn scan_markers(bytes: &[u8]) -> usize {
+    bytes.windows(2).filter(|w| w == &[0xFF, 0xDA]).count()
 }
 
 /// libjpeg's output side at `numerator / 8`: it rounds up.
