@@ -25,6 +25,8 @@ mod gemm_conv;
 #[cfg(target_arch = "x86_64")]
 mod inverted_residual;
 mod max_pool;
+#[cfg(target_arch = "x86_64")]
+pub mod nhwc_conv;
 pub mod sgemm;
 pub use depthwise::DepthwiseConv;
 use gemm_conv::ConvAddAct;
@@ -304,6 +306,19 @@ impl ConvBnAct {
             }
             _ => act.apply(&(self.forward(x)? + residual)?),
         }
+    }
+
+    /// The same layer on channels-last maps, with `act` (which may differ
+    /// from the layer's own, where a residual is added before it), or `None`
+    /// where the CPU lacks the kernel or the layer is grouped.
+    #[cfg(target_arch = "x86_64")]
+    pub fn channels_last(&self, act: Activation) -> Result<Option<nhwc_conv::NhwcConv>> {
+        if self.groups != 1 || act == Activation::Silu {
+            return Ok(None);
+        }
+        let weight = self.weight.flatten_all()?.to_vec1::<f32>()?;
+        let (_, cin, _, _) = self.weight.dims4()?;
+        Ok(nhwc_conv::NhwcConv::new(&weight, &self.bias_act.bias, cin, self.kernel, self.stride, self.pad, act.fused()))
     }
 
     fn gemm(&self) -> Option<&GemmConv> {

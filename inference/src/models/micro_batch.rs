@@ -61,15 +61,30 @@ impl MicroBatched {
 type Outputs = (Vec<Tensor>, Option<Tensor>);
 
 impl MicroBatched {
-    /// The batch in consecutive steps of at most `size` images.
-    fn steps(&self, x: &Tensor, last: Option<usize>, logits: bool) -> Result<Outputs> {
+    /// `f` over the batch in consecutive steps of at most `size` images.
+    fn steps(&self, x: &Tensor, f: &(dyn Fn(&Tensor) -> Result<Outputs> + Sync)) -> Result<Outputs> {
         let n = x.dim(0)?;
         if n <= self.size {
-            return self.inner.forward_maps(x, last, logits);
+            return f(x);
         }
         let parts = (0..n)
             .step_by(self.size)
-            .map(|start| self.inner.forward_maps(&x.narrow(0, start, self.size.min(n - start))?, last, logits))
+            .map(|start| f(&x.narrow(0, start, self.size.min(n - start))?))
+            .collect::<Result<Vec<_>>>()?;
+        concat(parts)
+    }
+
+    /// `f` over the batch, shared out over the threads, each share in steps.
+    fn split(&self, x: &Tensor, f: &(dyn Fn(&Tensor) -> Result<Outputs> + Sync)) -> Result<Outputs> {
+        let n = x.dim(0)?;
+        let k = shares(n, rayon::current_num_threads());
+        if k < 2 {
+            return self.steps(x, f);
+        }
+        let bounds: Vec<(usize, usize)> = (0..k).map(|t| (t * n / k, (t + 1) * n / k - t * n / k)).collect();
+        let parts = bounds
+            .into_par_iter()
+            .map(|(start, len)| self.steps(&x.narrow(0, start, len)?, f))
             .collect::<Result<Vec<_>>>()?;
         concat(parts)
     }
@@ -93,17 +108,14 @@ fn concat(parts: Vec<Outputs>) -> Result<Outputs> {
 
 impl ImageModel for MicroBatched {
     fn forward_maps(&self, x: &Tensor, last: Option<usize>, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
-        let n = x.dim(0)?;
-        let k = shares(n, rayon::current_num_threads());
-        if k < 2 {
-            return self.steps(x, last, logits);
-        }
-        let bounds: Vec<(usize, usize)> = (0..k).map(|t| (t * n / k, (t + 1) * n / k - t * n / k)).collect();
-        let parts = bounds
-            .into_par_iter()
-            .map(|(start, len)| self.steps(&x.narrow(0, start, len)?, last, logits))
-            .collect::<Result<Vec<_>>>()?;
-        concat(parts)
+        self.split(x, &|x| self.inner.forward_maps(x, last, logits))
+    }
+
+    /// The inner network's own logits-only path (which may skip work the
+    /// feature maps would need).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, logits) = self.split(x, &|x| Ok((Vec::new(), Some(self.inner.forward(x)?))))?;
+        Ok(logits.expect("every part has logits"))
     }
 
     fn feature_info(&self) -> &[FeatureInfo] {

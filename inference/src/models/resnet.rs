@@ -8,7 +8,7 @@
 //! (`downsample.0` plain, `downsample.1` after an average pool). So every
 //! member, including mixed-block test models, loads through one path.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::models::{FeatureInfo, ImageModel};
 use crate::ops::{Activation, ConvBnAct, MaxPool, PadMode};
@@ -93,6 +93,9 @@ pub struct ResNet {
     fc_w: Tensor,
     fc_b: Tensor,
     feature_info: Vec<FeatureInfo>,
+    /// The same network on channels-last kernels, where the CPU has them.
+    #[cfg(target_arch = "x86_64")]
+    channels_last: Option<channels_last::Network>,
 }
 
 fn conv_bn(w: &Weights, conv: &str, bn: &str, stride: usize, act: Activation) -> Result<ConvBnAct> {
@@ -144,7 +147,17 @@ impl ResNet {
         }
         let fc_w = w.get("fc.weight")?.t()?.contiguous()?;
         let fc_b = w.get("fc.bias")?.clone();
-        Ok(Self { stem, stages, fc_w, fc_b, feature_info })
+        #[cfg(target_arch = "x86_64")]
+        let channels_last = channels_last::Network::new(&stem, &stages)?;
+        Ok(Self {
+            stem,
+            stages,
+            fc_w,
+            fc_b,
+            feature_info,
+            #[cfg(target_arch = "x86_64")]
+            channels_last,
+        })
     }
 }
 
@@ -184,6 +197,11 @@ fn load_block(w: &Weights, p: &str, stride: usize) -> Result<Block> {
 impl ResNet {
     fn run(&self, x: &Tensor, last: Option<usize>, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
         let last = if logits { usize::MAX } else { last.unwrap_or(usize::MAX) };
+        #[cfg(target_arch = "x86_64")]
+        if let Some(net) = self.channels_last.as_ref().filter(|_| x.device().is_cpu() && x.dtype() == DType::F32) {
+            let (features, pooled) = net.run(x, Some(last), logits)?;
+            return Ok((features, pooled.map(|p| self.head(&p)).transpose()?));
+        }
         let mut x = x.clone();
         for conv in &self.stem {
             x = conv.forward(&x)?;
@@ -202,9 +220,12 @@ impl ResNet {
         if !logits {
             return Ok((features, None));
         }
-        let pooled = x.mean((2, 3))?;
-        let out = pooled.matmul(&self.fc_w)?.broadcast_add(&self.fc_b)?;
-        Ok((features, Some(out)))
+        Ok((features, Some(self.head(&x.mean((2, 3))?)?)))
+    }
+
+    /// Logits from the pooled features `[N, C]`.
+    fn head(&self, pooled: &Tensor) -> Result<Tensor> {
+        Ok(pooled.matmul(&self.fc_w)?.broadcast_add(&self.fc_b)?)
     }
 }
 
@@ -213,11 +234,173 @@ impl ImageModel for ResNet {
         self.run(x, last, logits)
     }
 
+    /// Logits only: on the channels-last path no feature map is turned back
+    /// into NCHW.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(net) = self.channels_last.as_ref().filter(|_| x.device().is_cpu() && x.dtype() == DType::F32) {
+            let (_, pooled) = net.run(x, None, true)?;
+            return self.head(&pooled.expect("asked for the pooled features"));
+        }
+        Ok(self.run(x, None, true)?.1.expect("run returns logits when asked"))
+    }
+
     fn feature_info(&self) -> &[FeatureInfo] {
         &self.feature_info
     }
 
     fn num_classes(&self) -> usize {
         self.fc_b.dims()[0]
+    }
+}
+
+/// ResNet on the channels-last kernels ([`crate::ops::nhwc_conv`]): the
+/// input is transposed once, every layer reads and writes NHWC, and feature
+/// maps go back to NCHW only when asked for.
+#[cfg(target_arch = "x86_64")]
+mod channels_last {
+    use candle_core::Tensor;
+
+    use super::{Block, Downsample};
+    use crate::Result;
+    use crate::ops::nhwc_conv::{Nhwc, NhwcConv};
+    use crate::ops::{Activation, ConvBnAct};
+
+    struct ClBlock {
+        /// The block's convolutions; the last adds the shortcut, then ReLU.
+        convs: Vec<NhwcConv>,
+        /// The shortcut's convolution, after a 2×2 average pool where set.
+        down: Option<(bool, NhwcConv)>,
+    }
+
+    pub struct Network {
+        stem: Vec<NhwcConv>,
+        stages: Vec<Vec<ClBlock>>,
+    }
+
+    /// The layer with its own activation, or `None` where it has no
+    /// channels-last kernel.
+    fn own(conv: &ConvBnAct, act: Activation) -> Result<Option<NhwcConv>> {
+        conv.channels_last(act)
+    }
+
+    impl Network {
+        /// `None` where a layer has no channels-last kernel (no AVX-512F).
+        pub fn new(stem: &[ConvBnAct], stages: &[Vec<Block>]) -> Result<Option<Self>> {
+            let Some(stem) = stem.iter().map(|c| own(c, Activation::Relu)).collect::<Result<Option<Vec<_>>>>()? else {
+                return Ok(None);
+            };
+            let mut out = Vec::new();
+            for stage in stages {
+                let mut blocks = Vec::new();
+                for b in stage {
+                    let (inner, last, down) = match b {
+                        Block::Basic { conv1, conv2, down } => (vec![conv1], conv2, down),
+                        Block::Bottleneck { conv1, conv2, conv3, down } => (vec![conv1, conv2], conv3, down),
+                    };
+                    let down = match down {
+                        None => None,
+                        Some(Downsample { avg_pool, conv }) => match own(conv, Activation::Identity)? {
+                            Some(c) => Some((*avg_pool, c)),
+                            None => return Ok(None),
+                        },
+                    };
+                    let mut convs = Vec::new();
+                    for c in inner {
+                        let Some(c) = own(c, Activation::Relu)? else { return Ok(None) };
+                        convs.push(c);
+                    }
+                    let Some(last) = own(last, Activation::Relu)? else { return Ok(None) };
+                    convs.push(last);
+                    blocks.push(ClBlock { convs, down });
+                }
+                out.push(blocks);
+            }
+            Ok(Some(Self { stem, stages: out }))
+        }
+
+        /// Feature maps (NCHW, up to stage `last`; none when `last` is
+        /// `None`) and, with `pooled`, the globally pooled last map `[N, C]`.
+        pub fn run(&self, x: &Tensor, last: Option<usize>, pooled: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+            let (n, c, h, w) = x.dims4()?;
+            let dev = x.device();
+            let mut x = Nhwc::from_nchw(&x.flatten_all()?.to_vec1::<f32>()?, n, c, h, w);
+            let mut features = Vec::new();
+            let keep = |m: &Nhwc, features: &mut Vec<Tensor>| -> Result<()> {
+                if last.is_some_and(|l| features.len() <= l) {
+                    features.push(Tensor::from_vec(m.to_nchw(), (m.n, m.c, m.h, m.w), dev)?);
+                }
+                Ok(())
+            };
+            for conv in &self.stem {
+                x = conv.forward(&x, None);
+            }
+            keep(&x, &mut features)?;
+            x = x.max_pool(3, 2, 1);
+            for stage in &self.stages {
+                if !pooled && last.is_none_or(|l| features.len() > l) {
+                    break;
+                }
+                for b in stage {
+                    let shortcut = b.down.as_ref().map(|(avg_pool, conv)| {
+                        if *avg_pool { conv.forward(&x.avg_pool_2x2_ceil(), None) } else { conv.forward(&x, None) }
+                    });
+                    let (tail, inner) = b.convs.split_last().expect("a block has convolutions");
+                    let mut y = None;
+                    for conv in inner {
+                        y = Some(conv.forward(y.as_ref().unwrap_or(&x), None));
+                    }
+                    let y = y.expect("a block has two or more convolutions");
+                    x = tail.forward(&y, Some(shortcut.as_ref().unwrap_or(&x)));
+                }
+                keep(&x, &mut features)?;
+            }
+            let pooled = if pooled { Some(Tensor::from_vec(x.mean(), (x.n, x.c), dev)?) } else { None };
+            Ok((features, pooled))
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use crate::models::ImageModel;
+    use crate::weights::Weights;
+
+    fn max_err(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// The channels-last path gives the NCHW path's feature maps and logits
+    /// (deep stem, basic and bottleneck blocks, average-pool shortcuts, odd
+    /// map sizes), and `forward` the same logits without the maps.
+    #[test]
+    fn channels_last_matches_nchw() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/models/test_resnet.random6/model.safetensors");
+        if !path.exists() || !crate::ops::sgemm::available() {
+            eprintln!("no ../shared/models or no AVX-512F: skipped");
+            return;
+        }
+        let w = Weights::from_buffer("test_resnet", &std::fs::read(&path).unwrap(), &Device::Cpu).unwrap();
+        let fast = super::ResNet::load("test_resnet", &w).unwrap();
+        let mut slow = super::ResNet::load("test_resnet", &w).unwrap();
+        assert!(fast.channels_last.is_some());
+        slow.channels_last = None;
+        let x = Tensor::randn(0f32, 1.0, (3, 3, 97, 83), &Device::Cpu).unwrap();
+        let (fm, fl) = fast.forward_all(&x, true).unwrap();
+        let (sm, sl) = slow.forward_all(&x, true).unwrap();
+        assert_eq!(fm.len(), sm.len());
+        for (i, (a, b)) in fm.iter().zip(&sm).enumerate() {
+            assert_eq!(a.dims(), b.dims(), "map {i}");
+            assert!(max_err(a, b) < 1e-3, "map {i}: max err {}", max_err(a, b));
+        }
+        let (fl, sl) = (fl.unwrap(), sl.unwrap());
+        assert!(max_err(&fl, &sl) < 1e-3, "logits: max err {}", max_err(&fl, &sl));
+        assert!(max_err(&fast.forward(&x).unwrap(), &sl) < 1e-3);
+        let until = fast.forward_features_until(&x, 2).unwrap();
+        assert_eq!(until.len(), 3);
+        assert!(max_err(&until[2], &sm[2]) < 1e-3);
     }
 }

@@ -1,0 +1,639 @@
+//! Dense convolutions in channels-last (NHWC) layout, as an indirect GEMM.
+//!
+//! In NHWC a pixel's channels are contiguous, so one kernel tap of an output
+//! pixel reads `cin` consecutive floats of the input. The microkernel
+//! broadcasts those floats straight from the input through one pointer per
+//! pixel and tap (XNNPACK's indirection buffer, built per block of pixels
+//! here), against the weights packed once at load time in `NR`-channel
+//! slivers. Nothing is copied per call: no im2col, no packing of the
+//! activation, which on ResNet's 3×3 layers cost as much memory traffic as
+//! the GEMM's arithmetic in the NCHW path ([`super::GemmConv`]). Padding taps
+//! point at a zeroed row. The output is NHWC again, so a chain of these
+//! layers never changes layout; the bias starts the accumulators and the
+//! residual and activation are applied in registers before the store.
+//!
+//! Where `cin · k` is small (a stem on three colour channels) the taps of a
+//! kernel row are merged into one segment, read from a zero-padded copy of
+//! the input: 21 floats per pointer instead of 3.
+//!
+//! x86-64 with AVX-512F only; elsewhere [`NhwcConv::new`] returns `None`.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::sgemm::{self, Fused};
+use super::{PadMode, Padding, out_size};
+
+/// Output channels per microkernel call: four 16-lane registers.
+const NR: usize = 64;
+/// Pixels per microkernel call: 6 × 4 accumulators leave registers for the
+/// four weight vectors and a broadcast.
+const MR: usize = 6;
+/// Most k per block: a `KC × NR` weight block is 32 KiB, inside a 48 KiB L1.
+const KC: usize = 128;
+/// Pixels per task: the task's output rows (`PB × NR` floats, 60 KiB) and
+/// the input rows under them stay in L2 while every weight block passes.
+const PB: usize = 40 * MR;
+/// Kernel rows whose taps hold at most this many floats are merged.
+const MERGE_UP_TO: usize = 32;
+
+/// A batch of feature maps, channels last: `data[((n·h + y)·w + x)·c + ch]`.
+#[derive(Debug, Clone)]
+pub struct Nhwc {
+    pub data: Vec<f32>,
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+}
+
+impl Nhwc {
+    /// Transposes an NCHW batch.
+    pub fn from_nchw(src: &[f32], n: usize, c: usize, h: usize, w: usize) -> Self {
+        assert_eq!(src.len(), n * c * h * w);
+        let mut data = vec![0f32; src.len()];
+        let plane = h * w;
+        data.par_chunks_mut(plane * c).zip(src.par_chunks(plane * c)).for_each(|(dst, src)| {
+            for (p, px) in dst.chunks_exact_mut(c).enumerate() {
+                for (ch, v) in px.iter_mut().enumerate() {
+                    *v = src[ch * plane + p];
+                }
+            }
+        });
+        Self { data, n, h, w, c }
+    }
+
+    /// The same maps as NCHW.
+    pub fn to_nchw(&self) -> Vec<f32> {
+        let (plane, c) = (self.h * self.w, self.c);
+        let mut out = vec![0f32; self.data.len()];
+        out.par_chunks_mut(plane * c).zip(self.data.par_chunks(plane * c)).for_each(|(dst, src)| {
+            for (p, px) in src.chunks_exact(c).enumerate() {
+                for (ch, v) in px.iter().enumerate() {
+                    dst[ch * plane + p] = *v;
+                }
+            }
+        });
+        out
+    }
+
+    /// Max pooling with PyTorch's semantics (padding never wins, floor
+    /// rounding): resnet's stem pool.
+    pub fn max_pool(&self, kernel: usize, stride: usize, pad: usize) -> Self {
+        let (h, w, c) = (self.h, self.w, self.c);
+        let (oh, ow) = (out_size(h, kernel, stride, pad, pad), out_size(w, kernel, stride, pad, pad));
+        let mut data = vec![f32::NEG_INFINITY; self.n * oh * ow * c];
+        data.par_chunks_mut(ow * c).enumerate().for_each(|(row, out)| {
+            let (img, oy) = (row / oh, row % oh);
+            let ys = (oy * stride).saturating_sub(pad)..(oy * stride + kernel - pad).min(h);
+            for (ox, px) in out.chunks_exact_mut(c).enumerate() {
+                let xs = (ox * stride).saturating_sub(pad)..(ox * stride + kernel - pad).min(w);
+                for y in ys.clone() {
+                    for x in xs.clone() {
+                        let src = &self.data[((img * h + y) * w + x) * c..][..c];
+                        // Not f32::max: its NaN rule keeps this from vectorizing.
+                        px.iter_mut().zip(src).for_each(|(o, &v)| *o = if v > *o { v } else { *o });
+                    }
+                }
+            }
+        });
+        Self { data, n: self.n, h: oh, w: ow, c }
+    }
+
+    /// `AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)`: on an odd
+    /// size the last window averages only the pixels it covers.
+    pub fn avg_pool_2x2_ceil(&self) -> Self {
+        let (h, w, c) = (self.h, self.w, self.c);
+        let (oh, ow) = (h.div_ceil(2), w.div_ceil(2));
+        let mut data = vec![0f32; self.n * oh * ow * c];
+        data.par_chunks_mut(ow * c).enumerate().for_each(|(row, out)| {
+            let (img, oy) = (row / oh, row % oh);
+            let ys = 2 * oy..(2 * oy + 2).min(h);
+            for (ox, px) in out.chunks_exact_mut(c).enumerate() {
+                let xs = 2 * ox..(2 * ox + 2).min(w);
+                for y in ys.clone() {
+                    for x in xs.clone() {
+                        let src = &self.data[((img * h + y) * w + x) * c..][..c];
+                        px.iter_mut().zip(src).for_each(|(o, v)| *o += v);
+                    }
+                }
+                let scale = 1.0 / (ys.len() * xs.len()) as f32;
+                px.iter_mut().for_each(|o| *o *= scale);
+            }
+        });
+        Self { data, n: self.n, h: oh, w: ow, c }
+    }
+
+    /// The mean over each map: `[n][c]`.
+    pub fn mean(&self) -> Vec<f32> {
+        let plane = self.h * self.w;
+        let mut out = vec![0f32; self.n * self.c];
+        for (sum, img) in out.chunks_mut(self.c).zip(self.data.chunks(plane * self.c)) {
+            for px in img.chunks_exact(self.c) {
+                sum.iter_mut().zip(px).for_each(|(s, v)| *s += v);
+            }
+            sum.iter_mut().for_each(|s| *s /= plane as f32);
+        }
+        out
+    }
+
+    fn pixels(&self) -> usize {
+        self.n * self.h * self.w
+    }
+
+    /// A zero-padded copy.
+    fn padded(&self, p: Padding) -> Self {
+        let (hp, wp, c) = (self.h + p.top + p.bottom, self.w + p.left + p.right, self.c);
+        let mut data = vec![0f32; self.n * hp * wp * c];
+        for (dst, src) in data.chunks_mut(hp * wp * c).zip(self.data.chunks(self.h * self.w * c)) {
+            for (y, row) in src.chunks(self.w * c).enumerate() {
+                dst[((y + p.top) * wp + p.left) * c..][..row.len()].copy_from_slice(row);
+            }
+        }
+        Self { data, n: self.n, h: hp, w: wp, c }
+    }
+}
+
+/// A groups=1 convolution with folded BatchNorm, on NHWC maps.
+#[derive(Debug, Clone)]
+pub struct NhwcConv {
+    /// `[sliver][k][NR]` with k ordered (ky, kx, ci), zero-padded past `cout`.
+    filters: Vec<f32>,
+    /// Zero-padded to whole slivers.
+    bias: Vec<f32>,
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    stride: usize,
+    pad: PadMode,
+    act: Fused,
+}
+
+/// How the k dimension is cut into contiguous reads of the input.
+#[derive(Debug, Clone, Copy)]
+struct Segments {
+    /// Reads per pixel.
+    count: usize,
+    /// Floats per read.
+    len: usize,
+    /// Whole kernel rows per read, from a padded copy.
+    merged: bool,
+}
+
+/// A block of k: whole segments `segs`, or part `cols` of one.
+#[derive(Debug, Clone)]
+struct Chunk {
+    segs: Range<usize>,
+    cols: Range<usize>,
+}
+
+impl Segments {
+    fn k(&self) -> usize {
+        self.count * self.len
+    }
+
+    fn chunks(&self) -> Vec<Chunk> {
+        if self.len >= KC {
+            let parts = self.len.div_ceil(KC);
+            let step = self.len.div_ceil(parts);
+            (0..self.count)
+                .flat_map(|s| {
+                    (0..self.len)
+                        .step_by(step)
+                        .map(move |j| Chunk { segs: s..s + 1, cols: j..(j + step).min(self.len) })
+                })
+                .collect()
+        } else {
+            let per = KC / self.len;
+            (0..self.count)
+                .step_by(per)
+                .map(|s| Chunk { segs: s..(s + per).min(self.count), cols: 0..self.len })
+                .collect()
+        }
+    }
+}
+
+/// Raw pointers shared by tasks that read the input and write disjoint
+/// parts of the output.
+#[derive(Clone, Copy)]
+struct Shared<T>(T);
+// SAFETY: see the uses: inputs are only read, and tasks write disjoint
+// (pixel block × sliver) regions of the output.
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+impl NhwcConv {
+    /// From a folded weight `[cout, cin, k, k]` (flattened) and bias, or
+    /// `None` where the CPU has no AVX-512F.
+    pub fn new(
+        weight: &[f32],
+        bias: &[f32],
+        cin: usize,
+        kernel: usize,
+        stride: usize,
+        pad: PadMode,
+        act: Fused,
+    ) -> Option<Self> {
+        if !sgemm::available() {
+            return None;
+        }
+        let cout = bias.len();
+        assert_eq!(weight.len(), cout * cin * kernel * kernel);
+        let k = cin * kernel * kernel;
+        let slivers = cout.div_ceil(NR);
+        let mut filters = vec![0f32; slivers * k * NR];
+        for o in 0..cout {
+            let (s, lane) = (o / NR, o % NR);
+            for ci in 0..cin {
+                for ky in 0..kernel {
+                    for kx in 0..kernel {
+                        let kk = (ky * kernel + kx) * cin + ci;
+                        filters[(s * k + kk) * NR + lane] = weight[((o * cin + ci) * kernel + ky) * kernel + kx];
+                    }
+                }
+            }
+        }
+        let mut padded_bias = bias.to_vec();
+        padded_bias.resize(slivers * NR, 0.0);
+        Some(Self { filters, bias: padded_bias, cin, cout, kernel, stride, pad, act })
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        self.cout
+    }
+
+    fn segments(&self) -> Segments {
+        let row = self.kernel * self.cin;
+        if self.kernel > 1 && row <= MERGE_UP_TO {
+            Segments { count: self.kernel, len: row, merged: true }
+        } else {
+            Segments { count: self.kernel * self.kernel, len: self.cin, merged: false }
+        }
+    }
+
+    /// `act(conv(x) + bias [+ residual])`, NHWC in and out. The residual has
+    /// the output's shape.
+    pub fn forward(&self, x: &Nhwc, residual: Option<&Nhwc>) -> Nhwc {
+        assert_eq!(x.c, self.cin, "input channels");
+        let (k, s) = (self.kernel, self.stride);
+        let p = self.pad.resolve(x.h, x.w, k, s);
+        let (oh, ow) = (out_size(x.h, k, s, p.top, p.bottom), out_size(x.w, k, s, p.left, p.right));
+        let out = Nhwc { data: Vec::new(), n: x.n, h: oh, w: ow, c: self.cout };
+        if let Some(r) = residual {
+            assert_eq!((r.n, r.h, r.w, r.c), (out.n, out.h, out.w, out.c), "residual shape");
+        }
+        let segs = self.segments();
+        let padded;
+        let (src, p) = if segs.merged {
+            padded = x.padded(p);
+            (&padded, Padding::default())
+        } else {
+            (x, p)
+        };
+        let mut data: Box<[MaybeUninit<f32>]> = Box::new_uninit_slice(out.pixels() * self.cout);
+        let geometry = Geometry { src, p, oh, ow, stride: s, segs, zeros: vec![0f32; segs.len] };
+        let job = Job {
+            conv: self,
+            geometry: &geometry,
+            chunks: segs.chunks(),
+            out: Shared(data.as_mut_ptr().cast::<f32>()),
+            res: residual.map(|r| Shared(r.data.as_ptr())),
+        };
+        let pixels = out.pixels();
+        let blocks = pixels.div_ceil(PB);
+        let slivers = self.cout.div_ceil(NR);
+        // Enough tasks for every thread; split the channels where the
+        // pixels alone give too few (small maps at batch 1).
+        let threads = rayon::current_num_threads();
+        let groups = if threads > 1 { (2 * threads).div_ceil(blocks).clamp(1, slivers) } else { 1 };
+        let per_group = slivers.div_ceil(groups);
+        let groups = slivers.div_ceil(per_group);
+        let run = |t: usize| {
+            let (b, g) = (t / groups, t % groups);
+            let px = b * PB..((b + 1) * PB).min(pixels);
+            job.run(px, g * per_group..((g + 1) * per_group).min(slivers));
+        };
+        if blocks * groups == 1 {
+            run(0);
+        } else {
+            (0..blocks * groups).into_par_iter().for_each(run);
+        }
+        // SAFETY: the tasks cover every pixel block × every sliver, and each
+        // writes all of its pixels' channels in its slivers.
+        let data = unsafe { data.assume_init() }.into_vec();
+        Nhwc { data, ..out }
+    }
+}
+
+/// Where each output pixel's taps are in the input.
+struct Geometry<'a> {
+    src: &'a Nhwc,
+    /// Padding still to apply by pointing at `zeros` (none once merged).
+    p: Padding,
+    oh: usize,
+    ow: usize,
+    stride: usize,
+    segs: Segments,
+    zeros: Vec<f32>,
+}
+
+impl Geometry<'_> {
+    /// The input read of segment `seg` for output pixel `px`.
+    fn pointer(&self, px: usize, seg: usize) -> *const f32 {
+        let (img, rest) = (px / (self.oh * self.ow), px % (self.oh * self.ow));
+        let (oy, ox) = (rest / self.ow, rest % self.ow);
+        let (src, k) = (self.src, if self.segs.merged { 1 } else { self.segs.count.isqrt() });
+        let (ky, kx) = if self.segs.merged { (seg, 0) } else { (seg / k, seg % k) };
+        let stride = self.stride;
+        let iy = (oy * stride + ky) as isize - self.p.top as isize;
+        let ix = (ox * stride + kx) as isize - self.p.left as isize;
+        if iy < 0 || ix < 0 || iy >= src.h as isize || ix >= src.w as isize {
+            return self.zeros.as_ptr();
+        }
+        src.data[((img * src.h + iy as usize) * src.w + ix as usize) * src.c..].as_ptr()
+    }
+}
+
+struct Job<'a> {
+    conv: &'a NhwcConv,
+    geometry: &'a Geometry<'a>,
+    chunks: Vec<Chunk>,
+    out: Shared<*mut f32>,
+    res: Option<Shared<*const f32>>,
+}
+
+impl Job<'_> {
+    /// Output pixels `px` × slivers `slivers`, all of k.
+    fn run(&self, px: Range<usize>, slivers: Range<usize>) {
+        let g = self.geometry;
+        let nseg = g.segs.count;
+        // The indirection buffer: per tile, per segment, MR pointers.
+        let tiles = px.len().div_ceil(MR);
+        let mut ptrs = vec![g.zeros.as_ptr(); tiles * nseg * MR];
+        for (t, tile) in ptrs.chunks_mut(nseg * MR).enumerate() {
+            let p0 = px.start + t * MR;
+            for r in 0..MR.min(px.end - p0) {
+                for seg in 0..nseg {
+                    tile[seg * MR + r] = g.pointer(p0 + r, seg);
+                }
+            }
+        }
+        let (k, cout) = (g.segs.k(), self.conv.cout);
+        for sliver in slivers {
+            let filters = &self.conv.filters[sliver * k * NR..][..k * NR];
+            let lanes = (cout - sliver * NR).min(NR);
+            for (ci, chunk) in self.chunks.iter().enumerate() {
+                let k0 = chunk.segs.start * g.segs.len + chunk.cols.start;
+                let kc = chunk.segs.len() * chunk.cols.len();
+                let b = &filters[k0 * NR..][..kc * NR];
+                let first = ci == 0;
+                let last = ci + 1 == self.chunks.len();
+                for t in 0..tiles {
+                    let p0 = px.start + t * MR;
+                    let rows = MR.min(px.end - p0);
+                    let tile = &ptrs[(t * nseg + chunk.segs.start) * MR..][..chunk.segs.len() * MR];
+                    let at = p0 * cout + sliver * NR;
+                    let step = Step {
+                        a: tile,
+                        col0: chunk.cols.start,
+                        len: chunk.cols.len(),
+                        b,
+                        // SAFETY: `at` is inside the output (pixel < pixels).
+                        c: unsafe { self.out.0.add(at) },
+                        ldc: cout,
+                        lanes,
+                        bias: first.then(|| &self.conv.bias[sliver * NR..][..NR]),
+                        // SAFETY: the residual has the output's shape.
+                        res: if last {
+                            self.res.map_or(std::ptr::null(), |r| unsafe { r.0.add(at) })
+                        } else {
+                            std::ptr::null()
+                        },
+                        act: if last { self.conv.act } else { Fused::None },
+                    };
+                    // SAFETY: `new` checked AVX-512F; the pointers in `tile`
+                    // each have `col0 + len` readable floats (a segment of the
+                    // input or `zeros`); C and the residual hold `rows` pixels
+                    // of `ldc` channels from `at`, written by this task only.
+                    unsafe {
+                        match rows {
+                            6 => avx512::kernel::<6>(&step),
+                            5 => avx512::kernel::<5>(&step),
+                            4 => avx512::kernel::<4>(&step),
+                            3 => avx512::kernel::<3>(&step),
+                            2 => avx512::kernel::<2>(&step),
+                            _ => avx512::kernel::<1>(&step),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One microkernel call: `rows` pixels × one sliver × one chunk of k.
+struct Step<'a> {
+    /// Per segment of the chunk, `MR` input pointers (the first `rows` used).
+    a: &'a [*const f32],
+    col0: usize,
+    len: usize,
+    /// `[k][NR]` weights of this chunk.
+    b: &'a [f32],
+    c: *mut f32,
+    ldc: usize,
+    lanes: usize,
+    /// Set on the first chunk: the accumulators start from it, not from C.
+    bias: Option<&'a [f32]>,
+    res: *const f32,
+    act: Fused,
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Fused, MR, NR, Step};
+
+    fn masks(lanes: usize) -> [__mmask16; 4] {
+        std::array::from_fn(|v| {
+            let n = lanes.saturating_sub(v * 16).min(16);
+            if n == 16 { 0xffff } else { ((1u32 << n) - 1) as u16 }
+        })
+    }
+
+    /// # Safety
+    /// AVX-512F; see [`super::Job::run`] for the pointers.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel<const R: usize>(s: &Step) {
+        let m = masks(s.lanes);
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 4]; R];
+            for (r, acc) in acc.iter_mut().enumerate() {
+                *acc = match s.bias {
+                    Some(b) => std::array::from_fn(|v| _mm512_loadu_ps(b.as_ptr().add(v * 16))),
+                    None => {
+                        let c = s.c.add(r * s.ldc);
+                        std::array::from_fn(|v| _mm512_maskz_loadu_ps(m[v], c.add(v * 16)))
+                    }
+                };
+            }
+            let mut bp = s.b.as_ptr();
+            for seg in s.a.chunks_exact(MR) {
+                let a: [*const f32; R] = std::array::from_fn(|r| seg[r].add(s.col0));
+                for j in 0..s.len {
+                    let b: [__m512; 4] = std::array::from_fn(|v| _mm512_loadu_ps(bp.add(v * 16)));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let av = _mm512_set1_ps(*a[r].add(j));
+                        for v in 0..4 {
+                            acc[v] = _mm512_fmadd_ps(av, b[v], acc[v]);
+                        }
+                    }
+                    bp = bp.add(NR);
+                }
+            }
+            let zero = _mm512_setzero_ps();
+            let six = _mm512_set1_ps(6.0);
+            for (r, acc) in acc.iter().enumerate() {
+                let c = s.c.add(r * s.ldc);
+                for v in 0..4 {
+                    let mut x = acc[v];
+                    if !s.res.is_null() {
+                        x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m[v], s.res.add(r * s.ldc + v * 16)));
+                    }
+                    x = match s.act {
+                        Fused::None => x,
+                        Fused::Relu => _mm512_max_ps(x, zero),
+                        Fused::Relu6 => _mm512_min_ps(_mm512_max_ps(x, zero), six),
+                    };
+                    _mm512_mask_storeu_ps(c.add(v * 16), m[v], x);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2654435761).wrapping_add(12345);
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Against candle's convolution: merged and per-tap segments, strides 1
+    /// and 2, 1×1, channel counts off the 64-lane sliver and k off the
+    /// block size, TF padding, with and without a residual.
+    #[test]
+    fn matches_candle_conv() {
+        if !sgemm::available() {
+            eprintln!("no AVX-512F: skipped");
+            return;
+        }
+        let dev = Device::Cpu;
+        // (n, cin, cout, k, s, h, w, pad, residual)
+        for &(n, cin, cout, k, s, h, w, pad, res) in &[
+            (2, 3, 64, 7, 2, 30, 26, PadMode::Symmetric(3), false),
+            (1, 64, 64, 3, 1, 13, 11, PadMode::Symmetric(1), true),
+            (3, 40, 70, 3, 2, 9, 10, PadMode::Symmetric(1), false),
+            (2, 200, 130, 3, 1, 7, 7, PadMode::Symmetric(1), true),
+            (2, 64, 128, 1, 2, 14, 14, PadMode::Symmetric(0), false),
+            (1, 300, 20, 1, 1, 5, 6, PadMode::Symmetric(0), true),
+            (2, 8, 24, 3, 2, 16, 15, PadMode::TfSame, false),
+            (1, 3, 32, 3, 2, 17, 17, PadMode::Symmetric(1), true),
+        ] {
+            let case = format!("n{n} {cin}->{cout} k{k} s{s} {h}x{w} {pad:?} res {res}");
+            let x = values(n * cin * h * w, 1);
+            let wt = values(cout * cin * k * k, 2);
+            let b = values(cout, 3);
+            let conv = NhwcConv::new(&wt, &b, cin, k, s, pad, Fused::Relu).unwrap();
+            let xt = Tensor::from_vec(x.clone(), (n, cin, h, w), &dev).unwrap();
+            let p = pad.resolve(h, w, k, s);
+            let xp = xt.pad_with_zeros(2, p.top, p.bottom).unwrap().pad_with_zeros(3, p.left, p.right).unwrap();
+            let wt = Tensor::from_vec(wt, (cout, cin, k, k), &dev).unwrap();
+            let y = xp.conv2d(&wt, 0, s, 1, 1).unwrap();
+            let y = y.broadcast_add(&Tensor::from_vec(b, (1, cout, 1, 1), &dev).unwrap()).unwrap();
+            let (_, _, oh, ow) = y.dims4().unwrap();
+            let r = values(n * cout * oh * ow, 4);
+            let want =
+                if res { (y + Tensor::from_vec(r.clone(), (n, cout, oh, ow), &dev).unwrap()).unwrap() } else { y };
+            let want = want.relu().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let rn = res.then(|| Nhwc::from_nchw(&r, n, cout, oh, ow));
+            let got = conv.forward(&Nhwc::from_nchw(&x, n, cin, h, w), rn.as_ref());
+            assert_eq!((got.n, got.h, got.w, got.c), (n, oh, ow, cout), "{case}");
+            let got = got.to_nchw();
+            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err < 1e-3, "{case}: max err {err}");
+        }
+    }
+
+    /// GFLOP/s on resnet18's convolutions against the NCHW GEMM path, at
+    /// batch 1 and 8: `cargo test --release -p lineside-inference --lib
+    /// nhwc_conv::tests::speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn speed() {
+        use crate::ops::{Activation, ConvBnAct};
+        let dev = Device::Cpu;
+        // (cin, cout, k, s, h)
+        let shapes = [
+            (3, 64, 7, 2, 224),
+            (64, 64, 3, 1, 56),
+            (64, 128, 3, 2, 56),
+            (128, 128, 3, 1, 28),
+            (256, 256, 3, 1, 14),
+            (512, 512, 3, 1, 7),
+            (256, 512, 1, 2, 14),
+        ];
+        for n in [1, 8] {
+            for (cin, cout, k, s, h) in shapes {
+                let pad = PadMode::Symmetric(k / 2);
+                let (wt, b) = (values(cout * cin * k * k, 2), values(cout, 3));
+                let x = values(n * cin * h * h, 1);
+                let conv = NhwcConv::new(&wt, &b, cin, k, s, pad, Fused::Relu).unwrap();
+                let xn = Nhwc::from_nchw(&x, n, cin, h, h);
+                let layer = ConvBnAct::new(
+                    Tensor::from_vec(wt, (cout, cin, k, k), &dev).unwrap(),
+                    Tensor::from_vec(b, cout, &dev).unwrap(),
+                    s,
+                    1,
+                    pad,
+                    Activation::Relu,
+                )
+                .unwrap();
+                let xt = Tensor::from_vec(x, (n, cin, h, h), &dev).unwrap();
+                let oh = (h + 2 * (k / 2) - k) / s + 1;
+                let flops = 2.0 * (n * cout * oh * oh * cin * k * k) as f64;
+                let time = |f: &mut dyn FnMut()| {
+                    f();
+                    let reps = ((1e9 / flops) as usize).clamp(3, 1000);
+                    let mut best = f64::MAX;
+                    for _ in 0..5 {
+                        let t = std::time::Instant::now();
+                        for _ in 0..reps {
+                            f();
+                        }
+                        best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+                    }
+                    flops / best / 1e9
+                };
+                let ours = time(&mut || drop(conv.forward(&xn, None)));
+                let nchw = time(&mut || drop(layer.forward(&xt).unwrap()));
+                println!("n{n} {cin:>3}->{cout:>3} k{k} s{s} {h:>3}²: nhwc {ours:6.1} GFLOP/s, nchw {nchw:6.1}");
+            }
+        }
+    }
+}
