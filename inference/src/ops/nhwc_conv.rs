@@ -294,7 +294,7 @@ impl NhwcConv {
             (x, p)
         };
         let mut data: Box<[MaybeUninit<f32>]> = Box::new_uninit_slice(out.pixels() * self.cout);
-        let geometry = Geometry { src, p, oh, ow, stride: s, segs, zeros: vec![0f32; segs.len] };
+        let geometry = Geometry { src, p, oh, ow, kernel: k, stride: s, segs, zeros: vec![0f32; segs.len] };
         let job = Job {
             conv: self,
             geometry: &geometry,
@@ -335,25 +335,33 @@ struct Geometry<'a> {
     p: Padding,
     oh: usize,
     ow: usize,
+    kernel: usize,
     stride: usize,
     segs: Segments,
     zeros: Vec<f32>,
 }
 
 impl Geometry<'_> {
-    /// The input read of segment `seg` for output pixel `px`.
-    fn pointer(&self, px: usize, seg: usize) -> *const f32 {
+    /// The input read of every segment of output pixel `px`, in order.
+    fn taps(&self, px: usize, mut put: impl FnMut(usize, *const f32)) {
         let (img, rest) = (px / (self.oh * self.ow), px % (self.oh * self.ow));
         let (oy, ox) = (rest / self.ow, rest % self.ow);
-        let (src, k) = (self.src, if self.segs.merged { 1 } else { self.segs.count.isqrt() });
-        let (ky, kx) = if self.segs.merged { (seg, 0) } else { (seg / k, seg % k) };
-        let stride = self.stride;
-        let iy = (oy * stride + ky) as isize - self.p.top as isize;
-        let ix = (ox * stride + kx) as isize - self.p.left as isize;
-        if iy < 0 || ix < 0 || iy >= src.h as isize || ix >= src.w as isize {
-            return self.zeros.as_ptr();
+        let src = self.src;
+        let (rows, cols) = if self.segs.merged { (self.segs.count, 1) } else { (self.kernel, self.kernel) };
+        let y0 = (oy * self.stride) as isize - self.p.top as isize;
+        let x0 = (ox * self.stride) as isize - self.p.left as isize;
+        for ky in 0..rows {
+            let iy = y0 + ky as isize;
+            for kx in 0..cols {
+                let ix = x0 + kx as isize;
+                let inside = (0..src.h as isize).contains(&iy) && (0..src.w as isize).contains(&ix);
+                let at = ((img * src.h) as isize + iy) * src.w as isize + ix;
+                // wrapping_add: only in-bounds pointers are kept.
+                let ptr =
+                    if inside { src.data.as_ptr().wrapping_add(at as usize * src.c) } else { self.zeros.as_ptr() };
+                put(ky * cols + kx, ptr);
+            }
         }
-        src.data[((img * src.h + iy as usize) * src.w + ix as usize) * src.c..].as_ptr()
     }
 }
 
@@ -376,9 +384,7 @@ impl Job<'_> {
         for (t, tile) in ptrs.chunks_mut(nseg * MR).enumerate() {
             let p0 = px.start + t * MR;
             for r in 0..MR.min(px.end - p0) {
-                for seg in 0..nseg {
-                    tile[seg * MR + r] = g.pointer(p0 + r, seg);
-                }
+                g.taps(p0 + r, |seg, ptr| tile[seg * MR + r] = ptr);
             }
         }
         let (k, cout) = (g.segs.k(), self.conv.cout);
