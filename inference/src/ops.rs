@@ -201,8 +201,9 @@ enum ConvKind {
     Gemm(Box<GemmConv>),
     /// One filter per channel.
     Depthwise(DepthwiseConv),
-    /// Other grouped convolutions: candle's convolution.
-    Grouped,
+    /// candle's own convolution: other grouped ones, and layers that run
+    /// on another CPU path (see [`ConvBnAct::drop_cpu_kernel`]).
+    Candle,
 }
 
 /// A convolution with BatchNorm folded in, followed by an activation.
@@ -257,7 +258,7 @@ impl ConvBnAct {
                 GemmPath::Fastest,
             )))
         } else {
-            ConvKind::Grouped
+            ConvKind::Candle
         };
         debug_assert_eq!(out_ch, bias_vec.len());
         Ok(Self { weight, bias, bias_act: BiasAct { bias: bias_vec, act }, kernel: kh, stride, groups, pad, act, kind })
@@ -319,6 +320,15 @@ impl ConvBnAct {
         let weight = self.weight.flatten_all()?.to_vec1::<f32>()?;
         let (_, cin, _, _) = self.weight.dims4()?;
         Ok(nhwc_conv::NhwcConv::new(&weight, &self.bias_act.bias, cin, self.kernel, self.stride, self.pad, act.fused()))
+    }
+
+    /// Frees the NCHW GEMM's packed weights of a layer whose network runs
+    /// it through [`ConvBnAct::channels_last`] on CPU; the layer itself then
+    /// runs as candle's convolution (other devices, and tests).
+    pub fn drop_cpu_kernel(&mut self) {
+        if matches!(self.kind, ConvKind::Gemm(_)) {
+            self.kind = ConvKind::Candle;
+        }
     }
 
     fn gemm(&self) -> Option<&GemmConv> {

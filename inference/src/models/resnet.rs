@@ -72,6 +72,16 @@ enum Block {
 }
 
 impl Block {
+    #[cfg(target_arch = "x86_64")]
+    fn convs_mut(&mut self) -> Vec<&mut ConvBnAct> {
+        let (mut convs, down) = match self {
+            Block::Basic { conv1, conv2, down } => (vec![conv1, conv2], down),
+            Block::Bottleneck { conv1, conv2, conv3, down } => (vec![conv1, conv2, conv3], down),
+        };
+        convs.extend(down.as_mut().map(|d| &mut d.conv));
+        convs
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (inner, last, down) = match self {
             Block::Basic { conv1, conv2, down } => (conv1.forward(x)?, conv2, down),
@@ -149,6 +159,15 @@ impl ResNet {
         let fc_b = w.get("fc.bias")?.clone();
         #[cfg(target_arch = "x86_64")]
         let channels_last = channels_last::Network::new(&stem, &stages)?;
+        #[cfg(target_arch = "x86_64")]
+        let (mut stem, mut stages) = (stem, stages);
+        #[cfg(target_arch = "x86_64")]
+        if channels_last.is_some() {
+            // A third copy of the weights would only serve non-f32 input.
+            for conv in stem.iter_mut().chain(stages.iter_mut().flatten().flat_map(Block::convs_mut)) {
+                conv.drop_cpu_kernel();
+            }
+        }
         Ok(Self {
             stem,
             stages,
@@ -373,8 +392,9 @@ mod tests {
     }
 
     /// The channels-last path gives the NCHW path's feature maps and logits
-    /// (deep stem, basic and bottleneck blocks, average-pool shortcuts, odd
-    /// map sizes), and `forward` the same logits without the maps.
+    /// (candle's convolution, once the NCHW kernels are dropped): deep stem,
+    /// basic and bottleneck blocks, average-pool shortcuts, odd map sizes.
+    /// `forward` gives the same logits without the maps.
     #[test]
     fn channels_last_matches_nchw() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
