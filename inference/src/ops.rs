@@ -309,9 +309,10 @@ impl ConvBnAct {
         }
     }
 
-    /// The same layer on channels-last maps, with `act` (which may differ
-    /// from the layer's own, where a residual is added before it), or `None`
-    /// where the CPU lacks the kernel or the layer is grouped.
+    /// The same layer on channels-last maps, fused with activation `act`:
+    /// the layer's own, or the one that follows a residual added in the
+    /// store. `None` where the CPU lacks the kernel, the layer is grouped or
+    /// `act` is not one the kernel fuses.
     #[cfg(target_arch = "x86_64")]
     pub fn channels_last(&self, act: Activation) -> Result<Option<nhwc_conv::NhwcConv>> {
         if self.groups != 1 || act == Activation::Silu {

@@ -52,6 +52,7 @@ pub struct MicroBatched {
 }
 
 impl MicroBatched {
+    /// `inner` with batches shared out and run in steps of at most `size`.
     pub fn new(inner: Box<dyn ImageModel>, size: usize) -> Self {
         Self { inner, size: size.max(1) }
     }

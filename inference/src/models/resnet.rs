@@ -163,7 +163,8 @@ impl ResNet {
         let (mut stem, mut stages) = (stem, stages);
         #[cfg(target_arch = "x86_64")]
         if channels_last.is_some() {
-            // A third copy of the weights would only serve non-f32 input.
+            // On CPU the NCHW kernels would now serve only non-f32 input,
+            // which candle's own convolution handles as well.
             for conv in stem.iter_mut().chain(stages.iter_mut().flatten().flat_map(Block::convs_mut)) {
                 conv.drop_cpu_kernel();
             }
@@ -285,57 +286,60 @@ mod channels_last {
     use crate::ops::nhwc_conv::{Nhwc, NhwcConv};
     use crate::ops::{Activation, ConvBnAct};
 
+    /// A residual block: its convolutions in order, the last of which adds
+    /// the shortcut before its ReLU.
     struct ClBlock {
-        /// The block's convolutions; the last adds the shortcut, then ReLU.
         convs: Vec<NhwcConv>,
         /// The shortcut's convolution, after a 2×2 average pool where set.
         down: Option<(bool, NhwcConv)>,
     }
 
+    impl ClBlock {
+        /// `None` where a layer has no channels-last kernel.
+        fn new(b: &Block) -> Result<Option<Self>> {
+            let (inner, last, down) = match b {
+                Block::Basic { conv1, conv2, down } => (vec![conv1], conv2, down),
+                Block::Bottleneck { conv1, conv2, conv3, down } => (vec![conv1, conv2], conv3, down),
+            };
+            let down = match down {
+                None => None,
+                Some(Downsample { avg_pool, conv }) => match conv.channels_last(Activation::Identity)? {
+                    Some(c) => Some((*avg_pool, c)),
+                    None => return Ok(None),
+                },
+            };
+            // The last layer's own activation is Identity: ReLU follows the
+            // shortcut's addition, which its kernel does in registers.
+            let convs = inner.into_iter().chain([last]).map(|c| c.channels_last(Activation::Relu));
+            let Some(convs) = convs.collect::<Result<Option<Vec<_>>>>()? else { return Ok(None) };
+            Ok(Some(Self { convs, down }))
+        }
+
+        fn forward(&self, x: &Nhwc) -> Nhwc {
+            let shortcut = self.down.as_ref().map(|(avg_pool, conv)| {
+                if *avg_pool { conv.forward(&x.avg_pool_2x2_ceil(), None) } else { conv.forward(x, None) }
+            });
+            let (tail, inner) = self.convs.split_last().expect("a block has convolutions");
+            let y = inner.iter().fold(None, |y: Option<Nhwc>, conv| Some(conv.forward(y.as_ref().unwrap_or(x), None)));
+            let y = y.expect("a block has two or more convolutions");
+            tail.forward(&y, Some(shortcut.as_ref().unwrap_or(x)))
+        }
+    }
+
+    /// The whole network but its head, channels-last.
     pub struct Network {
         stem: Vec<NhwcConv>,
         stages: Vec<Vec<ClBlock>>,
     }
 
-    /// The layer with its own activation, or `None` where it has no
-    /// channels-last kernel.
-    fn own(conv: &ConvBnAct, act: Activation) -> Result<Option<NhwcConv>> {
-        conv.channels_last(act)
-    }
-
     impl Network {
         /// `None` where a layer has no channels-last kernel (no AVX-512F).
         pub fn new(stem: &[ConvBnAct], stages: &[Vec<Block>]) -> Result<Option<Self>> {
-            let Some(stem) = stem.iter().map(|c| own(c, Activation::Relu)).collect::<Result<Option<Vec<_>>>>()? else {
-                return Ok(None);
-            };
-            let mut out = Vec::new();
-            for stage in stages {
-                let mut blocks = Vec::new();
-                for b in stage {
-                    let (inner, last, down) = match b {
-                        Block::Basic { conv1, conv2, down } => (vec![conv1], conv2, down),
-                        Block::Bottleneck { conv1, conv2, conv3, down } => (vec![conv1, conv2], conv3, down),
-                    };
-                    let down = match down {
-                        None => None,
-                        Some(Downsample { avg_pool, conv }) => match own(conv, Activation::Identity)? {
-                            Some(c) => Some((*avg_pool, c)),
-                            None => return Ok(None),
-                        },
-                    };
-                    let mut convs = Vec::new();
-                    for c in inner {
-                        let Some(c) = own(c, Activation::Relu)? else { return Ok(None) };
-                        convs.push(c);
-                    }
-                    let Some(last) = own(last, Activation::Relu)? else { return Ok(None) };
-                    convs.push(last);
-                    blocks.push(ClBlock { convs, down });
-                }
-                out.push(blocks);
-            }
-            Ok(Some(Self { stem, stages: out }))
+            let stem = stem.iter().map(|c| c.channels_last(Activation::Relu));
+            let Some(stem) = stem.collect::<Result<Option<Vec<_>>>>()? else { return Ok(None) };
+            let stages = stages.iter().map(|s| s.iter().map(ClBlock::new).collect::<Result<Option<Vec<_>>>>());
+            let Some(stages) = stages.collect::<Result<Option<Vec<_>>>>()? else { return Ok(None) };
+            Ok(Some(Self { stem, stages }))
         }
 
         /// Feature maps (NCHW, up to stage `last`; none when `last` is
@@ -361,16 +365,7 @@ mod channels_last {
                     break;
                 }
                 for b in stage {
-                    let shortcut = b.down.as_ref().map(|(avg_pool, conv)| {
-                        if *avg_pool { conv.forward(&x.avg_pool_2x2_ceil(), None) } else { conv.forward(&x, None) }
-                    });
-                    let (tail, inner) = b.convs.split_last().expect("a block has convolutions");
-                    let mut y = None;
-                    for conv in inner {
-                        y = Some(conv.forward(y.as_ref().unwrap_or(&x), None));
-                    }
-                    let y = y.expect("a block has two or more convolutions");
-                    x = tail.forward(&y, Some(shortcut.as_ref().unwrap_or(&x)));
+                    x = b.forward(&x);
                 }
                 keep(&x, &mut features)?;
             }

@@ -43,9 +43,13 @@ const MERGE_UP_TO: usize = 32;
 #[derive(Debug, Clone)]
 pub struct Nhwc {
     pub data: Vec<f32>,
+    /// Images.
     pub n: usize,
+    /// Rows.
     pub h: usize,
+    /// Columns.
     pub w: usize,
+    /// Channels.
     pub c: usize,
 }
 
@@ -82,6 +86,7 @@ impl Nhwc {
     /// Max pooling with PyTorch's semantics (padding never wins, floor
     /// rounding): resnet's stem pool.
     pub fn max_pool(&self, kernel: usize, stride: usize, pad: usize) -> Self {
+        assert!(pad < kernel, "max pool padding {pad} not under the kernel {kernel}");
         let (h, w, c) = (self.h, self.w, self.c);
         let (oh, ow) = (out_size(h, kernel, stride, pad, pad), out_size(w, kernel, stride, pad, pad));
         let mut data = vec![f32::NEG_INFINITY; self.n * oh * ow * c];
@@ -221,8 +226,10 @@ impl Segments {
 struct Shared<T>(T);
 // SAFETY: see the uses: inputs are only read, and tasks write disjoint
 // (pixel block × sliver) regions of the output.
-unsafe impl<T> Send for Shared<T> {}
-unsafe impl<T> Sync for Shared<T> {}
+unsafe impl Send for Shared<*const f32> {}
+unsafe impl Sync for Shared<*const f32> {}
+unsafe impl Send for Shared<*mut f32> {}
+unsafe impl Sync for Shared<*mut f32> {}
 
 impl NhwcConv {
     /// From a folded weight `[cout, cin, k, k]` (flattened) and bias, or
@@ -293,6 +300,9 @@ impl NhwcConv {
         } else {
             (x, p)
         };
+        if out.pixels() == 0 {
+            return Nhwc { data: Vec::new(), ..out };
+        }
         let mut data: Box<[MaybeUninit<f32>]> = Box::new_uninit_slice(out.pixels() * self.cout);
         let geometry = Geometry { src, p, oh, ow, kernel: k, stride: s, segs, zeros: vec![0f32; segs.len] };
         let job = Job {
@@ -342,6 +352,20 @@ struct Geometry<'a> {
 }
 
 impl Geometry<'_> {
+    /// The indirection buffer of output pixels `px`: per tile of `MR`
+    /// pixels, per segment, `MR` pointers (the zero row past the last pixel).
+    fn indirection(&self, px: Range<usize>) -> Vec<*const f32> {
+        let nseg = self.segs.count;
+        let mut ptrs = vec![self.zeros.as_ptr(); px.len().div_ceil(MR) * nseg * MR];
+        for (t, tile) in ptrs.chunks_mut(nseg * MR).enumerate() {
+            let p0 = px.start + t * MR;
+            for r in 0..MR.min(px.end - p0) {
+                self.taps(p0 + r, |seg, ptr| tile[seg * MR + r] = ptr);
+            }
+        }
+        ptrs
+    }
+
     /// The input read of every segment of output pixel `px`, in order.
     fn taps(&self, px: usize, mut put: impl FnMut(usize, *const f32)) {
         let (img, rest) = (px / (self.oh * self.ow), px % (self.oh * self.ow));
@@ -356,7 +380,8 @@ impl Geometry<'_> {
                 let ix = x0 + kx as isize;
                 let inside = (0..src.h as isize).contains(&iy) && (0..src.w as isize).contains(&ix);
                 let at = ((img * src.h) as isize + iy) * src.w as isize + ix;
-                // wrapping_add: only in-bounds pointers are kept.
+                // Evaluated only for a tap inside the input, so it stays in
+                // `src.data`; wrapping_add keeps the function safe.
                 let ptr =
                     if inside { src.data.as_ptr().wrapping_add(at as usize * src.c) } else { self.zeros.as_ptr() };
                 put(ky * cols + kx, ptr);
@@ -378,15 +403,8 @@ impl Job<'_> {
     fn run(&self, px: Range<usize>, slivers: Range<usize>) {
         let g = self.geometry;
         let nseg = g.segs.count;
-        // The indirection buffer: per tile, per segment, MR pointers.
         let tiles = px.len().div_ceil(MR);
-        let mut ptrs = vec![g.zeros.as_ptr(); tiles * nseg * MR];
-        for (t, tile) in ptrs.chunks_mut(nseg * MR).enumerate() {
-            let p0 = px.start + t * MR;
-            for r in 0..MR.min(px.end - p0) {
-                g.taps(p0 + r, |seg, ptr| tile[seg * MR + r] = ptr);
-            }
-        }
+        let ptrs = g.indirection(px.clone());
         let (k, cout) = (g.segs.k(), self.conv.cout);
         for sliver in slivers {
             let filters = &self.conv.filters[sliver * k * NR..][..k * NR];
@@ -483,7 +501,9 @@ mod avx512 {
                     Some(b) => std::array::from_fn(|v| _mm512_loadu_ps(b.as_ptr().add(v * 16))),
                     None => {
                         let c = s.c.add(r * s.ldc);
-                        std::array::from_fn(|v| _mm512_maskz_loadu_ps(m[v], c.add(v * 16)))
+                        // wrapping_add: a vector past `lanes` (mask 0) touches
+                        // no memory, but its address may lie past the buffer.
+                        std::array::from_fn(|v| _mm512_maskz_loadu_ps(m[v], c.wrapping_add(v * 16)))
                     }
                 };
             }
@@ -508,14 +528,14 @@ mod avx512 {
                 for v in 0..4 {
                     let mut x = acc[v];
                     if !s.res.is_null() {
-                        x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m[v], s.res.add(r * s.ldc + v * 16)));
+                        x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m[v], s.res.add(r * s.ldc).wrapping_add(v * 16)));
                     }
                     x = match s.act {
                         Fused::None => x,
                         Fused::Relu => _mm512_max_ps(x, zero),
                         Fused::Relu6 => _mm512_min_ps(_mm512_max_ps(x, zero), six),
                     };
-                    _mm512_mask_storeu_ps(c.add(v * 16), m[v], x);
+                    _mm512_mask_storeu_ps(c.wrapping_add(v * 16), m[v], x);
                 }
             }
         }
@@ -584,6 +604,9 @@ mod tests {
             let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(err < 1e-3, "{case}: max err {err}");
         }
+        let conv = NhwcConv::new(&values(8 * 4 * 9, 2), &values(8, 3), 4, 3, 1, PadMode::Symmetric(1), Fused::Relu);
+        let empty = conv.unwrap().forward(&Nhwc { data: Vec::new(), n: 0, h: 5, w: 5, c: 4 }, None);
+        assert_eq!((empty.n, empty.h, empty.w, empty.c, empty.data.len()), (0, 5, 5, 8, 0));
     }
 
     /// GFLOP/s on resnet18's convolutions against the NCHW GEMM path, at
