@@ -382,6 +382,33 @@ pub fn inverted_residual(
     Ok(None)
 }
 
+/// Helpers shared by the kernels' tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    /// Deterministic values in [-1, 1].
+    pub fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    /// GFLOP/s of `f`, which does `flops`: the best of 5 timed rounds of
+    /// about `budget` flops each, after a warm-up call.
+    pub fn gflops(flops: f64, budget: f64, f: &mut dyn FnMut()) -> f64 {
+        f();
+        let reps = ((budget / flops) as usize).clamp(3, 2000);
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+        }
+        flops / best / 1e9
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -547,18 +547,7 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(2654435761).wrapping_add(12345);
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                (x % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::ops::test_util::{gflops, values};
 
     /// Against candle's convolution: merged and per-tap segments, strides 1
     /// and 2, 1×1, channel counts off the 64-lane sliver and k off the
@@ -646,19 +635,7 @@ mod tests {
                 let xt = Tensor::from_vec(x, (n, cin, h, h), &dev).unwrap();
                 let oh = (h + 2 * (k / 2) - k) / s + 1;
                 let flops = 2.0 * (n * cout * oh * oh * cin * k * k) as f64;
-                let time = |f: &mut dyn FnMut()| {
-                    f();
-                    let reps = ((1e9 / flops) as usize).clamp(3, 1000);
-                    let mut best = f64::MAX;
-                    for _ in 0..5 {
-                        let t = std::time::Instant::now();
-                        for _ in 0..reps {
-                            f();
-                        }
-                        best = best.min(t.elapsed().as_secs_f64() / reps as f64);
-                    }
-                    flops / best / 1e9
-                };
+                let time = |f: &mut dyn FnMut()| gflops(flops, 1e9, f);
                 let ours = time(&mut || drop(conv.forward(&xn, None)));
                 let nchw = time(&mut || drop(layer.forward(&xt).unwrap()));
                 println!("n{n} {cin:>3}->{cout:>3} k{k} s{s} {h:>3}²: nhwc {ours:6.1} GFLOP/s, nchw {nchw:6.1}");

@@ -613,6 +613,7 @@ pub(crate) mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::test_util::{gflops, values};
 
     /// Initialized floats seen as an output buffer (the GEMM writes only floats).
     fn as_uninit(s: &mut [f32]) -> &mut [MaybeUninit<f32>] {
@@ -648,12 +649,6 @@ mod tests {
             }
         }
         c
-    }
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 / 1000.0 - 1.0)
-            .collect()
     }
 
     #[test]
@@ -740,19 +735,7 @@ mod tests {
             let pa = PackedA::new(&a, m, k).unwrap();
             let mut c = vec![0f32; m * n];
             let flops = 2.0 * (m * k * n) as f64;
-            let time = |f: &mut dyn FnMut()| {
-                f();
-                let reps = ((2e9 / flops) as usize).clamp(3, 2000);
-                let mut best = f64::MAX;
-                for _ in 0..5 {
-                    let t = std::time::Instant::now();
-                    for _ in 0..reps {
-                        f();
-                    }
-                    best = best.min(t.elapsed().as_secs_f64() / reps as f64);
-                }
-                flops / best / 1e9
-            };
+            let time = |f: &mut dyn FnMut()| gflops(flops, 2e9, f);
             let ours =
                 time(&mut || gemm(&pa, &Dense::new(&b, k, n, n), as_uninit(&mut c), n, &bias, None, Fused::Relu));
             let mm = time(&mut || unsafe {
