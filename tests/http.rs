@@ -220,16 +220,19 @@ async fn body_over_limit_is_413() {
 
 /// The built-in model one image per batch, with no batching delay, so a
 /// backlog takes a predictable number of forward passes.
-fn single_image_batches(queue_capacity: usize) -> String {
+/// One builtin model under its own name: the metrics recorder is
+/// process-wide, so each test's model label keeps its counts apart from the
+/// tests running beside it.
+fn single_image_batches(model: &str, queue_capacity: usize) -> String {
     format!(
-        "[[models]]\nname = \"steel-surface\"\nsource = \"builtin:steel-surface\"\n\
+        "[server]\ndefault_model = \"{model}\"\n[[models]]\nname = \"{model}\"\nsource = \"builtin:steel-surface\"\n\
          max_batch_size = 1\nmax_queue_delay_ms = 0\nqueue_capacity = {queue_capacity}\n"
     )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_answers_429_at_once() {
-    let s = TestServer::ready(&single_image_batches(1)).await;
+    let s = TestServer::ready(&single_image_batches("queue-of-one", 1)).await;
     let img = neu_image("inclusion_1.jpg");
     let sends = (0..24).map(|_| {
         let (c, url, img) = (s.client.clone(), s.url("/v1/inspect"), img.clone());
@@ -268,19 +271,45 @@ fn spawn_backlog(s: &TestServer, n: usize, img: &[u8]) -> Vec<tokio::task::JoinH
         .collect()
 }
 
-async fn dropped(s: &TestServer, reason: &str) -> f64 {
+async fn dropped(s: &TestServer, model: &str, reason: &str) -> f64 {
+    metric_sum(s, "lineside_dropped_total", &[("model", model), ("reason", reason)]).await
+}
+
+/// Sum of the samples of one metric that carry all of `labels`.
+async fn metric_sum(s: &TestServer, name: &str, labels: &[(&str, &str)]) -> f64 {
     let text = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let label = format!("reason=\"{reason}\"");
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
     text.lines()
-        .filter(|l| l.starts_with("lineside_dropped_total") && l.contains(&label))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(|l| labels.iter().all(|label| l.contains(label.as_str())))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
 
+/// Sends a POST over a raw TCP connection and returns the connection unread.
+async fn post_and_hold(s: &TestServer, path: &str, body: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr = s.base.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!("POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {}\r\n\r\n", body.len());
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(body).await.unwrap();
+    conn
+}
+
+/// Polls one model's `name` metric until it reaches `at_least`, failing after 30 s.
+async fn wait_for_metric(s: &TestServer, name: &str, model: &str, at_least: f64, what: &str) {
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while metric_sum(s, name, &[("model", model)]).await < at_least {
+        assert!(std::time::Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_requests_are_dropped_before_compute() {
-    let s = TestServer::ready(&single_image_batches(64)).await;
-    let before = dropped(&s, "deadline").await;
+    let s = TestServer::ready(&single_image_batches("deadlines", 64)).await;
+    let before = dropped(&s, "deadlines", "deadline").await;
     let img = neu_image("patches_1.jpg");
 
     // A deadline that has passed by the time the request reaches the batcher.
@@ -306,7 +335,7 @@ async fn expired_requests_are_dropped_before_compute() {
     }
     // The batcher pops the expired request on its own thread, possibly after the backlog's last reply went out.
     let until = std::time::Instant::now() + Duration::from_secs(10);
-    while dropped(&s, "deadline").await < before + 2.0 {
+    while dropped(&s, "deadlines", "deadline").await < before + 2.0 {
         assert!(std::time::Instant::now() < until, "the batcher counted both drops");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -368,23 +397,29 @@ async fn models_and_metrics_endpoints() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_of_departed_clients_are_not_computed() {
-    let s = TestServer::ready(&single_image_batches(64)).await;
-    let before = dropped(&s, "client_gone").await;
+    let s = TestServer::ready(&single_image_batches("departures", 64)).await;
+    let before = dropped(&s, "departures", "client_gone").await;
+    let queued_before = metric_sum(&s, "lineside_queued_total", &[("model", "departures")]).await;
     let img = neu_image("pitted_surface_1.jpg");
-    let backlog = spawn_backlog(&s, 40, &img);
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    // Three clients that give up after 300 ms: time enough to be decoded and
-    // queued even on a busy machine, long before 40 single-image batches clear.
-    let leavers = (0..3)
-        .map(|_| s.client.post(s.url("/v1/inspect")).timeout(Duration::from_millis(300)).body(img.clone()).send());
-    for r in futures_util::future::join_all(leavers).await {
-        assert!(r.is_err(), "the client timed out");
+    // A queue of single-image batches, so the leavers below wait behind it.
+    let backlog = spawn_backlog(&s, 56, &img);
+    wait_for_metric(&s, "lineside_queue_depth", "departures", 8.0, "the backlog to queue").await;
+    // Raw sockets, so that leaving is one deterministic close of the
+    // connection, not whatever an HTTP client does with a dropped future.
+    let mut leavers = Vec::new();
+    for _ in 0..3 {
+        leavers.push(post_and_hold(&s, "/v1/inspect", &img).await);
     }
+    // Leave only once the leavers are queued (at the tail, behind the
+    // backlog): leaving earlier drops them before the batcher ever sees them.
+    // Waiting on evidence, not a timeout, keeps this independent of load.
+    wait_for_metric(&s, "lineside_queued_total", "departures", queued_before + 59.0, "the leavers to be queued").await;
+    drop(leavers);
     for b in backlog {
         assert_eq!(b.await.unwrap(), 200);
     }
     let until = std::time::Instant::now() + Duration::from_secs(5);
-    while dropped(&s, "client_gone").await < before + 3.0 {
+    while dropped(&s, "departures", "client_gone").await < before + 3.0 {
         assert!(std::time::Instant::now() < until, "batcher skipped the departed clients' requests");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

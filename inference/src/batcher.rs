@@ -174,6 +174,7 @@ impl<O: Send + 'static> Batcher<O> {
         let job = Job { input, enqueued_at: Instant::now(), deadline, reply };
         match self.tx.try_send(job) {
             Ok(()) => {
+                metrics::counter!("lineside_queued_total", "model" => self.shared.name.clone()).increment(1);
                 self.shared.set_depth(self.tx.len());
                 Ok(rx)
             }
