@@ -27,6 +27,8 @@ mod inverted_residual;
 mod max_pool;
 #[cfg(target_arch = "x86_64")]
 pub mod nhwc_conv;
+#[cfg(target_arch = "x86_64")]
+pub mod nhwc_depthwise;
 pub mod sgemm;
 pub use depthwise::DepthwiseConv;
 use gemm_conv::ConvAddAct;
@@ -269,6 +271,11 @@ impl ConvBnAct {
         self.weight.dims()[0]
     }
 
+    /// The layer's own activation.
+    pub fn activation(&self) -> Activation {
+        self.act
+    }
+
     /// Runs the layer on an `[N, C, H, W]` batch.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
@@ -321,6 +328,26 @@ impl ConvBnAct {
         let weight = self.weight.flatten_all()?.to_vec1::<f32>()?;
         let (_, cin, _, _) = self.weight.dims4()?;
         Ok(nhwc_conv::NhwcConv::new(&weight, &self.bias_act.bias, cin, self.kernel, self.stride, self.pad, act.fused()))
+    }
+
+    /// The same depthwise layer on channels-last maps, with its own
+    /// activation. `None` where the CPU lacks the kernel, the layer is not
+    /// depthwise, its kernel is not 3×3 or 5×5, or its activation is not one
+    /// the kernel fuses.
+    #[cfg(target_arch = "x86_64")]
+    pub fn channels_last_depthwise(&self) -> Result<Option<nhwc_depthwise::NhwcDepthwise>> {
+        if !matches!(self.kind, ConvKind::Depthwise(_)) || self.act == Activation::Silu {
+            return Ok(None);
+        }
+        let weight = self.weight.flatten_all()?.to_vec1::<f32>()?;
+        Ok(nhwc_depthwise::NhwcDepthwise::new(
+            &weight,
+            &self.bias_act.bias,
+            self.kernel,
+            self.stride,
+            self.pad,
+            self.act.fused(),
+        ))
     }
 
     /// Frees the NCHW GEMM's packed weights of a layer whose network runs

@@ -6,7 +6,7 @@
 //! does, so adding a family member is adding its arch table. Tensor names
 //! follow timm (`conv_stem`, `blocks.{stage}.{block}.conv_pw`, ...).
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::models::{FeatureInfo, ImageModel};
 use crate::ops::{self, Activation, ConvBnAct, PadMode};
@@ -206,6 +206,15 @@ enum Block {
 }
 
 impl Block {
+    fn convs_mut(&mut self) -> Vec<&mut ConvBnAct> {
+        match self {
+            Block::DepthwiseSeparable { dw, pw, .. } => vec![dw, pw],
+            Block::InvertedResidual { pw, dw, pwl, .. } => vec![pw, dw, pwl],
+            Block::Conv { conv, .. } => vec![conv],
+            Block::EdgeResidual { exp, pwl, .. } => vec![exp, pwl],
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // Without squeeze-excite, large maps run as one fused op.
         let fused = match self {
@@ -261,6 +270,10 @@ pub struct EfficientNet {
     /// Indices of the stages whose output timm's `features_only` returns.
     feature_stages: Vec<usize>,
     feature_info: Vec<FeatureInfo>,
+    /// The same network channels-last, where every layer has a kernel for
+    /// it (AVX-512F; no squeeze-excite, no SiLU): f32 on CPU runs this.
+    #[cfg(target_arch = "x86_64")]
+    channels_last: Option<channels_last::Network>,
 }
 
 impl EfficientNet {
@@ -363,7 +376,41 @@ impl EfficientNet {
                 reduction: stage_strides[i],
             })
             .collect();
-        Ok(Self { stem, stages, head, classifier_w, classifier_b, feature_stages, feature_info })
+        #[cfg(target_arch = "x86_64")]
+        let channels_last = channels_last::Network::new(&stem, &stages, &head)?;
+        #[cfg(target_arch = "x86_64")]
+        let (mut stem, mut stages, mut head) = (stem, stages, head);
+        #[cfg(target_arch = "x86_64")]
+        if channels_last.is_some() {
+            // On CPU the NCHW kernels would now serve only non-f32 input,
+            // which candle's own convolution handles as well.
+            let blocks = stages.iter_mut().flatten().flat_map(Block::convs_mut);
+            for conv in [&mut stem, &mut head].into_iter().chain(blocks) {
+                conv.drop_cpu_kernel();
+            }
+        }
+        Ok(Self {
+            stem,
+            stages,
+            head,
+            classifier_w,
+            classifier_b,
+            feature_stages,
+            feature_info,
+            #[cfg(target_arch = "x86_64")]
+            channels_last,
+        })
+    }
+
+    /// The channels-last network, where it serves `x`.
+    #[cfg(target_arch = "x86_64")]
+    fn channels_last_for(&self, x: &Tensor) -> Option<&channels_last::Network> {
+        self.channels_last.as_ref().filter(|_| x.device().is_cpu() && x.dtype() == DType::F32)
+    }
+
+    /// Logits from the pooled features `[N, C]`.
+    fn classify(&self, pooled: &Tensor) -> Result<Tensor> {
+        Ok(pooled.matmul(&self.classifier_w)?.broadcast_add(&self.classifier_b)?)
     }
 }
 
@@ -377,6 +424,11 @@ fn check_channels(layer: &ConvBnAct, want: usize, name: &str) -> Result<()> {
 impl ImageModel for EfficientNet {
     fn forward_maps(&self, x: &Tensor, last: Option<usize>, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
         let last = if logits { usize::MAX } else { last.unwrap_or(usize::MAX) };
+        #[cfg(target_arch = "x86_64")]
+        if let Some(net) = self.channels_last_for(x) {
+            let (features, pooled) = net.run(x, &self.feature_stages, Some(last), logits)?;
+            return Ok((features, pooled.map(|p| self.classify(&p)).transpose()?));
+        }
         let mut x = self.stem.forward(x)?;
         let mut features = Vec::with_capacity(self.feature_stages.len());
         for (i, stage) in self.stages.iter().enumerate() {
@@ -394,8 +446,18 @@ impl ImageModel for EfficientNet {
             return Ok((features, None));
         }
         let pooled = self.head.forward(&x)?.mean((2, 3))?;
-        let out = pooled.matmul(&self.classifier_w)?.broadcast_add(&self.classifier_b)?;
-        Ok((features, Some(out)))
+        Ok((features, Some(self.classify(&pooled)?)))
+    }
+
+    /// Logits only: on the channels-last path no feature map is turned back
+    /// into NCHW.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(net) = self.channels_last_for(x) {
+            let (_, pooled) = net.run(x, &self.feature_stages, None, true)?;
+            return self.classify(&pooled.expect("asked for the pooled features"));
+        }
+        Ok(self.forward_maps(x, None, true)?.1.expect("forward_maps returns logits when asked"))
     }
 
     fn feature_info(&self) -> &[FeatureInfo] {
@@ -407,9 +469,161 @@ impl ImageModel for EfficientNet {
     }
 }
 
+/// MobileNetV2 and EfficientNet-Lite on the channels-last kernels
+/// ([`crate::ops::nhwc_conv`], [`crate::ops::nhwc_depthwise`]): the input is
+/// transposed once, every layer reads and writes NHWC, the 1×1 convolutions
+/// read their input in place (no packing per call) and the depthwise ones
+/// need no padded copy. Feature maps go back to NCHW only when asked for.
+#[cfg(target_arch = "x86_64")]
+mod channels_last {
+    use candle_core::Tensor;
+
+    use super::Block;
+    use crate::Result;
+    use crate::ops::ConvBnAct;
+    use crate::ops::nhwc_conv::{Nhwc, NhwcConv};
+    use crate::ops::nhwc_depthwise::NhwcDepthwise;
+
+    /// `[expand →] depthwise → project [+ input]`.
+    struct ClBlock {
+        expand: Option<NhwcConv>,
+        dw: NhwcDepthwise,
+        project: NhwcConv,
+        skip: bool,
+    }
+
+    impl ClBlock {
+        /// `None` for a block kind or layer without a channels-last kernel.
+        fn new(b: &Block) -> Result<Option<Self>> {
+            let (expand, dw, project, skip) = match b {
+                Block::DepthwiseSeparable { dw, se: None, pw, skip } => (None, dw, pw, *skip),
+                Block::InvertedResidual { pw, dw, se: None, pwl, skip } => (Some(pw), dw, pwl, *skip),
+                _ => return Ok(None),
+            };
+            let expand = match expand {
+                Some(conv) => match pointwise(conv)? {
+                    Some(e) => Some(e),
+                    None => return Ok(None),
+                },
+                None => None,
+            };
+            let (Some(dw), Some(project)) = (dw.channels_last_depthwise()?, pointwise(project)?) else {
+                return Ok(None);
+            };
+            Ok(Some(Self { expand, dw, project, skip }))
+        }
+
+        fn forward(&self, x: &Nhwc) -> Nhwc {
+            let y = match &self.expand {
+                Some(e) => self.dw.forward(&e.forward(x, None)),
+                None => self.dw.forward(x),
+            };
+            self.project.forward(&y, self.skip.then_some(x))
+        }
+    }
+
+    /// A groups=1 layer with its own activation, channels-last.
+    fn pointwise(conv: &ConvBnAct) -> Result<Option<NhwcConv>> {
+        conv.channels_last(conv.activation())
+    }
+
+    /// The whole network but its classifier, channels-last.
+    pub struct Network {
+        stem: NhwcConv,
+        stages: Vec<Vec<ClBlock>>,
+        head: NhwcConv,
+    }
+
+    impl Network {
+        /// `None` where a layer has no channels-last kernel.
+        pub fn new(stem: &ConvBnAct, stages: &[Vec<Block>], head: &ConvBnAct) -> Result<Option<Self>> {
+            let (Some(stem), Some(head)) = (pointwise(stem)?, pointwise(head)?) else { return Ok(None) };
+            let stages = stages.iter().map(|s| s.iter().map(ClBlock::new).collect::<Result<Option<Vec<_>>>>());
+            let Some(stages) = stages.collect::<Result<Option<Vec<_>>>>()? else { return Ok(None) };
+            Ok(Some(Self { stem, stages, head }))
+        }
+
+        /// The maps of `feature_stages` (NCHW, up to the `last`-th; none
+        /// when `last` is `None`) and, with `pooled`, the head's globally
+        /// pooled output `[N, C]`.
+        pub fn run(
+            &self,
+            x: &Tensor,
+            feature_stages: &[usize],
+            last: Option<usize>,
+            pooled: bool,
+        ) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+            let (n, c, h, w) = x.dims4()?;
+            let dev = x.device();
+            let mut x = self.stem.forward(&Nhwc::from_nchw(&x.flatten_all()?.to_vec1::<f32>()?, n, c, h, w), None);
+            let mut features = Vec::new();
+            for (i, stage) in self.stages.iter().enumerate() {
+                if !pooled && last.is_none_or(|l| features.len() > l) {
+                    break;
+                }
+                for b in stage {
+                    x = b.forward(&x);
+                }
+                if feature_stages.contains(&i) && last.is_some_and(|l| features.len() <= l) {
+                    features.push(Tensor::from_vec(x.to_nchw(), (x.n, x.c, x.h, x.w), dev)?);
+                }
+            }
+            if !pooled {
+                return Ok((features, None));
+            }
+            let head = self.head.forward(&x, None);
+            Ok((features, Some(Tensor::from_vec(head.mean(), (head.n, head.c), dev)?)))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn max_err(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// The channels-last path gives the NCHW path's feature maps and logits
+    /// (candle's convolutions, once the NCHW kernels are dropped), on odd
+    /// map sizes: MobileNetV2 (3×3, PyTorch padding) and
+    /// tf_efficientnet_lite0 (5×5, TF "SAME" padding). `forward` gives the
+    /// same logits without the maps.
+    #[test]
+    fn channels_last_matches_nchw() {
+        use candle_core::Device;
+        for (arch, dir) in [
+            ("mobilenetv2_100", "mobilenetv2_100.imagenet"),
+            ("tf_efficientnet_lite0", "tf_efficientnet_lite0.imagenet"),
+        ] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("../../shared/models/{dir}/model.safetensors"));
+            if !path.exists() || !crate::ops::sgemm::available() {
+                eprintln!("no ../shared/models or no AVX-512F: skipped");
+                return;
+            }
+            let w = Weights::from_buffer(arch, &std::fs::read(&path).unwrap(), &Device::Cpu).unwrap();
+            let fast = EfficientNet::load(arch, &w).unwrap();
+            let mut slow = EfficientNet::load(arch, &w).unwrap();
+            assert!(fast.channels_last.is_some(), "{arch}");
+            slow.channels_last = None;
+            let x = Tensor::randn(0f32, 1.0, (2, 3, 83, 71), &Device::Cpu).unwrap();
+            let (fm, fl) = fast.forward_all(&x, true).unwrap();
+            let (sm, sl) = slow.forward_all(&x, true).unwrap();
+            assert_eq!(fm.len(), sm.len());
+            for (i, (a, b)) in fm.iter().zip(&sm).enumerate() {
+                assert_eq!(a.dims(), b.dims(), "{arch} map {i}");
+                assert!(max_err(a, b) < 1e-3, "{arch} map {i}: max err {}", max_err(a, b));
+            }
+            let (fl, sl) = (fl.unwrap(), sl.unwrap());
+            assert!(max_err(&fl, &sl) < 1e-3, "{arch} logits: max err {}", max_err(&fl, &sl));
+            assert!(max_err(&fast.forward(&x).unwrap(), &sl) < 1e-3);
+            let until = fast.forward_features_until(&x, 1).unwrap();
+            assert_eq!(until.len(), 2);
+            assert!(max_err(&until[1], &sm[1]) < 1e-3);
+        }
+    }
 
     #[test]
     fn decodes_timm_block_strings() {

@@ -4,8 +4,10 @@
 //! pixel reads `cin` consecutive floats of the input. The microkernel
 //! broadcasts those floats straight from the input through one pointer per
 //! pixel and tap (XNNPACK's indirection buffer, built per block of pixels
-//! here), against the weights packed once at load time in `NR`-channel
-//! slivers. Nothing is copied per call: no im2col, no packing of the
+//! here), against the weights packed once at load time in slivers of 16
+//! to 64 output channels (as wide as fits the layer's channel count
+//! without waste: MobileNetV2's 24-channel projections would use 24 of 64
+//! lanes). Nothing is copied per call: no im2col, no packing of the
 //! activation, which on ResNet's 3×3 layers cost as much memory traffic as
 //! the GEMM's arithmetic in the NCHW path ([`super::GemmConv`]). Padding taps
 //! point at a zeroed row. The output is NHWC again, so a chain of these
@@ -26,8 +28,10 @@ use rayon::prelude::*;
 use super::sgemm::{self, Fused};
 use super::{PadMode, Padding, out_size};
 
-/// Output channels per microkernel call: four 16-lane registers.
+/// Most output channels per microkernel call: four 16-lane registers.
 const NR: usize = 64;
+/// Lanes of one register.
+const LANES: usize = 16;
 /// Pixels per microkernel call: 6 × 4 accumulators leave registers for the
 /// four weight vectors and a broadcast.
 const MR: usize = 6;
@@ -161,11 +165,19 @@ impl Nhwc {
     }
 }
 
+/// Registers per sliver for `cout` channels: the fewest padding lanes in
+/// the last sliver, and of equals the widest (more FMAs per broadcast).
+fn sliver_vectors(cout: usize) -> usize {
+    (1..=NR / LANES).rev().min_by_key(|&v| cout.next_multiple_of(v * LANES) - cout).expect("a non-empty range")
+}
+
 /// A groups=1 convolution with folded BatchNorm, on NHWC maps.
 #[derive(Debug, Clone)]
 pub struct NhwcConv {
-    /// `[sliver][k][NR]` with k ordered (ky, kx, ci), zero-padded past `cout`.
+    /// `[sliver][k][nr]` with k ordered (ky, kx, ci), zero-padded past `cout`.
     filters: Vec<f32>,
+    /// Registers per sliver (1–4): `nr = 16 · vectors` channels.
+    vectors: usize,
     /// Zero-padded to whole slivers.
     bias: Vec<f32>,
     cin: usize,
@@ -249,27 +261,34 @@ impl NhwcConv {
         let cout = bias.len();
         assert_eq!(weight.len(), cout * cin * kernel * kernel);
         let k = cin * kernel * kernel;
-        let slivers = cout.div_ceil(NR);
-        let mut filters = vec![0f32; slivers * k * NR];
+        let vectors = sliver_vectors(cout);
+        let nr = vectors * LANES;
+        let slivers = cout.div_ceil(nr);
+        let mut filters = vec![0f32; slivers * k * nr];
         for o in 0..cout {
-            let (s, lane) = (o / NR, o % NR);
+            let (s, lane) = (o / nr, o % nr);
             for ci in 0..cin {
                 for ky in 0..kernel {
                     for kx in 0..kernel {
                         let kk = (ky * kernel + kx) * cin + ci;
-                        filters[(s * k + kk) * NR + lane] = weight[((o * cin + ci) * kernel + ky) * kernel + kx];
+                        filters[(s * k + kk) * nr + lane] = weight[((o * cin + ci) * kernel + ky) * kernel + kx];
                     }
                 }
             }
         }
         let mut padded_bias = bias.to_vec();
-        padded_bias.resize(slivers * NR, 0.0);
-        Some(Self { filters, bias: padded_bias, cin, cout, kernel, stride, pad, act })
+        padded_bias.resize(slivers * nr, 0.0);
+        Some(Self { filters, vectors, bias: padded_bias, cin, cout, kernel, stride, pad, act })
     }
 
     /// Output channels.
     pub fn out_channels(&self) -> usize {
         self.cout
+    }
+
+    /// Output channels per sliver.
+    fn nr(&self) -> usize {
+        self.vectors * LANES
     }
 
     fn segments(&self) -> Segments {
@@ -314,7 +333,7 @@ impl NhwcConv {
         };
         let pixels = out.pixels();
         let blocks = pixels.div_ceil(PB);
-        let slivers = self.cout.div_ceil(NR);
+        let slivers = self.cout.div_ceil(self.nr());
         // Enough tasks for every thread; split the channels where the
         // pixels alone give too few (small maps at batch 1).
         let threads = rayon::current_num_threads();
@@ -405,21 +424,21 @@ impl Job<'_> {
         let nseg = g.segs.count;
         let tiles = px.len().div_ceil(MR);
         let ptrs = g.indirection(px.clone());
-        let (k, cout) = (g.segs.k(), self.conv.cout);
+        let (k, cout, nr) = (g.segs.k(), self.conv.cout, self.conv.nr());
         for sliver in slivers {
-            let filters = &self.conv.filters[sliver * k * NR..][..k * NR];
-            let lanes = (cout - sliver * NR).min(NR);
+            let filters = &self.conv.filters[sliver * k * nr..][..k * nr];
+            let lanes = (cout - sliver * nr).min(nr);
             for (ci, chunk) in self.chunks.iter().enumerate() {
                 let k0 = chunk.segs.start * g.segs.len + chunk.cols.start;
                 let kc = chunk.segs.len() * chunk.cols.len();
-                let b = &filters[k0 * NR..][..kc * NR];
+                let b = &filters[k0 * nr..][..kc * nr];
                 let first = ci == 0;
                 let last = ci + 1 == self.chunks.len();
                 for t in 0..tiles {
                     let p0 = px.start + t * MR;
                     let rows = MR.min(px.end - p0);
                     let tile = &ptrs[(t * nseg + chunk.segs.start) * MR..][..chunk.segs.len() * MR];
-                    let at = p0 * cout + sliver * NR;
+                    let at = p0 * cout + sliver * nr;
                     let step = Step {
                         a: tile,
                         col0: chunk.cols.start,
@@ -429,7 +448,7 @@ impl Job<'_> {
                         c: unsafe { self.out.0.add(at) },
                         ldc: cout,
                         lanes,
-                        bias: first.then(|| &self.conv.bias[sliver * NR..][..NR]),
+                        bias: first.then(|| &self.conv.bias[sliver * nr..][..nr]),
                         // SAFETY: the residual has the output's shape.
                         res: if last {
                             self.res.map_or(std::ptr::null(), |r| unsafe { r.0.add(at) })
@@ -442,16 +461,7 @@ impl Job<'_> {
                     // each have `col0 + len` readable floats (a segment of the
                     // input or `zeros`); C and the residual hold `rows` pixels
                     // of `ldc` channels from `at`, written by this task only.
-                    unsafe {
-                        match rows {
-                            6 => avx512::kernel::<6>(&step),
-                            5 => avx512::kernel::<5>(&step),
-                            4 => avx512::kernel::<4>(&step),
-                            3 => avx512::kernel::<3>(&step),
-                            2 => avx512::kernel::<2>(&step),
-                            _ => avx512::kernel::<1>(&step),
-                        }
-                    }
+                    unsafe { avx512::dispatch(rows, self.conv.vectors, &step) }
                 }
             }
         }
@@ -464,7 +474,7 @@ struct Step<'a> {
     a: &'a [*const f32],
     col0: usize,
     len: usize,
-    /// `[k][NR]` weights of this chunk.
+    /// `[k][nr]` weights of this chunk.
     b: &'a [f32],
     c: *mut f32,
     ldc: usize,
@@ -479,9 +489,38 @@ struct Step<'a> {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Fused, MR, NR, Step};
+    use super::{Fused, LANES, MR, Step};
 
-    fn masks(lanes: usize) -> [__mmask16; 4] {
+    /// The kernel for `rows` pixels and slivers of `vectors` registers.
+    ///
+    /// # Safety
+    /// As for [`kernel`].
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dispatch(rows: usize, vectors: usize, s: &Step) {
+        macro_rules! by_rows {
+            ($v:literal) => {
+                // SAFETY: forwarded.
+                unsafe {
+                    match rows {
+                        6 => kernel::<6, $v>(s),
+                        5 => kernel::<5, $v>(s),
+                        4 => kernel::<4, $v>(s),
+                        3 => kernel::<3, $v>(s),
+                        2 => kernel::<2, $v>(s),
+                        _ => kernel::<1, $v>(s),
+                    }
+                }
+            };
+        }
+        match vectors {
+            4 => by_rows!(4),
+            3 => by_rows!(3),
+            2 => by_rows!(2),
+            _ => by_rows!(1),
+        }
+    }
+
+    fn masks<const V: usize>(lanes: usize) -> [__mmask16; V] {
         std::array::from_fn(|v| {
             let n = lanes.saturating_sub(v * 16).min(16);
             if n == 16 { 0xffff } else { ((1u32 << n) - 1) as u16 }
@@ -491,11 +530,11 @@ mod avx512 {
     /// # Safety
     /// AVX-512F; see [`super::Job::run`] for the pointers.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn kernel<const R: usize>(s: &Step) {
-        let m = masks(s.lanes);
+    pub unsafe fn kernel<const R: usize, const V: usize>(s: &Step) {
+        let m = masks::<V>(s.lanes);
         // SAFETY: forwarded from the caller.
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); 4]; R];
+            let mut acc = [[_mm512_setzero_ps(); V]; R];
             for (r, acc) in acc.iter_mut().enumerate() {
                 *acc = match s.bias {
                     Some(b) => std::array::from_fn(|v| _mm512_loadu_ps(b.as_ptr().add(v * 16))),
@@ -511,21 +550,21 @@ mod avx512 {
             for seg in s.a.chunks_exact(MR) {
                 let a: [*const f32; R] = std::array::from_fn(|r| seg[r].add(s.col0));
                 for j in 0..s.len {
-                    let b: [__m512; 4] = std::array::from_fn(|v| _mm512_loadu_ps(bp.add(v * 16)));
+                    let b: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(bp.add(v * 16)));
                     for (r, acc) in acc.iter_mut().enumerate() {
                         let av = _mm512_set1_ps(*a[r].add(j));
-                        for v in 0..4 {
+                        for v in 0..V {
                             acc[v] = _mm512_fmadd_ps(av, b[v], acc[v]);
                         }
                     }
-                    bp = bp.add(NR);
+                    bp = bp.add(V * LANES);
                 }
             }
             let zero = _mm512_setzero_ps();
             let six = _mm512_set1_ps(6.0);
             for (r, acc) in acc.iter().enumerate() {
                 let c = s.c.add(r * s.ldc);
-                for v in 0..4 {
+                for v in 0..V {
                     let mut x = acc[v];
                     if !s.res.is_null() {
                         x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m[v], s.res.add(r * s.ldc).wrapping_add(v * 16)));
@@ -549,6 +588,13 @@ mod tests {
     use super::*;
     use crate::ops::test_util::{gflops, values};
 
+    /// Slivers as wide as fit without waste.
+    #[test]
+    fn sliver_widths() {
+        let widths: Vec<usize> = [16, 24, 32, 64, 96, 144, 160, 320, 1280, 70].map(sliver_vectors).to_vec();
+        assert_eq!(widths, [1, 2, 2, 4, 3, 3, 2, 4, 4, 1]);
+    }
+
     /// Against candle's convolution: merged and per-tap segments, strides 1
     /// and 2, 1×1, channel counts off the 64-lane sliver and k off the
     /// block size, TF padding, with and without a residual.
@@ -569,6 +615,9 @@ mod tests {
             (1, 300, 20, 1, 1, 5, 6, PadMode::Symmetric(0), true),
             (2, 8, 24, 3, 2, 16, 15, PadMode::TfSame, false),
             (1, 3, 32, 3, 2, 17, 17, PadMode::Symmetric(1), true),
+            (2, 32, 16, 1, 1, 9, 8, PadMode::Symmetric(0), true),
+            (1, 96, 24, 1, 1, 7, 9, PadMode::Symmetric(0), true),
+            (1, 16, 144, 1, 1, 6, 5, PadMode::Symmetric(0), false),
         ] {
             let case = format!("n{n} {cin}->{cout} k{k} s{s} {h}x{w} {pad:?} res {res}");
             let x = values(n * cin * h * w, 1);
