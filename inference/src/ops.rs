@@ -7,23 +7,19 @@
 //!   would split them into one convolution per channel;
 //! - every other groups=1 convolution is a GEMM writing straight into the
 //!   NCHW output, bias fused ([`GemmConv`]); 1×1 ones need no im2col copy;
-//! - an inverted-residual block with large maps runs whole, in bands of
-//!   rows that stay in cache ([`inverted_residual`]);
 //! - elsewhere, bias and activation are applied in one pass ([`BiasAct`]).
 //!
 //! On other devices the same layer falls back to candle's own ops.
 
 use std::mem::MaybeUninit;
 
-use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor};
+use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
 use rayon::prelude::*;
 
 use crate::Result;
 
 mod depthwise;
 mod gemm_conv;
-#[cfg(target_arch = "x86_64")]
-mod inverted_residual;
 mod max_pool;
 #[cfg(target_arch = "x86_64")]
 pub mod nhwc_conv;
@@ -359,13 +355,6 @@ impl ConvBnAct {
         }
     }
 
-    fn gemm(&self) -> Option<&GemmConv> {
-        match &self.kind {
-            ConvKind::Gemm(op) => Some(op),
-            _ => None,
-        }
-    }
-
     fn add_bias_act(&self, y: &Tensor, cpu: bool) -> Result<Tensor> {
         if cpu {
             let y = y.contiguous()?;
@@ -377,36 +366,6 @@ impl ConvBnAct {
             self.act.apply(&y.broadcast_add(&self.bias.reshape(shape)?)?)
         }
     }
-}
-
-/// `project(dw(expand(x)))`, plus `x` with `skip`: a MobileNetV2 or
-/// EfficientNet-Lite block (without squeeze-excite) run whole, band by band,
-/// on CPUs with AVX-512F. `None` where it cannot run so (another device, a
-/// layer off the fused kernels) or would not gain (small maps): the caller
-/// then runs the layers one by one, with the same result.
-pub fn inverted_residual(
-    x: &Tensor,
-    expand: Option<&ConvBnAct>,
-    dw: &ConvBnAct,
-    project: &ConvBnAct,
-    skip: bool,
-) -> Result<Option<Tensor>> {
-    let ConvKind::Depthwise(depthwise) = &dw.kind else { return Ok(None) };
-    let expand = match expand.map(ConvBnAct::gemm) {
-        Some(None) => return Ok(None),
-        e => e.flatten(),
-    };
-    let (Some(project), true) = (project.gemm(), x.device().is_cpu() && x.dtype() == DType::F32) else {
-        return Ok(None);
-    };
-    let (_, _, h, w) = x.dims4()?;
-    #[cfg(target_arch = "x86_64")]
-    if let Some(op) = inverted_residual::InvertedResidual::new(expand, depthwise, project, skip, (h, w)) {
-        return Ok(Some(x.contiguous()?.apply_op1_no_bwd(&op)?));
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (expand, depthwise, project, skip, h, w);
-    Ok(None)
 }
 
 /// Helpers shared by the kernels' tests.
@@ -548,43 +507,6 @@ mod tests {
                 let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(err < 1e-4, "forward_residual n{n} k{k} s{s} {h}x{w} {act:?}: max err {err}");
             }
-        }
-    }
-
-    /// The fused block equals its layers run one by one: with and without
-    /// expansion and skip, at both strides, k3 and k5, symmetric and TF
-    /// padding, on maps whose bands do not divide them evenly.
-    #[test]
-    fn fused_inverted_residual_matches_its_layers() {
-        let dev = Device::Cpu;
-        let conv = |cout: usize, cin: usize, k: usize, s: usize, groups: usize, pad: PadMode, act: Activation| {
-            let wt = Tensor::randn(0f32, 0.3, (cout, cin / groups, k, k), &dev).unwrap();
-            let b = Tensor::randn(0f32, 0.3, cout, &dev).unwrap();
-            ConvBnAct::new(wt, b, s, groups, pad, act).unwrap()
-        };
-        // (n, cin, expanded, cout, k, s, h, w, pad, expand, skip)
-        for &(n, cin, e, cout, k, s, h, w, pad, expand, skip) in &[
-            (2, 16, 72, 16, 3, 1, 67, 61, PadMode::Symmetric(1), true, true),
-            (1, 12, 96, 20, 3, 2, 75, 70, PadMode::Symmetric(1), true, false),
-            (1, 10, 64, 24, 5, 2, 70, 64, PadMode::TfSame, true, false),
-            (2, 8, 40, 16, 3, 2, 84, 84, PadMode::TfSame, true, false),
-            (1, 8, 48, 8, 5, 1, 73, 77, PadMode::TfSame, true, true),
-            (2, 64, 64, 16, 3, 1, 66, 65, PadMode::Symmetric(1), false, false),
-        ] {
-            let x = Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev).unwrap();
-            let pw = expand.then(|| conv(e, cin, 1, 1, 1, PadMode::Symmetric(0), Activation::Relu6));
-            let dw = conv(e, e, k, s, e, pad, Activation::Relu6);
-            let pwl = conv(cout, e, 1, 1, 1, PadMode::Symmetric(0), Activation::Identity);
-            let inner = dw.forward(&pw.as_ref().map_or(Ok(x.clone()), |pw| pw.forward(&x)).unwrap()).unwrap();
-            let want = if skip { pwl.forward_residual(&inner, &x, Activation::Identity) } else { pwl.forward(&inner) };
-            let got = inverted_residual(&x, pw.as_ref(), &dw, &pwl, skip).unwrap();
-            let case = format!("n{n} {cin}->{e}->{cout} k{k} s{s} {h}x{w} {pad:?} skip {skip}");
-            let Some(got) = got else {
-                assert!(!sgemm::available(), "{case}: the fused block did not run on an AVX-512 CPU");
-                continue;
-            };
-            let err = (got - want.unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(err < 1e-4, "{case}: max err {err}");
         }
     }
 

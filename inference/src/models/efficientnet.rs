@@ -9,7 +9,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::models::{FeatureInfo, ImageModel};
-use crate::ops::{self, Activation, ConvBnAct, PadMode};
+use crate::ops::{Activation, ConvBnAct, PadMode};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -216,17 +216,6 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // Without squeeze-excite, large maps run as one fused op.
-        let fused = match self {
-            Block::DepthwiseSeparable { dw, se: None, pw, skip } => ops::inverted_residual(x, None, dw, pw, *skip)?,
-            Block::InvertedResidual { pw, dw, se: None, pwl, skip } => {
-                ops::inverted_residual(x, Some(pw), dw, pwl, *skip)?
-            }
-            _ => None,
-        };
-        if let Some(y) = fused {
-            return Ok(y);
-        }
         // Each block ends in one convolution (`last`) applied to `inner`.
         let (inner, last, skip) = match self {
             Block::DepthwiseSeparable { dw, se, pw, skip } => {
@@ -458,6 +447,15 @@ impl ImageModel for EfficientNet {
             return self.classify(&pooled.expect("asked for the pooled features"));
         }
         Ok(self.forward_maps(x, None, true)?.1.expect("forward_maps returns logits when asked"))
+    }
+
+    /// One image per step on the channels-last path (see `micro_batch`).
+    fn cpu_micro_batch(&self) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if self.channels_last.is_some() {
+            return 1;
+        }
+        super::CPU_MICRO_BATCH
     }
 
     fn feature_info(&self) -> &[FeatureInfo] {

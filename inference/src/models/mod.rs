@@ -52,6 +52,12 @@ pub trait ImageModel: Send + Sync {
         Ok(logits.expect("forward_all returns logits when asked"))
     }
 
+    /// Images per step when a CPU batch runs in micro-batches
+    /// ([`MicroBatched`]).
+    fn cpu_micro_batch(&self) -> usize {
+        CPU_MICRO_BATCH
+    }
+
     /// Feature maps only; skips the head.
     fn forward_features(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         Ok(self.forward_all(x, false)?.0)
@@ -136,8 +142,7 @@ impl LoadedModel {
             });
         };
         // Big CPU batches run in steps that keep the working set small.
-        let network: Box<dyn ImageModel> =
-            if device.is_cpu() { Box::new(MicroBatched::new(network, CPU_MICRO_BATCH)) } else { network };
+        let network: Box<dyn ImageModel> = if device.is_cpu() { Box::new(MicroBatched::new(network)) } else { network };
         if network.num_classes() != config.num_classes {
             return Err(Error::config(
                 "num_classes",

@@ -265,6 +265,15 @@ impl ImageModel for ResNet {
         Ok(self.run(x, None, true)?.1.expect("run returns logits when asked"))
     }
 
+    /// One image per step on the channels-last path (see `micro_batch`).
+    fn cpu_micro_batch(&self) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if self.channels_last.is_some() {
+            return 1;
+        }
+        super::CPU_MICRO_BATCH
+    }
+
     fn feature_info(&self) -> &[FeatureInfo] {
         &self.feature_info
     }

@@ -13,8 +13,6 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use super::assume_init;
 use super::{Activation, PadMode, Padding, Uninit, contiguous_f32, finish, out_size, sgemm, uninit_output, zeroed};
-#[cfg(target_arch = "x86_64")]
-pub(super) use avx512::Phases;
 
 /// Input height and width, output width and padding of one depthwise plane.
 #[derive(Clone, Copy)]
@@ -124,26 +122,6 @@ impl DepthwiseConv {
         self.finish_simd(out);
     }
 
-    /// Channel `ch`'s output plane from its input already in the phase
-    /// layout ([`Self::phases`]), as a fused block's expansion writes it.
-    ///
-    /// # Panics
-    /// Where the AVX-512 kernel does not run (`simd` is false), or where
-    /// `phases` is shorter than the layout's [`avx512::Phases::len`].
-    pub(super) fn plane_from_phases(&self, ch: usize, phases: &[f32], g: Geometry, out: &mut Uninit) {
-        assert!(self.simd, "the phase layout is the AVX-512 kernel's");
-        let p = self.simd_plane(ch, g);
-        assert!(phases.len() >= p.phases().len(), "the phases are too short");
-        // SAFETY: as in `plane_simd`; `phases` is long enough.
-        unsafe { avx512::plane(&p, phases, out) };
-        self.finish_simd(out);
-    }
-
-    /// The layout [`Self::plane_from_phases`] reads for a plane of `g`.
-    pub(super) fn phases(&self, g: Geometry) -> avx512::Phases {
-        avx512::Phases::new(g, self.stride, self.kernel)
-    }
-
     fn finish_simd(&self, out: &mut Uninit) {
         if self.act == Activation::Silu {
             // SAFETY: the plane kernel wrote every element.
@@ -153,12 +131,6 @@ impl DepthwiseConv {
 }
 
 impl DepthwiseConv {
-    /// Channels (one filter each).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    pub(super) fn channels(&self) -> usize {
-        self.bias.len()
-    }
-
     /// Channel `ch`'s output plane from its input plane `x`, on the AVX-512
     /// kernel where it runs; `scratch` is reused between calls.
     pub(super) fn plane_into(&self, ch: usize, x: &[f32], g: Geometry, scratch: &mut Vec<f32>, out: &mut Uninit) {
@@ -303,29 +275,8 @@ mod avx512 {
             (r * self.stride + qy).checked_sub(self.pad.top).filter(|&y| y < self.h)
         }
 
-        /// Zeroes the padding in a body whose every other position is
-        /// already written (a GEMM that computed `act(bias)` there).
-        pub fn zero_padding(&self, body: &mut [f32]) {
-            let (s, size) = (self.stride, self.rows * self.pitch);
-            for (phase, body) in body[..self.body()].chunks_mut(size).enumerate() {
-                let (qy, qx) = (phase / s, phase % s);
-                // Columns `cx` with `left <= cx·s + qx < left + w` hold the plane.
-                let lo = self.pad.left.saturating_sub(qx).div_ceil(s).min(self.pitch);
-                let hi = (self.pad.left + self.w).saturating_sub(qx).div_ceil(s).min(self.pitch);
-                for (r, row) in body.chunks_mut(self.pitch).enumerate() {
-                    if self.input_row(qy, r).is_none() {
-                        row.fill(0.0);
-                    } else {
-                        row[..lo].fill(0.0);
-                        row[hi..].fill(0.0);
-                    }
-                }
-            }
-        }
-
         /// Writes body positions `cols` into `dst` (as long as `cols`) from
-        /// the plane `x`, one phase row at a time: the whole body for the
-        /// kernel's own copy, a GEMM's packing range for a fused block.
+        /// the plane `x`, one phase row at a time.
         ///
         /// # Safety
         /// The CPU has AVX-512F.
