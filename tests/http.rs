@@ -414,6 +414,8 @@ async fn requests_of_departed_clients_are_not_computed() {
     // backlog): leaving earlier drops them before the batcher ever sees them.
     // Waiting on evidence, not a timeout, keeps this independent of load.
     wait_for_metric(&s, "lineside_queued_total", "departures", queued_before + 59.0, "the leavers to be queued").await;
+    let depth = metric_sum(&s, "lineside_queue_depth", &[("model", "departures")]).await;
+    assert!(depth >= 3.0, "the backlog drained before the leavers left (queue depth {depth}): the premise failed");
     drop(leavers);
     for b in backlog {
         assert_eq!(b.await.unwrap(), 200);

@@ -7,7 +7,10 @@
 //!   would split them into one convolution per channel;
 //! - every other groups=1 convolution is a GEMM writing straight into the
 //!   NCHW output, bias fused ([`GemmConv`]); 1×1 ones need no im2col copy;
-//! - elsewhere, bias and activation are applied in one pass ([`BiasAct`]).
+//! - elsewhere, bias and activation are applied in one pass ([`BiasAct`]);
+//! - on CPUs with AVX-512F, whole networks (ResNet, MobileNetV2,
+//!   EfficientNet-Lite) run channels-last instead: [`nhwc_conv`] (an
+//!   indirect GEMM) and [`nhwc_depthwise`].
 //!
 //! On other devices the same layer falls back to candle's own ops.
 

@@ -366,13 +366,16 @@ impl EfficientNet {
             })
             .collect();
         #[cfg(target_arch = "x86_64")]
-        let channels_last = channels_last::Network::new(&stem, &stages, &head)?;
+        // Only a CPU model serves from host memory.
+        let channels_last =
+            if classifier_w.device().is_cpu() { channels_last::Network::new(&stem, &stages, &head)? } else { None };
         #[cfg(target_arch = "x86_64")]
         let (mut stem, mut stages, mut head) = (stem, stages, head);
         #[cfg(target_arch = "x86_64")]
         if channels_last.is_some() {
-            // On CPU the NCHW kernels would now serve only non-f32 input,
-            // which candle's own convolution handles as well.
+            // On CPU the NCHW GEMMs would now serve only non-f32 input,
+            // which candle's own convolution handles as well; the depthwise
+            // kernels keep their (small) weights.
             let blocks = stages.iter_mut().flatten().flat_map(Block::convs_mut);
             for conv in [&mut stem, &mut head].into_iter().chain(blocks) {
                 conv.drop_cpu_kernel();
@@ -498,14 +501,19 @@ mod channels_last {
                 Block::InvertedResidual { pw, dw, se: None, pwl, skip } => (Some(pw), dw, pwl, *skip),
                 _ => return Ok(None),
             };
+            // The skip is added after the projection's activation on the
+            // NCHW path and before it here: the same only for Identity.
+            if skip && project.activation() != crate::ops::Activation::Identity {
+                return Ok(None);
+            }
             let expand = match expand {
-                Some(conv) => match pointwise(conv)? {
+                Some(conv) => match with_own_act(conv)? {
                     Some(e) => Some(e),
                     None => return Ok(None),
                 },
                 None => None,
             };
-            let (Some(dw), Some(project)) = (dw.channels_last_depthwise()?, pointwise(project)?) else {
+            let (Some(dw), Some(project)) = (dw.channels_last_depthwise()?, with_own_act(project)?) else {
                 return Ok(None);
             };
             Ok(Some(Self { expand, dw, project, skip }))
@@ -520,8 +528,8 @@ mod channels_last {
         }
     }
 
-    /// A groups=1 layer with its own activation, channels-last.
-    fn pointwise(conv: &ConvBnAct) -> Result<Option<NhwcConv>> {
+    /// A groups=1 layer (1×1, or the stem) with its own activation, channels-last.
+    fn with_own_act(conv: &ConvBnAct) -> Result<Option<NhwcConv>> {
         conv.channels_last(conv.activation())
     }
 
@@ -535,7 +543,7 @@ mod channels_last {
     impl Network {
         /// `None` where a layer has no channels-last kernel.
         pub fn new(stem: &ConvBnAct, stages: &[Vec<Block>], head: &ConvBnAct) -> Result<Option<Self>> {
-            let (Some(stem), Some(head)) = (pointwise(stem)?, pointwise(head)?) else { return Ok(None) };
+            let (Some(stem), Some(head)) = (with_own_act(stem)?, with_own_act(head)?) else { return Ok(None) };
             let stages = stages.iter().map(|s| s.iter().map(ClBlock::new).collect::<Result<Option<Vec<_>>>>());
             let Some(stages) = stages.collect::<Result<Option<Vec<_>>>>()? else { return Ok(None) };
             Ok(Some(Self { stem, stages, head }))
@@ -584,7 +592,7 @@ mod tests {
     }
 
     /// The channels-last path gives the NCHW path's feature maps and logits
-    /// (candle's convolutions, once the NCHW kernels are dropped), on odd
+    /// (candle's convolutions where the NCHW GEMMs are dropped), on odd
     /// map sizes: MobileNetV2 (3×3, PyTorch padding) and
     /// tf_efficientnet_lite0 (5×5, TF "SAME" padding). `forward` gives the
     /// same logits without the maps.

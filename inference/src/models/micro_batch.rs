@@ -133,6 +133,10 @@ impl ImageModel for MicroBatched {
         Ok(logits.expect("every part has logits"))
     }
 
+    fn cpu_micro_batch(&self) -> usize {
+        self.size
+    }
+
     fn feature_info(&self) -> &[FeatureInfo] {
         self.inner.feature_info()
     }

@@ -158,7 +158,8 @@ impl ResNet {
         let fc_w = w.get("fc.weight")?.t()?.contiguous()?;
         let fc_b = w.get("fc.bias")?.clone();
         #[cfg(target_arch = "x86_64")]
-        let channels_last = channels_last::Network::new(&stem, &stages)?;
+        // Only a CPU model serves from host memory.
+        let channels_last = if fc_w.device().is_cpu() { channels_last::Network::new(&stem, &stages)? } else { None };
         #[cfg(target_arch = "x86_64")]
         let (mut stem, mut stages) = (stem, stages);
         #[cfg(target_arch = "x86_64")]

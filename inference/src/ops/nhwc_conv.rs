@@ -18,7 +18,8 @@
 //! kernel row are merged into one segment, read from a zero-padded copy of
 //! the input: 21 floats per pointer instead of 3.
 //!
-//! x86-64 with AVX-512F only; elsewhere [`NhwcConv::new`] returns `None`.
+//! Built on x86-64 only; [`NhwcConv::new`] returns `None` on CPUs without
+//! AVX-512F.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -596,7 +597,7 @@ mod tests {
     }
 
     /// Against candle's convolution: merged and per-tap segments, strides 1
-    /// and 2, 1×1, channel counts off the 64-lane sliver and k off the
+    /// and 2, 1×1, slivers of 1–4 registers, channel counts off the sliver and k off the
     /// block size, TF padding, with and without a residual.
     #[test]
     fn matches_candle_conv() {

@@ -8,7 +8,8 @@
 //! in registers (K = 3 or 5) while the kernel walks the output row, so each
 //! tap is one load and one FMA.
 //!
-//! x86-64 with AVX-512F only; elsewhere [`NhwcDepthwise::new`] returns `None`.
+//! Built on x86-64 only; [`NhwcDepthwise::new`] returns `None` on CPUs
+//! without AVX-512F.
 
 use std::mem::MaybeUninit;
 
@@ -63,10 +64,11 @@ impl NhwcDepthwise {
         let mut data: Box<[MaybeUninit<f32>]> = Box::new_uninit_slice(x.n * oh * ow * c);
         let zeros = vec![0f32; c];
         let geometry = Geometry { x, p, oh, ow, zeros: &zeros };
-        if ow > 0 {
+        if ow * c > 0 {
             data.par_chunks_mut(ow * c).enumerate().for_each(|(r, row)| {
-                // SAFETY: `new` checked AVX-512F; `row` is one output row of
-                // `ow × c` floats, written whole.
+                // SAFETY: `new` checked AVX-512F and set `kernel`; `x.c == c`
+                // (asserted above) and `zeros` holds `c`; `row` is output row
+                // `r < n·oh` of `ow × c` floats, written whole.
                 unsafe {
                     match k {
                         3 => avx512::row::<3>(self, &geometry, r, row.as_mut_ptr().cast()),
@@ -100,7 +102,8 @@ mod avx512 {
     /// Output row `r` (image `r / oh`, row `r % oh`) into `out`.
     ///
     /// # Safety
-    /// AVX-512F; `out` holds `ow × c` floats; `op.kernel == K`.
+    /// AVX-512F; `op.kernel == K`; `x.c == op.channels()`; `g.zeros` holds
+    /// `c` floats; `r < n · oh`; `out` holds `ow × c` floats.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn row<const K: usize>(op: &NhwcDepthwise, g: &Geometry, r: usize, out: *mut f32) {
         let x = g.x;
@@ -125,14 +128,14 @@ mod avx512 {
                 let bias = _mm512_maskz_loadu_ps(m, op.bias.as_ptr().add(cb));
                 for ox in 0..g.ow {
                     let mut acc = bias;
-                    for ky in 0..K {
-                        for kx in 0..K {
+                    for (row, w) in rows.iter().zip(&w) {
+                        for (kx, &w) in w.iter().enumerate() {
                             let ix = (ox * s + kx).wrapping_sub(g.p.left);
-                            let tap = match rows[ky] {
+                            let tap = match row {
                                 Some(row) if ix < x.w => row.as_ptr().add(ix * c + cb),
                                 _ => g.zeros.as_ptr().add(cb),
                             };
-                            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, tap), w[ky][kx], acc);
+                            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, tap), w, acc);
                         }
                     }
                     acc = match op.act {
