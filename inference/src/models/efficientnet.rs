@@ -587,10 +587,6 @@ mod channels_last {
 mod tests {
     use super::*;
 
-    fn max_err(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
-    }
-
     /// The channels-last path gives the NCHW path's feature maps and logits
     /// (candle's convolutions where the NCHW GEMMs are dropped), on odd
     /// map sizes: MobileNetV2 (3×3, PyTorch padding) and
@@ -615,19 +611,7 @@ mod tests {
             assert!(fast.channels_last.is_some(), "{arch}");
             slow.channels_last = None;
             let x = Tensor::randn(0f32, 1.0, (2, 3, 83, 71), &Device::Cpu).unwrap();
-            let (fm, fl) = fast.forward_all(&x, true).unwrap();
-            let (sm, sl) = slow.forward_all(&x, true).unwrap();
-            assert_eq!(fm.len(), sm.len());
-            for (i, (a, b)) in fm.iter().zip(&sm).enumerate() {
-                assert_eq!(a.dims(), b.dims(), "{arch} map {i}");
-                assert!(max_err(a, b) < 1e-3, "{arch} map {i}: max err {}", max_err(a, b));
-            }
-            let (fl, sl) = (fl.unwrap(), sl.unwrap());
-            assert!(max_err(&fl, &sl) < 1e-3, "{arch} logits: max err {}", max_err(&fl, &sl));
-            assert!(max_err(&fast.forward(&x).unwrap(), &sl) < 1e-3);
-            let until = fast.forward_features_until(&x, 1).unwrap();
-            assert_eq!(until.len(), 2);
-            assert!(max_err(&until[1], &sm[1]) < 1e-3);
+            crate::models::test_util::assert_same_outputs(&fast, &slow, &x, 1, arch);
         }
     }
 

@@ -201,3 +201,34 @@ impl crate::batcher::BatchModel for Classifier {
         Ok(self.classify(batch)?.into_iter().map(Output::Classes).collect())
     }
 }
+
+/// Helpers shared by the models' tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::Tensor;
+
+    use super::ImageModel;
+
+    fn max_err(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// `fast` gives `slow`'s feature maps and logits on `x` within 1e-3,
+    /// `forward` the same logits, and `forward_features_until(until)` the
+    /// same maps up to that index.
+    pub fn assert_same_outputs(fast: &dyn ImageModel, slow: &dyn ImageModel, x: &Tensor, until: usize, what: &str) {
+        let (fm, fl) = fast.forward_all(x, true).unwrap();
+        let (sm, sl) = slow.forward_all(x, true).unwrap();
+        assert_eq!(fm.len(), sm.len(), "{what}");
+        for (i, (a, b)) in fm.iter().zip(&sm).enumerate() {
+            assert_eq!(a.dims(), b.dims(), "{what} map {i}");
+            assert!(max_err(a, b) < 1e-3, "{what} map {i}: max err {}", max_err(a, b));
+        }
+        let (fl, sl) = (fl.unwrap(), sl.unwrap());
+        assert!(max_err(&fl, &sl) < 1e-3, "{what} logits: max err {}", max_err(&fl, &sl));
+        assert!(max_err(&fast.forward(x).unwrap(), &sl) < 1e-3, "{what} forward");
+        let maps = fast.forward_features_until(x, until).unwrap();
+        assert_eq!(maps.len(), until + 1, "{what}");
+        assert!(max_err(&maps[until], &sm[until]) < 1e-3, "{what} until {until}");
+    }
+}

@@ -389,12 +389,7 @@ mod channels_last {
 mod tests {
     use candle_core::{Device, Tensor};
 
-    use crate::models::ImageModel;
     use crate::weights::Weights;
-
-    fn max_err(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
-    }
 
     /// The channels-last path gives the NCHW path's feature maps and logits
     /// (candle's convolution, once the NCHW kernels are dropped): deep stem,
@@ -414,18 +409,6 @@ mod tests {
         assert!(fast.channels_last.is_some());
         slow.channels_last = None;
         let x = Tensor::randn(0f32, 1.0, (3, 3, 97, 83), &Device::Cpu).unwrap();
-        let (fm, fl) = fast.forward_all(&x, true).unwrap();
-        let (sm, sl) = slow.forward_all(&x, true).unwrap();
-        assert_eq!(fm.len(), sm.len());
-        for (i, (a, b)) in fm.iter().zip(&sm).enumerate() {
-            assert_eq!(a.dims(), b.dims(), "map {i}");
-            assert!(max_err(a, b) < 1e-3, "map {i}: max err {}", max_err(a, b));
-        }
-        let (fl, sl) = (fl.unwrap(), sl.unwrap());
-        assert!(max_err(&fl, &sl) < 1e-3, "logits: max err {}", max_err(&fl, &sl));
-        assert!(max_err(&fast.forward(&x).unwrap(), &sl) < 1e-3);
-        let until = fast.forward_features_until(&x, 2).unwrap();
-        assert_eq!(until.len(), 3);
-        assert!(max_err(&until[2], &sm[2]) < 1e-3);
+        crate::models::test_util::assert_same_outputs(&fast, &slow, &x, 2, "test_resnet");
     }
 }
