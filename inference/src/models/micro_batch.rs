@@ -38,6 +38,9 @@ use crate::Result;
 /// Images per step on CPU.
 pub const CPU_MICRO_BATCH: usize = 8;
 
+/// Images per step for networks on the channels-last kernels (module docs).
+pub const CHANNELS_LAST_MICRO_BATCH: usize = 1;
+
 /// Fewest images per share beyond the first two shares: on many cores a
 /// batch of 8 makes two shares of 4 (the rest of the threads help inside
 /// their layers), not eight shares of one image, whose small-map layers

@@ -5,7 +5,7 @@ pub mod efficientnet;
 mod micro_batch;
 pub mod resnet;
 
-pub use micro_batch::{CPU_MICRO_BATCH, MicroBatched};
+pub use micro_batch::{CHANNELS_LAST_MICRO_BATCH, CPU_MICRO_BATCH, MicroBatched};
 
 use std::borrow::Cow;
 use std::path::Path;

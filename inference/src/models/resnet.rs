@@ -270,7 +270,7 @@ impl ImageModel for ResNet {
     fn cpu_micro_batch(&self) -> usize {
         #[cfg(target_arch = "x86_64")]
         if self.channels_last.is_some() {
-            return 1;
+            return super::CHANNELS_LAST_MICRO_BATCH;
         }
         super::CPU_MICRO_BATCH
     }
