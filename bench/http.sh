@@ -6,7 +6,10 @@
 # e2e/raw ratio.
 #
 #   bench/http.sh [--connections 16] [--duration 20] [--batch 8] [--image FILE] [--no-records]
-#                 [--jpeg-decode full|scaled]
+#                 [--jpeg-decode full|scaled] [--model SOURCE]
+#
+# --model is a model source as in config (default builtin:steel-surface, the
+# built-in mobilenetv2_100; or a timm hub-format folder such as resnet18's).
 #
 # --jpeg-decode sets server.jpeg_decode (full, the default: every pixel;
 # scaled: DCT-scaled JPEG decoding, docs/performance.md).
@@ -17,7 +20,7 @@
 # or another binary in LINESIDE_BIN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CONNS=16 DURATION=20 BATCH=8 RUNS=3 RECORDS= JPEG=full
+CONNS=16 DURATION=20 BATCH=8 RUNS=3 RECORDS= JPEG=full MODEL=builtin:steel-surface
 IMG=../shared/data/neu-det/NEU-DET/IMAGES/scratches_1.jpg
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -28,6 +31,7 @@ while [ $# -gt 0 ]; do
     --runs) RUNS=$2; shift 2 ;;
     --no-records) RECORDS=--no-records; shift ;;
     --jpeg-decode) JPEG=$2; shift 2 ;;
+    --model) MODEL=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -41,7 +45,7 @@ addr = "127.0.0.1:$PORT"
 jpeg_decode = "$JPEG"
 [[models]]
 name = "steel-surface"
-source = "builtin:steel-surface"
+source = "$MODEL"
 max_batch_size = $BATCH
 max_queue_delay_ms = 2
 queue_capacity = 256
@@ -51,8 +55,8 @@ RUST_LOG=warn "$BIN" serve --config "$CFG" --data-dir "$DATA" $RECORDS & SERVER=
 trap 'kill $SERVER 2>/dev/null; rm -rf "$CFG" "$DATA"' EXIT
 until curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null; do sleep 0.2; done
 
-echo "== raw model (lineside bench, batch $BATCH)"
-RAW=$("$BIN" bench --batch-sizes "$BATCH" --runs 3 --json | tail -1)
+echo "== raw model $MODEL (lineside bench, batch $BATCH)"
+RAW=$("$BIN" bench --model "$MODEL" --batch-sizes "$BATCH" --runs 3 --json | tail -1)
 echo "$RAW"
 echo "== end to end: wrk -c $CONNS -d ${DURATION}s, $RUNS runs, $(basename "$IMG"), jpeg_decode = $JPEG"
 IMG=$IMG wrk -t2 -c"$CONNS" -d2s -s bench/post_image.lua "http://127.0.0.1:$PORT/v1/inspect" >/dev/null # warm-up

@@ -377,19 +377,37 @@ impl Geometry<'_> {
     fn indirection(&self, px: Range<usize>) -> Vec<*const f32> {
         let nseg = self.segs.count;
         let mut ptrs = vec![self.zeros.as_ptr(); px.len().div_ceil(MR) * nseg * MR];
-        for (t, tile) in ptrs.chunks_mut(nseg * MR).enumerate() {
-            let p0 = px.start + t * MR;
-            for r in 0..MR.min(px.end - p0) {
-                self.taps(p0 + r, |seg, ptr| tile[seg * MR + r] = ptr);
-            }
+        // The coordinates advance pixel by pixel: dividing for each one cost
+        // as much as the microkernel on thin 1×1 layers.
+        let mut at = self.coordinates(px.start);
+        for (i, _) in px.enumerate() {
+            let tile = &mut ptrs[(i / MR) * nseg * MR..][..nseg * MR];
+            self.taps(at, |seg, ptr| tile[seg * MR + i % MR] = ptr);
+            at = self.next(at);
         }
         ptrs
     }
 
-    /// The input read of every segment of output pixel `px`, in order.
-    fn taps(&self, px: usize, mut put: impl FnMut(usize, *const f32)) {
+    /// Output pixel `px` as (image, row, column).
+    fn coordinates(&self, px: usize) -> (usize, usize, usize) {
         let (img, rest) = (px / (self.oh * self.ow), px % (self.oh * self.ow));
-        let (oy, ox) = (rest / self.ow, rest % self.ow);
+        (img, rest / self.ow, rest % self.ow)
+    }
+
+    /// The output pixel after `(img, oy, ox)`.
+    fn next(&self, (img, oy, ox): (usize, usize, usize)) -> (usize, usize, usize) {
+        if ox + 1 < self.ow {
+            (img, oy, ox + 1)
+        } else if oy + 1 < self.oh {
+            (img, oy + 1, 0)
+        } else {
+            (img + 1, 0, 0)
+        }
+    }
+
+    /// The input read of every segment of output pixel `(img, oy, ox)`, in
+    /// order.
+    fn taps(&self, (img, oy, ox): (usize, usize, usize), mut put: impl FnMut(usize, *const f32)) {
         let src = self.src;
         let (rows, cols) = if self.segs.merged { (self.segs.count, 1) } else { (self.kernel, self.kernel) };
         let y0 = (oy * self.stride) as isize - self.p.top as isize;
@@ -423,9 +441,14 @@ impl Job<'_> {
     fn run(&self, px: Range<usize>, slivers: Range<usize>) {
         let g = self.geometry;
         let nseg = g.segs.count;
-        let tiles = px.len().div_ceil(MR);
         let ptrs = g.indirection(px.clone());
         let (k, cout, nr) = (g.segs.k(), self.conv.cout, self.conv.nr());
+        // Whole tiles go in one call per sliver and chunk (thin layers do
+        // little work per tile, so a call per tile was a tenth of the time),
+        // the partial tile in another.
+        let (full, rest) = (px.len() / MR, px.len() % MR);
+        // (first tile, tiles, pixels per tile)
+        let calls = [(0, full, MR), (full, usize::from(rest > 0), rest)];
         for sliver in slivers {
             let filters = &self.conv.filters[sliver * k * nr..][..k * nr];
             let lanes = (cout - sliver * nr).min(nr);
@@ -435,13 +458,16 @@ impl Job<'_> {
                 let b = &filters[k0 * nr..][..kc * nr];
                 let first = ci == 0;
                 let last = ci + 1 == self.chunks.len();
-                for t in 0..tiles {
-                    let p0 = px.start + t * MR;
-                    let rows = MR.min(px.end - p0);
-                    let tile = &ptrs[(t * nseg + chunk.segs.start) * MR..][..chunk.segs.len() * MR];
-                    let at = p0 * cout + sliver * nr;
+                for (t0, tiles, rows) in calls {
+                    if tiles == 0 {
+                        continue;
+                    }
+                    let at = (px.start + t0 * MR) * cout + sliver * nr;
                     let step = Step {
-                        a: tile,
+                        a: &ptrs[(t0 * nseg + chunk.segs.start) * MR..],
+                        segs: chunk.segs.len(),
+                        tile_stride: nseg * MR,
+                        tiles,
                         col0: chunk.cols.start,
                         len: chunk.cols.len(),
                         b,
@@ -458,10 +484,12 @@ impl Job<'_> {
                         },
                         act: if last { self.conv.act } else { Fused::None },
                     };
-                    // SAFETY: `new` checked AVX-512F; the pointers in `tile`
-                    // each have `col0 + len` readable floats (a segment of the
-                    // input or `zeros`); C and the residual hold `rows` pixels
-                    // of `ldc` channels from `at`, written by this task only.
+                    // SAFETY: `new` checked AVX-512F; for each of the `tiles`
+                    // tiles (`tile_stride` pointers apart in `a`) the chunk's
+                    // pointers each have `col0 + len` readable floats (a
+                    // segment of the input or `zeros`); C and the residual
+                    // hold `tiles` × `rows` pixels of `ldc` channels from
+                    // `at`, written by this task only.
                     unsafe { avx512::dispatch(rows, self.conv.vectors, &step) }
                 }
             }
@@ -469,19 +497,27 @@ impl Job<'_> {
     }
 }
 
-/// One microkernel call: `rows` pixels × one sliver × one chunk of k.
+/// One microkernel call: `tiles` runs of `rows` pixels × one sliver × one
+/// chunk of k.
 struct Step<'a> {
-    /// Per segment of the chunk, `MR` input pointers (the first `rows` used).
+    /// Per tile (`tile_stride` apart), per segment of the chunk, `MR` input
+    /// pointers (the first `rows` used).
     a: &'a [*const f32],
+    /// Segments in the chunk.
+    segs: usize,
+    tile_stride: usize,
+    tiles: usize,
     col0: usize,
     len: usize,
     /// `[k][nr]` weights of this chunk.
     b: &'a [f32],
+    /// The first tile's first pixel; the next tile's is `MR · ldc` further.
     c: *mut f32,
     ldc: usize,
     lanes: usize,
     /// Set on the first chunk: the accumulators start from it, not from C.
     bias: Option<&'a [f32]>,
+    /// Null, or the residual at `c`'s pixel.
     res: *const f32,
     act: Fused,
 }
@@ -533,6 +569,30 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel<const R: usize, const V: usize>(s: &Step) {
         let m = masks::<V>(s.lanes);
+        for t in 0..s.tiles {
+            // SAFETY: forwarded from the caller: tile `t` is inside `a`, C
+            // and the residual.
+            unsafe {
+                let at = t * MR * s.ldc;
+                let res = if s.res.is_null() { s.res } else { s.res.add(at) };
+                tile::<R, V>(s, &s.a[t * s.tile_stride..][..s.segs * MR], s.c.add(at), res, m);
+            }
+        }
+    }
+
+    /// One tile: `R` pixels from `c` (and `res`, unless null).
+    ///
+    /// # Safety
+    /// As for [`kernel`].
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile<const R: usize, const V: usize>(
+        s: &Step,
+        a: &[*const f32],
+        c: *mut f32,
+        res: *const f32,
+        m: [__mmask16; V],
+    ) {
         // SAFETY: forwarded from the caller.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); V]; R];
@@ -540,7 +600,7 @@ mod avx512 {
                 *acc = match s.bias {
                     Some(b) => std::array::from_fn(|v| _mm512_loadu_ps(b.as_ptr().add(v * 16))),
                     None => {
-                        let c = s.c.add(r * s.ldc);
+                        let c = c.add(r * s.ldc);
                         // wrapping_add: a vector past `lanes` (mask 0) touches
                         // no memory, but its address may lie past the buffer.
                         std::array::from_fn(|v| _mm512_maskz_loadu_ps(m[v], c.wrapping_add(v * 16)))
@@ -548,7 +608,7 @@ mod avx512 {
                 };
             }
             let mut bp = s.b.as_ptr();
-            for seg in s.a.chunks_exact(MR) {
+            for seg in a.chunks_exact(MR) {
                 let a: [*const f32; R] = std::array::from_fn(|r| seg[r].add(s.col0));
                 for j in 0..s.len {
                     let b: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(bp.add(v * 16)));
@@ -564,11 +624,11 @@ mod avx512 {
             let zero = _mm512_setzero_ps();
             let six = _mm512_set1_ps(6.0);
             for (r, acc) in acc.iter().enumerate() {
-                let c = s.c.add(r * s.ldc);
+                let c = c.add(r * s.ldc);
                 for v in 0..V {
                     let mut x = acc[v];
-                    if !s.res.is_null() {
-                        x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m[v], s.res.add(r * s.ldc).wrapping_add(v * 16)));
+                    if !res.is_null() {
+                        x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m[v], res.add(r * s.ldc).wrapping_add(v * 16)));
                     }
                     x = match s.act {
                         Fused::None => x,
