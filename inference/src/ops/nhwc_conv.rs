@@ -372,6 +372,12 @@ struct Geometry<'a> {
 }
 
 impl Geometry<'_> {
+    /// A 1×1, stride-1, unpadded convolution: output pixel `i` reads input
+    /// pixel `i`, so no indirection buffer is needed.
+    fn dense(&self) -> bool {
+        self.kernel == 1 && self.stride == 1 && self.p == Padding::default() && !self.segs.merged
+    }
+
     /// The indirection buffer of output pixels `px`: per tile of `MR`
     /// pixels, per segment, `MR` pointers (the zero row past the last pixel).
     fn indirection(&self, px: Range<usize>) -> Vec<*const f32> {
@@ -441,7 +447,8 @@ impl Job<'_> {
     fn run(&self, px: Range<usize>, slivers: Range<usize>) {
         let g = self.geometry;
         let nseg = g.segs.count;
-        let ptrs = g.indirection(px.clone());
+        let dense = g.dense();
+        let ptrs = if dense { Vec::new() } else { g.indirection(px.clone()) };
         let (k, cout, nr) = (g.segs.k(), self.conv.cout, self.conv.nr());
         // Whole tiles go in one call per sliver and chunk (thin layers do
         // little work per tile, so a call per tile was a tenth of the time),
@@ -463,10 +470,15 @@ impl Job<'_> {
                         continue;
                     }
                     let at = (px.start + t0 * MR) * cout + sliver * nr;
+                    let rows_at = if dense {
+                        let base = g.src.data.as_ptr().wrapping_add((px.start + t0 * MR) * g.src.c);
+                        Rows::Dense { base, ld: g.src.c }
+                    } else {
+                        Rows::Indirect { ptrs: &ptrs[(t0 * nseg + chunk.segs.start) * MR..], tile_stride: nseg * MR }
+                    };
                     let step = Step {
-                        a: &ptrs[(t0 * nseg + chunk.segs.start) * MR..],
+                        a: rows_at,
                         segs: chunk.segs.len(),
-                        tile_stride: nseg * MR,
                         tiles,
                         col0: chunk.cols.start,
                         len: chunk.cols.len(),
@@ -485,9 +497,10 @@ impl Job<'_> {
                         act: if last { self.conv.act } else { Fused::None },
                     };
                     // SAFETY: `new` checked AVX-512F; for each of the `tiles`
-                    // tiles (`tile_stride` pointers apart in `a`) the chunk's
-                    // pointers each have `col0 + len` readable floats (a
-                    // segment of the input or `zeros`); C and the residual
+                    // tiles the chunk's rows (indirect: `tile_stride` pointers
+                    // apart; dense: pixels of the input, which has the
+                    // output's pixels) each have `col0 + len` readable floats
+                    // (a segment of the input or `zeros`); C and the residual
                     // hold `tiles` × `rows` pixels of `ldc` channels from
                     // `at`, written by this task only.
                     unsafe { avx512::dispatch(rows, self.conv.vectors, &step) }
@@ -497,15 +510,22 @@ impl Job<'_> {
     }
 }
 
+/// Where a microkernel call's input pixels are.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    /// Per tile (`tile_stride` apart), per segment of the chunk, `MR`
+    /// pointers (the first `rows` used).
+    Indirect { ptrs: &'a [*const f32], tile_stride: usize },
+    /// One segment; the call's pixel `i` starts at `base + i · ld`.
+    Dense { base: *const f32, ld: usize },
+}
+
 /// One microkernel call: `tiles` runs of `rows` pixels × one sliver × one
 /// chunk of k.
 struct Step<'a> {
-    /// Per tile (`tile_stride` apart), per segment of the chunk, `MR` input
-    /// pointers (the first `rows` used).
-    a: &'a [*const f32],
+    a: Rows<'a>,
     /// Segments in the chunk.
     segs: usize,
-    tile_stride: usize,
     tiles: usize,
     col0: usize,
     len: usize,
@@ -526,7 +546,7 @@ struct Step<'a> {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Fused, LANES, MR, Step};
+    use super::{Fused, LANES, MR, Rows, Step};
 
     /// The kernel for `rows` pixels and slivers of `vectors` registers.
     ///
@@ -575,12 +595,23 @@ mod avx512 {
             unsafe {
                 let at = t * MR * s.ldc;
                 let res = if s.res.is_null() { s.res } else { s.res.add(at) };
-                tile::<R, V>(s, &s.a[t * s.tile_stride..][..s.segs * MR], s.c.add(at), res, m);
+                let c = s.c.add(at);
+                match s.a {
+                    Rows::Indirect { ptrs, tile_stride } => {
+                        let tile = &ptrs[t * tile_stride..][..s.segs * MR];
+                        self::tile::<R, V>(s, |seg| std::array::from_fn(|r| tile[seg * MR + r]), c, res, m)
+                    }
+                    Rows::Dense { base, ld } => {
+                        let first = base.add(t * MR * ld);
+                        self::tile::<R, V>(s, |_| std::array::from_fn(|r| first.wrapping_add(r * ld)), c, res, m)
+                    }
+                }
             }
         }
     }
 
-    /// One tile: `R` pixels from `c` (and `res`, unless null).
+    /// One tile: `R` pixels from `c` (and `res`, unless null), reading
+    /// segment `seg` of pixel `r` from `a(seg)[r]`.
     ///
     /// # Safety
     /// As for [`kernel`].
@@ -588,7 +619,7 @@ mod avx512 {
     #[inline]
     unsafe fn tile<const R: usize, const V: usize>(
         s: &Step,
-        a: &[*const f32],
+        a: impl Fn(usize) -> [*const f32; R],
         c: *mut f32,
         res: *const f32,
         m: [__mmask16; V],
@@ -608,8 +639,8 @@ mod avx512 {
                 };
             }
             let mut bp = s.b.as_ptr();
-            for seg in a.chunks_exact(MR) {
-                let a: [*const f32; R] = std::array::from_fn(|r| seg[r].add(s.col0));
+            for seg in 0..s.segs {
+                let a: [*const f32; R] = a(seg).map(|p| p.add(s.col0));
                 for j in 0..s.len {
                     let b: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(bp.add(v * 16)));
                     for (r, acc) in acc.iter_mut().enumerate() {
