@@ -375,7 +375,7 @@ impl Geometry<'_> {
     /// A 1×1, stride-1, unpadded convolution: output pixel `i` reads input
     /// pixel `i`, so no indirection buffer is needed.
     fn dense(&self) -> bool {
-        self.kernel == 1 && self.stride == 1 && self.p == Padding::default() && !self.segs.merged
+        self.kernel == 1 && self.stride == 1 && self.p == Padding::default()
     }
 
     /// The indirection buffer of output pixels `px`: per tile of `MR`
@@ -383,10 +383,10 @@ impl Geometry<'_> {
     fn indirection(&self, px: Range<usize>) -> Vec<*const f32> {
         let nseg = self.segs.count;
         let mut ptrs = vec![self.zeros.as_ptr(); px.len().div_ceil(MR) * nseg * MR];
-        // The coordinates advance pixel by pixel: dividing for each one cost
-        // as much as the microkernel on thin 1×1 layers.
+        // The coordinates advance pixel by pixel: two divisions per pixel
+        // cost as much as the microkernel on thin layers.
         let mut at = self.coordinates(px.start);
-        for (i, _) in px.enumerate() {
+        for i in 0..px.len() {
             let tile = &mut ptrs[(i / MR) * nseg * MR..][..nseg * MR];
             self.taps(at, |seg, ptr| tile[seg * MR + i % MR] = ptr);
             at = self.next(at);
@@ -471,6 +471,8 @@ impl Job<'_> {
                     }
                     let at = (px.start + t0 * MR) * cout + sliver * nr;
                     let rows_at = if dense {
+                        // In the input whenever the call has a tile; wrapping_add
+                        // keeps this safe code.
                         let base = g.src.data.as_ptr().wrapping_add((px.start + t0 * MR) * g.src.c);
                         Rows::Dense { base, ld: g.src.c }
                     } else {
@@ -483,7 +485,8 @@ impl Job<'_> {
                         col0: chunk.cols.start,
                         len: chunk.cols.len(),
                         b,
-                        // SAFETY: `at` is inside the output (pixel < pixels).
+                        // SAFETY: `at` is inside the output: the call has a
+                        // tile (`tiles > 0`), so its first pixel is < px.end.
                         c: unsafe { self.out.0.add(at) },
                         ldc: cout,
                         lanes,
@@ -526,6 +529,8 @@ struct Step<'a> {
     a: Rows<'a>,
     /// Segments in the chunk.
     segs: usize,
+    /// Tiles in the call, `MR` pixels apart (so more than one only with
+    /// `MR` rows).
     tiles: usize,
     col0: usize,
     len: usize,
@@ -589,6 +594,8 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel<const R: usize, const V: usize>(s: &Step) {
         let m = masks::<V>(s.lanes);
+        debug_assert!(s.tiles <= 1 || R == MR, "tiles are MR pixels apart");
+        debug_assert!(matches!(s.a, Rows::Indirect { .. }) || s.segs == 1, "dense rows have one segment");
         for t in 0..s.tiles {
             // SAFETY: forwarded from the caller: tile `t` is inside `a`, C
             // and the residual.
@@ -710,6 +717,9 @@ mod tests {
             (2, 32, 16, 1, 1, 9, 8, PadMode::Symmetric(0), true),
             (1, 96, 24, 1, 1, 7, 9, PadMode::Symmetric(0), true),
             (1, 16, 144, 1, 1, 6, 5, PadMode::Symmetric(0), false),
+            // Dense 1×1: a second pixel block, columns split, a partial tile.
+            (2, 160, 24, 1, 1, 11, 13, PadMode::Symmetric(0), true),
+            (1, 300, 20, 1, 1, 1, 5, PadMode::Symmetric(0), false),
         ] {
             let case = format!("n{n} {cin}->{cout} k{k} s{s} {h}x{w} {pad:?} res {res}");
             let x = values(n * cin * h * w, 1);
