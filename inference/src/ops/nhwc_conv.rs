@@ -16,7 +16,9 @@
 //!
 //! Where `cin · k` is small (a stem on three colour channels) the taps of a
 //! kernel row are merged into one segment, read from a zero-padded copy of
-//! the input: 21 floats per pointer instead of 3.
+//! the input: 21 floats per pointer instead of 3. A 1×1, stride-1,
+//! unpadded convolution needs no pointers at all: output pixel `i` reads
+//! input pixel `i`.
 //!
 //! Built on x86-64 only; [`NhwcConv::new`] returns `None` on CPUs without
 //! AVX-512F.
