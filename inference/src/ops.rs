@@ -23,6 +23,8 @@ use crate::Result;
 
 mod depthwise;
 mod gemm_conv;
+#[cfg(target_arch = "x86_64")]
+pub mod inverted_residual;
 mod max_pool;
 #[cfg(target_arch = "x86_64")]
 pub mod nhwc_conv;

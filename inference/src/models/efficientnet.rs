@@ -482,15 +482,17 @@ mod channels_last {
     use super::Block;
     use crate::Result;
     use crate::ops::ConvBnAct;
+    use crate::ops::inverted_residual::InvertedResidual;
     use crate::ops::nhwc_conv::{Nhwc, NhwcConv};
     use crate::ops::nhwc_depthwise::NhwcDepthwise;
 
     /// `[expand →] depthwise → project [+ input]`.
-    struct ClBlock {
-        expand: Option<NhwcConv>,
-        dw: NhwcDepthwise,
-        project: NhwcConv,
-        skip: bool,
+    enum ClBlock {
+        /// Layer by layer: a depthwise-separable block, or an inverted
+        /// residual whose layers do not chain into [`InvertedResidual`].
+        Layers { expand: Option<NhwcConv>, dw: NhwcDepthwise, project: NhwcConv, skip: bool },
+        /// Fused by bands of rows where its expanded map is large.
+        InvertedResidual(InvertedResidual),
     }
 
     impl ClBlock {
@@ -516,15 +518,25 @@ mod channels_last {
             let (Some(dw), Some(project)) = (dw.channels_last_depthwise()?, with_own_act(project)?) else {
                 return Ok(None);
             };
-            Ok(Some(Self { expand, dw, project, skip }))
+            Ok(Some(match expand {
+                Some(e) if InvertedResidual::chains(&e, &dw, &project, skip) => {
+                    Self::InvertedResidual(InvertedResidual::new(e, dw, project, skip))
+                }
+                expand => Self::Layers { expand, dw, project, skip },
+            }))
         }
 
         fn forward(&self, x: &Nhwc) -> Nhwc {
-            let y = match &self.expand {
-                Some(e) => self.dw.forward(&e.forward(x, None)),
-                None => self.dw.forward(x),
-            };
-            self.project.forward(&y, self.skip.then_some(x))
+            match self {
+                Self::Layers { expand, dw, project, skip } => {
+                    let y = match expand {
+                        Some(e) => dw.forward(&e.forward(x, None)),
+                        None => dw.forward(x),
+                    };
+                    project.forward(&y, skip.then_some(x))
+                }
+                Self::InvertedResidual(block) => block.forward(x),
+            }
         }
     }
 

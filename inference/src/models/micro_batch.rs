@@ -201,4 +201,47 @@ mod tests {
             assert!(err < 1e-5, "max err {err}");
         }
     }
+
+    /// Batch 8 in steps of 1, 2, 4 and 8 images: img/s of the median of
+    /// alternating rounds, per model folder under `../shared/models`:
+    /// `cargo test --release -p lineside-inference --lib
+    /// micro_batch::tests::step_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn step_speed() {
+        for name in ["mobilenetv2_100.imagenet", "tf_efficientnet_lite0.imagenet", "resnet18"] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models").join(name);
+            let dir = if dir.exists() { dir } else { std::path::PathBuf::from("/tmp/models").join(name) };
+            if !dir.exists() {
+                eprintln!("no {name}: skipped");
+                continue;
+            }
+            let files = ModelFiles::from_dir(&dir).unwrap();
+            let sizes = [1, 2, 4, 8];
+            let nets: Vec<_> = sizes
+                .iter()
+                .map(|&s| MicroBatched::with_size(LoadedModel::load(&files, &Device::Cpu).unwrap().network, s))
+                .collect();
+            let x = Tensor::randn(0f32, 1.0, (8, 3, 224, 224), &Device::Cpu).unwrap();
+            let mut rounds = vec![Vec::new(); sizes.len()];
+            for _ in 0..9 {
+                for (net, r) in nets.iter().zip(&mut rounds) {
+                    let t = std::time::Instant::now();
+                    for _ in 0..3 {
+                        net.forward(&x).unwrap();
+                    }
+                    r.push(24.0 / t.elapsed().as_secs_f64());
+                }
+            }
+            for (s, mut r) in sizes.iter().zip(rounds) {
+                r.sort_by(f64::total_cmp);
+                println!(
+                    "{name}: steps of {s}: {:.1} img/s (rounds {:.1}-{:.1})",
+                    r[r.len() / 2],
+                    r[0],
+                    r[r.len() - 1]
+                );
+            }
+        }
+    }
 }

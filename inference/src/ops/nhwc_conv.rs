@@ -284,6 +284,11 @@ impl NhwcConv {
         Some(Self { filters, vectors, bias: padded_bias, cin, cout, kernel, stride, pad, act })
     }
 
+    /// Input channels.
+    pub fn in_channels(&self) -> usize {
+        self.cin
+    }
+
     /// Output channels.
     pub fn out_channels(&self) -> usize {
         self.cout
@@ -326,7 +331,7 @@ impl NhwcConv {
             return Nhwc { data: Vec::new(), ..out };
         }
         let mut data: Box<[MaybeUninit<f32>]> = Box::new_uninit_slice(out.pixels() * self.cout);
-        let geometry = Geometry { src, p, oh, ow, kernel: k, stride: s, segs, zeros: vec![0f32; segs.len] };
+        let geometry = Geometry { src: src.into(), p, oh, ow, kernel: k, stride: s, segs, zeros: vec![0f32; segs.len] };
         let job = Job {
             conv: self,
             geometry: &geometry,
@@ -358,11 +363,75 @@ impl NhwcConv {
         let data = unsafe { data.assume_init() }.into_vec();
         Nhwc { data, ..out }
     }
+
+    /// Whether [`Self::pointwise_into`] applies: a 1×1, stride-1 convolution
+    /// without padding, whose output pixel `i` is input pixel `i`.
+    pub fn is_pointwise(&self) -> bool {
+        self.kernel == 1 && self.stride == 1 && self.pad.resolve(1, 1, 1, 1) == Padding::default()
+    }
+
+    /// `act(conv(x) + bias [+ residual])` of a pointwise layer
+    /// ([`Self::is_pointwise`]) on a run of pixels, `cin` floats each in `x`
+    /// and `cout` in `out` and `residual`, on the calling thread: a piece
+    /// of a fused block that keeps its maps in cache
+    /// ([`super::inverted_residual`]).
+    pub fn pointwise_into(&self, x: &[f32], out: &mut [f32], residual: Option<&[f32]>) {
+        assert!(
+            self.is_pointwise(),
+            "pointwise_into on a {}×{} stride-{} layer",
+            self.kernel,
+            self.kernel,
+            self.stride
+        );
+        let pixels = x.len() / self.cin;
+        assert_eq!(x.len(), pixels * self.cin, "whole input pixels");
+        assert_eq!(out.len(), pixels * self.cout, "output pixels");
+        if let Some(r) = residual {
+            assert_eq!(r.len(), out.len(), "residual pixels");
+        }
+        let segs = self.segments();
+        let geometry = Geometry {
+            src: Src { data: x, h: 1, w: pixels, c: self.cin },
+            p: Padding::default(),
+            oh: 1,
+            ow: pixels,
+            kernel: 1,
+            stride: 1,
+            segs,
+            zeros: vec![0f32; segs.len],
+        };
+        let job = Job {
+            conv: self,
+            geometry: &geometry,
+            chunks: segs.chunks(),
+            out: Shared(out.as_mut_ptr()),
+            res: residual.map(|r| Shared(r.as_ptr())),
+        };
+        let slivers = self.cout.div_ceil(self.nr());
+        for start in (0..pixels).step_by(PB) {
+            job.run(start..(start + PB).min(pixels), 0..slivers);
+        }
+    }
+}
+
+/// Borrowed input maps: `data[((n·h + y)·w + x)·c + ch]`.
+#[derive(Clone, Copy)]
+struct Src<'a> {
+    data: &'a [f32],
+    h: usize,
+    w: usize,
+    c: usize,
+}
+
+impl<'a> From<&'a Nhwc> for Src<'a> {
+    fn from(x: &'a Nhwc) -> Self {
+        Self { data: &x.data, h: x.h, w: x.w, c: x.c }
+    }
 }
 
 /// Where each output pixel's taps are in the input.
 struct Geometry<'a> {
-    src: &'a Nhwc,
+    src: Src<'a>,
     /// Padding still to apply by pointing at `zeros` (none once merged).
     p: Padding,
     oh: usize,

@@ -54,40 +54,103 @@ impl NhwcDepthwise {
         self.bias.len()
     }
 
+    /// The padding and output size for an `h`×`w` input.
+    pub fn output_geometry(&self, h: usize, w: usize) -> (Padding, usize, usize) {
+        let (k, s) = (self.kernel, self.stride);
+        let p = self.pad.resolve(h, w, k, s);
+        (p, out_size(h, k, s, p.top, p.bottom), out_size(w, k, s, p.left, p.right))
+    }
+
+    /// Kernel size.
+    pub fn kernel(&self) -> usize {
+        self.kernel
+    }
+
+    /// Stride.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
     /// `act(depthwise(x) + bias)`, NHWC in and out.
     pub fn forward(&self, x: &Nhwc) -> Nhwc {
         let c = self.channels();
         assert_eq!(x.c, c, "input channels");
-        let (k, s) = (self.kernel, self.stride);
-        let p = self.pad.resolve(x.h, x.w, k, s);
-        let (oh, ow) = (out_size(x.h, k, s, p.top, p.bottom), out_size(x.w, k, s, p.left, p.right));
+        let (_, oh, ow) = self.output_geometry(x.h, x.w);
         let mut data: Box<[MaybeUninit<f32>]> = Box::new_uninit_slice(x.n * oh * ow * c);
         let zeros = vec![0f32; c];
-        let geometry = Geometry { x, p, oh, ow, zeros: &zeros };
         if ow * c > 0 {
             data.par_chunks_mut(ow * c).enumerate().for_each(|(r, row)| {
-                // SAFETY: `new` checked AVX-512F and set `kernel`; `x.c == c`
-                // (asserted above) and `zeros` holds `c`; `row` is output row
-                // `r < n·oh` of `ow × c` floats, written whole.
-                unsafe {
-                    match k {
-                        3 => avx512::row::<3>(self, &geometry, r, row.as_mut_ptr().cast()),
-                        _ => avx512::row::<5>(self, &geometry, r, row.as_mut_ptr().cast()),
-                    }
-                }
+                let (img, oy) = (r / oh, r % oh);
+                let input_row = |iy: usize| (iy < x.h).then(|| &x.data[(img * x.h + iy) * x.w * c..][..x.w * c]);
+                // SAFETY: `row` is one output row, `ow × c` floats.
+                unsafe { self.row_raw(oy, input_row, (x.h, x.w), &zeros, row.as_mut_ptr().cast()) };
             });
         }
         // SAFETY: every output row was written whole above.
         let data = unsafe { data.assume_init() }.into_vec();
         Nhwc { data, n: x.n, h: oh, w: ow, c }
     }
+
+    /// Output row `oy` of one `h`×`w` image into `out` (`ow × c` floats),
+    /// where `input_row(iy)` is input row `iy` (`w × c` floats; `None` past
+    /// the last row) and `zeros` holds `c` zeros: the depthwise pass of a
+    /// fused block that holds only a band of its input rows
+    /// ([`super::inverted_residual`]).
+    pub fn row_into<'a>(
+        &self,
+        oy: usize,
+        input_row: impl Fn(usize) -> Option<&'a [f32]>,
+        (h, w): (usize, usize),
+        zeros: &[f32],
+        out: &mut [f32],
+    ) {
+        let (_, _, ow) = self.output_geometry(h, w);
+        assert_eq!(out.len(), ow * self.channels(), "output row");
+        // SAFETY: `out` holds `ow × c` floats (asserted).
+        unsafe { self.row_raw(oy, input_row, (h, w), zeros, out.as_mut_ptr()) }
+    }
+
+    /// [`Self::row_into`] through a pointer.
+    ///
+    /// # Safety
+    /// `out` is valid for writes of `ow × c` floats.
+    unsafe fn row_raw<'a>(
+        &self,
+        oy: usize,
+        input_row: impl Fn(usize) -> Option<&'a [f32]>,
+        (h, w): (usize, usize),
+        zeros: &[f32],
+        out: *mut f32,
+    ) {
+        let c = self.channels();
+        let (p, _, ow) = self.output_geometry(h, w);
+        assert!(zeros.len() >= c, "zero row");
+        debug_assert!(zeros.iter().all(|&z| z == 0.0), "zero row");
+        let row = |ky: usize| {
+            let iy = (oy * self.stride + ky).checked_sub(p.top)?;
+            let row = input_row(iy)?;
+            assert_eq!(row.len(), w * c, "input row");
+            Some(row)
+        };
+        let g = Geometry { w, left: p.left, ow, zeros };
+        // SAFETY: `new` checked AVX-512F and set `kernel`; every row holds
+        // `w × c` floats (asserted), `zeros` holds `c` (asserted) and `out`
+        // `ow × c` (the caller's promise).
+        unsafe {
+            match self.kernel {
+                3 => avx512::row::<3>(self, std::array::from_fn(row), &g, out),
+                _ => avx512::row::<5>(self, std::array::from_fn(row), &g, out),
+            }
+        }
+    }
 }
 
-/// One call's shapes.
+/// One output row's shapes.
 struct Geometry<'a> {
-    x: &'a Nhwc,
-    p: Padding,
-    oh: usize,
+    /// Input width.
+    w: usize,
+    /// Padding columns on the left.
+    left: usize,
     ow: usize,
     /// `c` zeros: what a tap outside the image reads.
     zeros: &'a [f32],
@@ -99,21 +162,16 @@ mod avx512 {
 
     use super::{Fused, Geometry, NhwcDepthwise};
 
-    /// Output row `r` (image `r / oh`, row `r % oh`) into `out`.
+    /// One output row into `out` from the input row under each kernel row
+    /// (`None` in the padding).
     ///
     /// # Safety
-    /// AVX-512F; `op.kernel == K`; `x.c == op.channels()`; `g.zeros` holds
-    /// `c` floats; `r < n · oh`; `out` holds `ow × c` floats.
+    /// AVX-512F; `op.kernel == K`; each row holds `g.w × c` floats with
+    /// `c = op.channels()`; `g.zeros` holds `c` floats; `out` holds
+    /// `g.ow × c`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn row<const K: usize>(op: &NhwcDepthwise, g: &Geometry, r: usize, out: *mut f32) {
-        let x = g.x;
-        let (c, s) = (x.c, op.stride);
-        let (img, oy) = (r / g.oh, r % g.oh);
-        // The input row under each kernel row, or `None` in the padding.
-        let rows: [Option<&[f32]>; K] = std::array::from_fn(|ky| {
-            let iy = (oy * s + ky).checked_sub(g.p.top).filter(|&iy| iy < x.h)?;
-            Some(&x.data[(img * x.h + iy) * x.w * c..][..x.w * c])
-        });
+    pub unsafe fn row<const K: usize>(op: &NhwcDepthwise, rows: [Option<&[f32]>; K], g: &Geometry, out: *mut f32) {
+        let (c, s) = (op.channels(), op.stride);
         let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
         for cb in (0..c).step_by(16) {
             let n = (c - cb).min(16);
@@ -130,9 +188,9 @@ mod avx512 {
                     let mut acc = bias;
                     for (row, w) in rows.iter().zip(&w) {
                         for (kx, &w) in w.iter().enumerate() {
-                            let ix = (ox * s + kx).wrapping_sub(g.p.left);
+                            let ix = (ox * s + kx).wrapping_sub(g.left);
                             let tap = match row {
-                                Some(row) if ix < x.w => row.as_ptr().add(ix * c + cb),
+                                Some(row) if ix < g.w => row.as_ptr().add(ix * c + cb),
                                 _ => g.zeros.as_ptr().add(cb),
                             };
                             acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, tap), w, acc);
