@@ -481,6 +481,7 @@ mod channels_last {
 
     use super::Block;
     use crate::Result;
+    use crate::models::micro_batch::in_share;
     use crate::ops::ConvBnAct;
     use crate::ops::inverted_residual::InvertedResidual;
     use crate::ops::nhwc_conv::{Nhwc, NhwcConv};
@@ -535,7 +536,10 @@ mod channels_last {
                     };
                     project.forward(&y, skip.then_some(x))
                 }
-                Self::InvertedResidual(block) => block.forward(x),
+                Self::InvertedResidual(block) => {
+                    let threads = if in_share() { 1 } else { rayon::current_num_threads() };
+                    block.forward(x, threads)
+                }
             }
         }
     }
@@ -591,6 +595,85 @@ mod channels_last {
             }
             let head = self.head.forward(&x, None);
             Ok((features, Some(Tensor::from_vec(head.mean(), (head.n, head.c), dev)?)))
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use candle_core::Device;
+
+        use super::super::EfficientNet;
+        use crate::ops::nhwc_conv::Nhwc;
+        use crate::ops::test_util::values;
+        use crate::weights::Weights;
+
+        /// Milliseconds per layer for one 224² image on one thread (as each
+        /// share of a batch runs), median of alternating rounds:
+        /// `cargo test --release -p lineside-inference --lib
+        /// channels_last::tests::layer_times -- --ignored --nocapture`.
+        #[test]
+        #[ignore]
+        fn layer_times() {
+            for (arch, dir) in [
+                ("mobilenetv2_100", "mobilenetv2_100.imagenet"),
+                ("tf_efficientnet_lite0", "tf_efficientnet_lite0.imagenet"),
+            ] {
+                let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join(format!("../../shared/models/{dir}/model.safetensors"));
+                if !path.exists() || !crate::ops::sgemm::available() {
+                    eprintln!("no ../shared/models or no AVX-512F: skipped");
+                    return;
+                }
+                let w = Weights::from_buffer(arch, &std::fs::read(&path).unwrap(), &Device::Cpu).unwrap();
+                let model = EfficientNet::load(arch, &w).unwrap();
+                let net = model.channels_last.as_ref().unwrap();
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+                // Each layer's input, then its timings.
+                let mut inputs = vec![Nhwc::from_nchw(&values(3 * 224 * 224, 1), 1, 3, 224, 224)];
+                type Layer<'a> = (&'static str, Box<dyn Fn(&Nhwc) -> Nhwc + Sync + 'a>);
+                let mut layers: Vec<Layer> = vec![("stem", Box::new(|x: &Nhwc| net.stem.forward(x, None)))];
+                for b in net.stages.iter().flatten() {
+                    let name = if matches!(b, super::ClBlock::InvertedResidual(_)) { "ir" } else { "ds" };
+                    layers.push((name, Box::new(move |x: &Nhwc| b.forward(x))));
+                }
+                layers.push(("head", Box::new(|x: &Nhwc| net.head.forward(x, None))));
+                for (_, f) in &layers {
+                    let y = f(inputs.last().unwrap());
+                    inputs.push(y);
+                }
+                let mut times = vec![Vec::new(); layers.len()];
+                pool.install(|| {
+                    for _ in 0..9 {
+                        for ((_, f), (x, t)) in layers.iter().zip(inputs.iter().zip(&mut times)) {
+                            let start = std::time::Instant::now();
+                            for _ in 0..10 {
+                                drop(f(x));
+                            }
+                            t.push(start.elapsed().as_secs_f64() * 100.0);
+                        }
+                    }
+                });
+                let medians: Vec<f64> = times
+                    .into_iter()
+                    .map(|mut t| {
+                        t.sort_by(f64::total_cmp);
+                        t[t.len() / 2]
+                    })
+                    .collect();
+                let total: f64 = medians.iter().sum();
+                println!("{arch}: {total:.2} ms per image on one thread");
+                for (i, ((name, _), ms)) in layers.iter().zip(&medians).enumerate() {
+                    let (x, y) = (&inputs[i], &inputs[i + 1]);
+                    println!(
+                        "  {i:2} {name:5} {:3}²x{:<4} -> {:3}²x{:<4} {ms:6.3} ms {:4.1}%",
+                        x.h,
+                        x.c,
+                        y.h,
+                        y.c,
+                        100.0 * ms / total
+                    );
+                }
+            }
         }
     }
 }

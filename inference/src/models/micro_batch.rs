@@ -29,6 +29,8 @@
 //! The results are the same either way: every layer treats images
 //! independently.
 
+use std::cell::Cell;
+
 use candle_core::Tensor;
 use rayon::prelude::*;
 
@@ -52,6 +54,33 @@ pub const MIN_SHARE: usize = 4;
 /// share keeps [`MIN_SHARE`] images.
 pub fn shares(n: usize, threads: usize) -> usize {
     if n < 2 || threads < 2 { 1 } else { threads.min((n / MIN_SHARE).max(2)) }
+}
+
+thread_local! {
+    /// Set while the thread runs one share of a split batch.
+    static IN_SHARE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the calling thread runs one share of a batch split over the
+/// threads: its layers should not plan on the other threads, which are
+/// busy with shares of their own.
+pub fn in_share() -> bool {
+    IN_SHARE.get()
+}
+
+/// Restores the thread's share flag when a share ends, even by a panic.
+struct ShareFlag(bool);
+
+impl ShareFlag {
+    fn set() -> Self {
+        Self(IN_SHARE.replace(true))
+    }
+}
+
+impl Drop for ShareFlag {
+    fn drop(&mut self) {
+        IN_SHARE.set(self.0);
+    }
 }
 
 /// A network whose batches are shared out over the current rayon pool's
@@ -102,7 +131,10 @@ impl MicroBatched {
         let bounds: Vec<(usize, usize)> = (0..k).map(|t| (t * n / k, (t + 1) * n / k - t * n / k)).collect();
         let parts = bounds
             .into_par_iter()
-            .map(|(start, len)| self.steps(&x.narrow(0, start, len)?, f))
+            .map(|(start, len)| {
+                let _share = ShareFlag::set();
+                self.steps(&x.narrow(0, start, len)?, f)
+            })
             .collect::<Result<Vec<_>>>()?;
         concat(parts)
     }

@@ -69,11 +69,15 @@ impl InvertedResidual {
         h * w * self.dw.channels()
     }
 
-    /// `project(dw(expand(x))) [+ x]`, NHWC in and out: band by band where
-    /// one image's expanded map holds [`FUSE_FROM_BYTES`] or more, else
-    /// layer by layer.
-    pub fn forward(&self, x: &Nhwc) -> Nhwc {
-        if self.expanded_len(x.h, x.w) * size_of::<f32>() >= FUSE_FROM_BYTES {
+    /// `project(dw(expand(x))) [+ x]`, NHWC in and out, on up to `threads`
+    /// threads (1 for one share of a batch that every thread has a share
+    /// of): band by band where one image's expanded map holds
+    /// [`FUSE_FROM_BYTES`] or more, or where the threads outnumber the
+    /// images; else layer by layer. With two threads on one image, one
+    /// range of rows each runs faster than splitting every layer even on
+    /// small maps, which joins the threads three times per block.
+    pub fn forward(&self, x: &Nhwc, threads: usize) -> Nhwc {
+        if self.expanded_len(x.h, x.w) * size_of::<f32>() >= FUSE_FROM_BYTES || threads > x.n {
             self.forward_banded(x)
         } else {
             self.forward_layers(x)
@@ -91,11 +95,11 @@ impl InvertedResidual {
         assert_eq!(x.c, cin, "input channels");
         let (_, oh, ow) = self.dw.output_geometry(x.h, x.w);
         let mut data = vec![0f32; x.n * oh * ow * cout];
-        let band = (BAND_PIXELS / ow.max(1)).clamp(1, oh.max(1));
         // One range per thread for a single image (micro-batches are one
         // image), one per image otherwise.
-        let ranges = rayon::current_num_threads().div_ceil(x.n.max(1)).clamp(1, oh.div_ceil(band).max(1));
+        let ranges = rayon::current_num_threads().div_ceil(x.n.max(1)).clamp(1, oh.max(1));
         let per_range = oh.div_ceil(ranges).max(1);
+        let band = (BAND_PIXELS / ow.max(1)).clamp(1, per_range);
         if !data.is_empty() {
             data.par_chunks_mut(oh * ow * cout).enumerate().for_each(|(img, out)| {
                 out.par_chunks_mut(per_range * ow * cout).enumerate().for_each(|(r, out)| {
@@ -233,6 +237,7 @@ mod tests {
             (24, 144, 32, 2, 56, false),
             (32, 192, 32, 1, 28, true),
             (64, 384, 64, 1, 14, true),
+            (160, 960, 160, 1, 7, true),
         ];
         for threads in [1, 2] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
