@@ -481,7 +481,7 @@ mod channels_last {
 
     use super::Block;
     use crate::Result;
-    use crate::models::micro_batch::in_share;
+    use crate::models::micro_batch::threads_here;
     use crate::ops::ConvBnAct;
     use crate::ops::inverted_residual::InvertedResidual;
     use crate::ops::nhwc_conv::{Nhwc, NhwcConv};
@@ -536,10 +536,7 @@ mod channels_last {
                     };
                     project.forward(&y, skip.then_some(x))
                 }
-                Self::InvertedResidual(block) => {
-                    let threads = if in_share() { 1 } else { rayon::current_num_threads() };
-                    block.forward(x, threads)
-                }
+                Self::InvertedResidual(block) => block.forward(x, threads_here()),
             }
         }
     }
@@ -600,12 +597,10 @@ mod channels_last {
 
     #[cfg(test)]
     mod tests {
-        use candle_core::Device;
-
         use super::super::EfficientNet;
+        use super::super::tests::imagenet_weights;
         use crate::ops::nhwc_conv::Nhwc;
         use crate::ops::test_util::values;
-        use crate::weights::Weights;
 
         /// Milliseconds per layer for one 224² image on one thread (as each
         /// share of a batch runs), median of alternating rounds:
@@ -618,13 +613,7 @@ mod channels_last {
                 ("mobilenetv2_100", "mobilenetv2_100.imagenet"),
                 ("tf_efficientnet_lite0", "tf_efficientnet_lite0.imagenet"),
             ] {
-                let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join(format!("../../shared/models/{dir}/model.safetensors"));
-                if !path.exists() || !crate::ops::sgemm::available() {
-                    eprintln!("no ../shared/models or no AVX-512F: skipped");
-                    return;
-                }
-                let w = Weights::from_buffer(arch, &std::fs::read(&path).unwrap(), &Device::Cpu).unwrap();
+                let Some(w) = imagenet_weights(arch, dir) else { continue };
                 let model = EfficientNet::load(arch, &w).unwrap();
                 let net = model.channels_last.as_ref().unwrap();
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
@@ -682,6 +671,18 @@ mod channels_last {
 mod tests {
     use super::*;
 
+    /// The ImageNet weights of `../shared/models/DIR`, or `None` (with a
+    /// note) where that folder or AVX-512F is missing.
+    pub(super) fn imagenet_weights(arch: &str, dir: &str) -> Option<Weights> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("../../shared/models/{dir}/model.safetensors"));
+        if !path.exists() || !crate::ops::sgemm::available() {
+            eprintln!("no ../shared/models or no AVX-512F: skipped");
+            return None;
+        }
+        Some(Weights::from_buffer(arch, &std::fs::read(&path).unwrap(), &candle_core::Device::Cpu).unwrap())
+    }
+
     /// The channels-last path gives the NCHW path's feature maps and logits
     /// (candle's convolutions where the NCHW GEMMs are dropped), on odd
     /// map sizes: MobileNetV2 (3×3, PyTorch padding) and
@@ -694,13 +695,7 @@ mod tests {
             ("mobilenetv2_100", "mobilenetv2_100.imagenet"),
             ("tf_efficientnet_lite0", "tf_efficientnet_lite0.imagenet"),
         ] {
-            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join(format!("../../shared/models/{dir}/model.safetensors"));
-            if !path.exists() || !crate::ops::sgemm::available() {
-                eprintln!("no ../shared/models or no AVX-512F: skipped");
-                return;
-            }
-            let w = Weights::from_buffer(arch, &std::fs::read(&path).unwrap(), &Device::Cpu).unwrap();
+            let Some(w) = imagenet_weights(arch, dir) else { return };
             let fast = EfficientNet::load(arch, &w).unwrap();
             let mut slow = EfficientNet::load(arch, &w).unwrap();
             assert!(fast.channels_last.is_some(), "{arch}");

@@ -57,29 +57,32 @@ pub fn shares(n: usize, threads: usize) -> usize {
 }
 
 thread_local! {
-    /// Set while the thread runs one share of a split batch.
-    static IN_SHARE: Cell<bool> = const { Cell::new(false) };
+    /// While the thread runs one share of a split batch: the threads that
+    /// share may count on.
+    static SHARE_THREADS: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
-/// Whether the calling thread runs one share of a batch split over the
-/// threads: its layers should not plan on the other threads, which are
-/// busy with shares of their own.
-pub fn in_share() -> bool {
-    IN_SHARE.get()
+/// The threads the calling thread's layers may count on: the current rayon
+/// pool's, or, while it runs one share of a batch split over that pool,
+/// the share's part of them (1 where every thread has a share of its own,
+/// the rest busy with theirs).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub fn threads_here() -> usize {
+    SHARE_THREADS.get().unwrap_or_else(rayon::current_num_threads)
 }
 
-/// Restores the thread's share flag when a share ends, even by a panic.
-struct ShareFlag(bool);
+/// Restores the thread's share setting when a share ends, even by a panic.
+struct ShareThreads(Option<usize>);
 
-impl ShareFlag {
-    fn set() -> Self {
-        Self(IN_SHARE.replace(true))
+impl ShareThreads {
+    fn set(threads: usize) -> Self {
+        Self(SHARE_THREADS.replace(Some(threads.max(1))))
     }
 }
 
-impl Drop for ShareFlag {
+impl Drop for ShareThreads {
     fn drop(&mut self) {
-        IN_SHARE.set(self.0);
+        SHARE_THREADS.set(self.0);
     }
 }
 
@@ -124,7 +127,8 @@ impl MicroBatched {
     /// `f` over the batch, shared out over the threads, each share in steps.
     fn split(&self, x: &Tensor, f: &(dyn Fn(&Tensor) -> Result<Outputs> + Sync)) -> Result<Outputs> {
         let n = x.dim(0)?;
-        let k = shares(n, rayon::current_num_threads());
+        let threads = rayon::current_num_threads();
+        let k = shares(n, threads);
         if k < 2 {
             return self.steps(x, f);
         }
@@ -132,7 +136,7 @@ impl MicroBatched {
         let parts = bounds
             .into_par_iter()
             .map(|(start, len)| {
-                let _share = ShareFlag::set();
+                let _share = ShareThreads::set(threads / k);
                 self.steps(&x.narrow(0, start, len)?, f)
             })
             .collect::<Result<Vec<_>>>()?;

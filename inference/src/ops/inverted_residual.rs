@@ -22,15 +22,19 @@ use super::nhwc_depthwise::NhwcDepthwise;
 
 /// Output pixels per band: enough for the projection's microkernel to run
 /// whole tiles, few enough that the ring of expanded rows (5 rows of
-/// 112×96 floats, 215 KiB, on MobileNetV2's first block) stays in L2.
+/// 112×96 floats, 210 KiB, on MobileNetV2's first block) stays in L2.
 const BAND_PIXELS: usize = 128;
 
-/// Expanded maps from this many bytes per image run band by band. Smaller
-/// ones stay in L2 between the layers anyway, and bands of a small map
-/// re-read the 1×1 weights once per band: on one thread (as each share of
-/// a batch runs) MobileNetV2's 28² block ran 3% slower banded and its 14²
-/// block 15% slower, its 112² and 56² blocks 11–40% faster (`tests::speed`).
+/// Expanded maps from this many bytes per image run band by band on a
+/// single thread. Smaller ones stay in L2 between the layers anyway, and
+/// bands of a small map read the 1×1 weights again for every band: on one
+/// thread (as each share of a batch runs) MobileNetV2's 28², 14² and 7²
+/// blocks ran 4–6% slower banded, its 112² and 56² blocks 16–51% faster
+/// (`tests::speed`, docs/performance.md).
 const FUSE_FROM_BYTES: usize = 1 << 20;
+
+/// Fewest output rows per range of rows.
+const MIN_RANGE_ROWS: usize = 4;
 
 /// An inverted-residual block, run band by band where its expanded map is
 /// large (module docs).
@@ -69,16 +73,17 @@ impl InvertedResidual {
         h * w * self.dw.channels()
     }
 
-    /// `project(dw(expand(x))) [+ x]`, NHWC in and out, on up to `threads`
-    /// threads (1 for one share of a batch that every thread has a share
-    /// of): band by band where one image's expanded map holds
-    /// [`FUSE_FROM_BYTES`] or more, or where the threads outnumber the
-    /// images; else layer by layer. With two threads on one image, one
-    /// range of rows each runs faster than splitting every layer even on
-    /// small maps, which joins the threads three times per block.
+    /// `project(dw(expand(x))) [+ x]`, NHWC in and out, where the caller
+    /// may count on `threads` threads (1 for one share of a batch where
+    /// every thread has a share; see `models::micro_batch::threads_here`).
+    /// Band by band where one image's expanded map holds 1 MiB or more, or
+    /// where the threads outnumber the images; else layer by layer. With
+    /// two threads on one image, a range of rows each ran faster than
+    /// splitting every layer even on small maps, whose layers would join
+    /// the threads three times per block.
     pub fn forward(&self, x: &Nhwc, threads: usize) -> Nhwc {
         if self.expanded_len(x.h, x.w) * size_of::<f32>() >= FUSE_FROM_BYTES || threads > x.n {
-            self.forward_banded(x)
+            self.forward_banded(x, threads)
         } else {
             self.forward_layers(x)
         }
@@ -89,15 +94,22 @@ impl InvertedResidual {
         self.project.forward(&self.dw.forward(&self.expand.forward(x, None)), self.skip.then_some(x))
     }
 
-    /// Band by band.
-    pub fn forward_banded(&self, x: &Nhwc) -> Nhwc {
+    /// Band by band, in ranges of rows for `threads` threads.
+    pub fn forward_banded(&self, x: &Nhwc, threads: usize) -> Nhwc {
         let (cin, cout) = (self.expand.in_channels(), self.project.out_channels());
         assert_eq!(x.c, cin, "input channels");
         let (_, oh, ow) = self.dw.output_geometry(x.h, x.w);
+        if self.skip {
+            // `chains` checked the stride and channels; padding that changes
+            // the size would misplace the residual's rows.
+            assert_eq!((oh, ow), (x.h, x.w), "a skip around a depthwise pass that changes the map's size");
+        }
         let mut data = vec![0f32; x.n * oh * ow * cout];
-        // One range per thread for a single image (micro-batches are one
-        // image), one per image otherwise.
-        let ranges = rayon::current_num_threads().div_ceil(x.n.max(1)).clamp(1, oh.max(1));
+        // Enough ranges of rows per image for every thread (one image per
+        // micro-batch: a range per thread), each of at least
+        // `MIN_RANGE_ROWS`: a range expands `k - stride` rows more than it
+        // projects.
+        let ranges = threads.div_ceil(x.n.max(1)).clamp(1, oh.div_ceil(MIN_RANGE_ROWS).max(1));
         let per_range = oh.div_ceil(ranges).max(1);
         let band = (BAND_PIXELS / ow.max(1)).clamp(1, per_range);
         if !data.is_empty() {
@@ -187,6 +199,9 @@ mod tests {
             (3, 24, 72, 40, 3, 2, 6, 5, PadMode::TfSame, false),
             (1, 8, 24, 8, 3, 1, 1, 150, PadMode::Symmetric(1), true),
             (1, 8, 24, 8, 3, 1, 200, 1, PadMode::Symmetric(1), true),
+            // Stride 2 with the ring wrapping: 5×5 and 3×3, TF "SAME".
+            (1, 8, 40, 24, 5, 2, 61, 21, PadMode::TfSame, false),
+            (1, 8, 24, 16, 3, 2, 57, 31, PadMode::TfSame, false),
         ];
         for (i, &(n, cin, ce, cout, k, s, h, w, pad, skip)) in cases.iter().enumerate() {
             let seed = 10 * i as u32;
@@ -199,7 +214,7 @@ mod tests {
             let want = block.forward_layers(&x);
             for threads in 1..=3 {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                let got = pool.install(|| block.forward_banded(&x));
+                let got = pool.install(|| block.forward_banded(&x, threads));
                 assert_eq!((got.n, got.h, got.w, got.c), (want.n, want.h, want.w, want.c), "case {i}");
                 let diff = got.data.iter().zip(&want.data).filter(|(a, b)| a != b).count();
                 assert_eq!(diff, 0, "case {i}, {threads} threads: {diff} values differ");
@@ -211,6 +226,7 @@ mod tests {
     #[test]
     fn refuses_layers_that_do_not_chain() {
         if !sgemm::available() {
+            eprintln!("no AVX-512F: skipped");
             return;
         }
         let dw = |c, s| NhwcDepthwise::new(&values(c * 9, 1), &values(c, 2), 3, s, PadMode::Symmetric(1), Fused::Relu6);
@@ -222,10 +238,10 @@ mod tests {
         assert!(!InvertedResidual::chains(&strided.unwrap(), &dw(96, 1).unwrap(), &p, false), "a strided 1×1");
     }
 
-    /// Milliseconds per image of MobileNetV2's first inverted-residual
-    /// blocks, layer by layer against band by band, on one thread (as each
-    /// share of a batch runs) and on two; rounds alternate and the figure
-    /// is the median round: `cargo test --release -p lineside-inference
+    /// Milliseconds per image of MobileNetV2's inverted-residual blocks,
+    /// layer by layer against band by band, on one thread (as each share of
+    /// a batch runs) and on two; rounds alternate and the figure is the
+    /// median round: `cargo test --release -p lineside-inference
     /// --lib inverted_residual::tests::speed -- --ignored --nocapture`.
     #[test]
     #[ignore]
@@ -258,7 +274,7 @@ mod tests {
                 pool.install(|| {
                     for _ in 0..15 {
                         layers.push(time(&|| block.forward_layers(&x)));
-                        banded.push(time(&|| block.forward_banded(&x)));
+                        banded.push(time(&|| block.forward_banded(&x, threads)));
                     }
                 });
                 let median = |v: &mut Vec<f64>| {
