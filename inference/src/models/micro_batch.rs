@@ -239,8 +239,9 @@ mod tests {
     }
 
     /// Batch 8 in steps of 1, 2, 4 and 8 images: img/s of the median of
-    /// alternating rounds, per model folder under `../shared/models`:
-    /// `cargo test --release -p lineside-inference --lib
+    /// alternating rounds, per model folder under `../shared/models` or
+    /// `/tmp/models` (resnet18, which `bench/peers.py`'s `materialize`
+    /// writes there): `cargo test --release -p lineside-inference --lib
     /// micro_batch::tests::step_speed -- --ignored --nocapture`.
     #[test]
     #[ignore]
