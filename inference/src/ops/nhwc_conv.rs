@@ -43,6 +43,10 @@ const KC: usize = 128;
 /// Pixels per task: the task's output rows (`PB × NR` floats, 60 KiB) and
 /// the input rows under them stay in L2 while every weight block passes.
 const PB: usize = 40 * MR;
+/// Tasks whose weights take at least this many bytes fetch each block of
+/// them into L2 while they compute on the one before ([`Step::prefetch`]);
+/// smaller ones stay in L2 from one use to the next.
+const PREFETCH_FROM_BYTES: usize = 256 << 10;
 /// Kernel rows whose taps hold at most this many floats are merged.
 const MERGE_UP_TO: usize = 32;
 
@@ -166,6 +170,20 @@ impl Nhwc {
         }
         Self { data, n: self.n, h: hp, w: wp, c }
     }
+}
+
+/// Pixels per task for a map of `pixels` on `threads` threads: at most
+/// [`PB`], in whole `MR` tiles, and where the map makes at least one block
+/// per thread, cut so the blocks come out a multiple of the threads and
+/// near equal. Fixed blocks of `PB` left one thread idle for much of a
+/// small map at batch 1: resnet18's 28² layers made blocks of 240, 240, 240
+/// and 64 pixels, so one thread ran 480 and the other 304. A map of fewer
+/// blocks than threads stays whole and its channels are split instead
+/// ([`NhwcConv::forward`]): every task then reads its weights once.
+fn block_pixels(pixels: usize, threads: usize) -> usize {
+    let blocks = pixels.div_ceil(PB);
+    let blocks = if blocks >= threads { blocks.next_multiple_of(threads.max(1)) } else { blocks.max(1) };
+    pixels.div_ceil(blocks).next_multiple_of(MR).clamp(MR, PB)
 }
 
 /// Registers per sliver for `cout` channels: the fewest padding lanes in
@@ -311,6 +329,12 @@ impl NhwcConv {
     /// `act(conv(x) + bias [+ residual])`, NHWC in and out. The residual has
     /// the output's shape.
     pub fn forward(&self, x: &Nhwc, residual: Option<&Nhwc>) -> Nhwc {
+        self.forward_with(x, residual, true)
+    }
+
+    /// [`Self::forward`], with or without prefetching the weights (off only
+    /// to measure what it gains).
+    fn forward_with(&self, x: &Nhwc, residual: Option<&Nhwc>, prefetch: bool) -> Nhwc {
         assert_eq!(x.c, self.cin, "input channels");
         let (k, s) = (self.kernel, self.stride);
         let p = self.pad.resolve(x.h, x.w, k, s);
@@ -338,19 +362,21 @@ impl NhwcConv {
             chunks: segs.chunks(),
             out: Shared(data.as_mut_ptr().cast::<f32>()),
             res: residual.map(|r| Shared(r.data.as_ptr())),
+            prefetch,
         };
         let pixels = out.pixels();
-        let blocks = pixels.div_ceil(PB);
+        let threads = rayon::current_num_threads();
+        let block = block_pixels(pixels, threads);
+        let blocks = pixels.div_ceil(block);
         let slivers = self.cout.div_ceil(self.nr());
         // Enough tasks for every thread; split the channels where the
         // pixels alone give too few (small maps at batch 1).
-        let threads = rayon::current_num_threads();
         let groups = if threads > 1 { (2 * threads).div_ceil(blocks).clamp(1, slivers) } else { 1 };
         let per_group = slivers.div_ceil(groups);
         let groups = slivers.div_ceil(per_group);
         let run = |t: usize| {
             let (b, g) = (t / groups, t % groups);
-            let px = b * PB..((b + 1) * PB).min(pixels);
+            let px = b * block..((b + 1) * block).min(pixels);
             job.run(px, g * per_group..((g + 1) * per_group).min(slivers));
         };
         if blocks * groups == 1 {
@@ -406,6 +432,9 @@ impl NhwcConv {
             chunks: segs.chunks(),
             out: Shared(out.as_mut_ptr()),
             res: residual.map(|r| Shared(r.as_ptr())),
+            // A fused block calls this band after band with the same
+            // weights: they stay in L2.
+            prefetch: false,
         };
         let slivers = self.cout.div_ceil(self.nr());
         for start in (0..pixels).step_by(PB) {
@@ -511,6 +540,9 @@ struct Job<'a> {
     chunks: Vec<Chunk>,
     out: Shared<*mut f32>,
     res: Option<Shared<*const f32>>,
+    /// Whether a task with weights of [`PREFETCH_FROM_BYTES`] or more
+    /// prefetches them ([`Step::prefetch`]).
+    prefetch: bool,
 }
 
 impl Job<'_> {
@@ -527,6 +559,10 @@ impl Job<'_> {
         let (full, rest) = (px.len() / MR, px.len() % MR);
         // (first tile, tiles, pixels per tile)
         let calls = [(0, full, MR), (full, usize::from(rest > 0), rest)];
+        // The task's weights are one run of memory: `[sliver][k][nr]`, and
+        // its chunks in order along k.
+        let task_weights = self.conv.filters[slivers.start * k * nr..slivers.end * k * nr].as_ptr_range();
+        let task_bytes = (slivers.end - slivers.start) * k * nr * size_of::<f32>();
         for sliver in slivers {
             let filters = &self.conv.filters[sliver * k * nr..][..k * nr];
             let lanes = (cout - sliver * nr).min(nr);
@@ -536,6 +572,13 @@ impl Job<'_> {
                 let b = &filters[k0 * nr..][..kc * nr];
                 let first = ci == 0;
                 let last = ci + 1 == self.chunks.len();
+                let next = b.as_ptr_range().end;
+                let prefetch = if self.prefetch && next < task_weights.end && task_bytes >= PREFETCH_FROM_BYTES {
+                    // SAFETY: both inside the task's weights.
+                    (next, (unsafe { task_weights.end.offset_from(next) } as usize).min(b.len()))
+                } else {
+                    (std::ptr::null(), 0)
+                };
                 for (t0, tiles, rows) in calls {
                     if tiles == 0 {
                         continue;
@@ -569,6 +612,9 @@ impl Job<'_> {
                             std::ptr::null()
                         },
                         act: if last { self.conv.act } else { Fused::None },
+                        // The partial tile's call reuses the block the
+                        // full tiles' call loaded.
+                        prefetch: if t0 == 0 { prefetch } else { (std::ptr::null(), 0) },
                     };
                     // SAFETY: `new` checked AVX-512F; for each of the `tiles`
                     // tiles the chunk's rows (indirect: `tile_stride` pointers
@@ -616,6 +662,12 @@ struct Step<'a> {
     /// Null, or the residual at `c`'s pixel.
     res: *const f32,
     act: Fused,
+    /// The weights the task reads next, and how many floats of them to
+    /// fetch into L2 while this call computes from L1: at batch 1 a small
+    /// map's layer does too few tiles per block of weights to hide the
+    /// wait for them (resnet18's 7² layers ran at two thirds the rate of
+    /// its 56² ones).
+    prefetch: (*const f32, usize),
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -653,6 +705,18 @@ mod avx512 {
         }
     }
 
+    /// Floats per cache line.
+    const LINE: usize = 16;
+
+    /// Prefetches still to issue in one tile: `per_step` lines from `at` at
+    /// each of its next `steps` k steps.
+    #[derive(Clone, Copy)]
+    struct Prefetch {
+        at: *const f32,
+        steps: usize,
+        per_step: usize,
+    }
+
     fn masks<const V: usize>(lanes: usize) -> [__mmask16; V] {
         std::array::from_fn(|v| {
             let n = lanes.saturating_sub(v * 16).min(16);
@@ -667,7 +731,19 @@ mod avx512 {
         let m = masks::<V>(s.lanes);
         debug_assert!(s.tiles <= 1 || R == MR, "tiles are MR pixels apart");
         debug_assert!(matches!(s.a, Rows::Indirect { .. }) || s.segs == 1, "dense rows have one segment");
+        // The lines to prefetch, spread evenly over the tiles and, in each,
+        // over its k steps.
+        let lines = s.prefetch.1.div_ceil(LINE);
+        let per_tile = lines.div_ceil(s.tiles);
+        let steps = s.segs * s.len;
+        let per_step = per_tile.div_ceil(steps.max(1));
         for t in 0..s.tiles {
+            let first_line = (t * per_tile).min(lines);
+            let pf = Prefetch {
+                at: s.prefetch.0.wrapping_add(first_line * LINE),
+                steps: (((t + 1) * per_tile).min(lines) - first_line).div_ceil(per_step.max(1)),
+                per_step,
+            };
             // SAFETY: forwarded from the caller: tile `t` is inside `a`, C
             // and the residual.
             unsafe {
@@ -677,11 +753,11 @@ mod avx512 {
                 match s.a {
                     Rows::Indirect { ptrs, tile_stride } => {
                         let tile = &ptrs[t * tile_stride..][..s.segs * MR];
-                        self::tile::<R, V>(s, |seg| std::array::from_fn(|r| tile[seg * MR + r]), c, res, m)
+                        self::tile::<R, V>(s, |seg| std::array::from_fn(|r| tile[seg * MR + r]), c, res, m, pf)
                     }
                     Rows::Dense { base, ld } => {
                         let first = base.add(t * MR * ld);
-                        self::tile::<R, V>(s, |_| std::array::from_fn(|r| first.wrapping_add(r * ld)), c, res, m)
+                        self::tile::<R, V>(s, |_| std::array::from_fn(|r| first.wrapping_add(r * ld)), c, res, m, pf)
                     }
                 }
             }
@@ -701,6 +777,7 @@ mod avx512 {
         c: *mut f32,
         res: *const f32,
         m: [__mmask16; V],
+        mut pf: Prefetch,
     ) {
         // SAFETY: forwarded from the caller.
         unsafe {
@@ -720,6 +797,13 @@ mod avx512 {
             for seg in 0..s.segs {
                 let a: [*const f32; R] = a(seg).map(|p| p.add(s.col0));
                 for j in 0..s.len {
+                    if pf.steps > 0 {
+                        for _ in 0..pf.per_step {
+                            _mm_prefetch::<_MM_HINT_T1>(pf.at.cast());
+                            pf.at = pf.at.wrapping_add(LINE);
+                        }
+                        pf.steps -= 1;
+                    }
                     let b: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(bp.add(v * 16)));
                     for (r, acc) in acc.iter_mut().enumerate() {
                         let av = _mm512_set1_ps(*a[r].add(j));
@@ -763,6 +847,80 @@ mod tests {
     fn sliver_widths() {
         let widths: Vec<usize> = [16, 24, 32, 64, 96, 144, 160, 320, 1280, 70].map(sliver_vectors).to_vec();
         assert_eq!(widths, [1, 2, 2, 4, 3, 3, 2, 4, 4, 1]);
+    }
+
+    /// Blocks of whole tiles, at most `PB`, a multiple of the threads once
+    /// there is a block per thread, and near equal.
+    #[test]
+    fn blocks_split_evenly() {
+        assert_eq!(block_pixels(784, 2), 198);
+        assert_eq!(block_pixels(196, 2), 198);
+        for threads in 1..=8 {
+            for pixels in 1..5000 {
+                let block = block_pixels(pixels, threads);
+                let blocks = pixels.div_ceil(block);
+                assert!(block <= PB && block.is_multiple_of(MR), "{pixels} px, {threads} threads: block {block}");
+                if pixels >= PB * threads {
+                    assert!(blocks.is_multiple_of(threads), "{pixels} px, {threads} threads: {blocks} blocks");
+                    let last = pixels - (blocks - 1) * block;
+                    assert!(
+                        block - last <= blocks * MR,
+                        "{pixels} px, {threads} threads: last block {last} of {block}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Milliseconds per layer with and without prefetching the weights, on
+    /// resnet18's shapes at batch 1: four layers of each shape with weights
+    /// of their own, run in turn so that (as in the network) a layer's
+    /// weights are not in cache when it starts. Alternating rounds, median
+    /// of 15. `cargo test --release -p lineside-inference --lib
+    /// nhwc_conv::tests::prefetch_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore = "measurement: prints figures"]
+    fn prefetch_speed() {
+        if !sgemm::available() {
+            eprintln!("no AVX-512F: skipped");
+            return;
+        }
+        // (cin, cout, k, s, h)
+        let shapes = [
+            (64, 64, 3, 1, 56),
+            (128, 128, 3, 1, 28),
+            (128, 256, 3, 2, 28),
+            (256, 256, 3, 1, 14),
+            (256, 512, 3, 2, 14),
+            (512, 512, 3, 1, 7),
+        ];
+        for (cin, cout, k, s, h) in shapes {
+            let convs: Vec<_> = (0..4)
+                .map(|i| {
+                    let (wt, b) = (values(cout * cin * k * k, 2 + i as u32), values(cout, 3));
+                    NhwcConv::new(&wt, &b, cin, k, s, PadMode::Symmetric(k / 2), Fused::Relu).unwrap()
+                })
+                .collect();
+            let x = Nhwc::from_nchw(&values(cin * h * h, 1), 1, cin, h, h);
+            let mut times = [Vec::new(), Vec::new()];
+            for _ in 0..15 {
+                for (prefetch, t) in [true, false].into_iter().zip(&mut times) {
+                    let start = std::time::Instant::now();
+                    for _ in 0..5 {
+                        convs.iter().for_each(|c| drop(c.forward_with(&x, None, prefetch)));
+                    }
+                    t.push(start.elapsed().as_secs_f64() * 1e3 / 20.0);
+                }
+            }
+            let [on, off] = times.map(|mut t| {
+                t.sort_by(f64::total_cmp);
+                t[t.len() / 2]
+            });
+            println!(
+                "{cin:>3}->{cout:>3} k{k} s{s} {h:>2}²: prefetch {on:.3} ms, without {off:.3} ms ({:+.0}%)",
+                (on / off - 1.0) * 100.0
+            );
+        }
     }
 
     /// Against candle's convolution: merged and per-tap segments, strides 1
