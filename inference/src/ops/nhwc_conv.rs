@@ -172,18 +172,34 @@ impl Nhwc {
     }
 }
 
-/// Pixels per task for a map of `pixels` on `threads` threads: at most
-/// [`PB`], in whole `MR` tiles, and where the map makes at least one block
-/// per thread, cut so the blocks come out a multiple of the threads and
-/// near equal. Fixed blocks of `PB` left one thread idle for much of a
-/// small map at batch 1: resnet18's 28² layers made blocks of 240, 240, 240
-/// and 64 pixels, so one thread ran 480 and the other 304. A map of fewer
-/// blocks than threads stays whole and its channels are split instead
-/// ([`NhwcConv::forward`]): every task then reads its weights once.
-fn block_pixels(pixels: usize, threads: usize) -> usize {
-    let blocks = pixels.div_ceil(PB);
-    let blocks = if blocks >= threads { blocks.next_multiple_of(threads.max(1)) } else { blocks.max(1) };
-    pixels.div_ceil(blocks).next_multiple_of(MR).clamp(MR, PB)
+/// How a map's output pixels are cut into tasks' blocks: in whole `MR`
+/// tiles, about [`PB`] pixels each, and where the map makes a block per
+/// thread or more, into a multiple of the threads within one tile of each
+/// other. Fixed blocks of `PB` left one thread idle for much of a small map
+/// at batch 1: resnet18's 28² layers made blocks of 240, 240, 240 and 64
+/// pixels, so one thread ran 480 and the other 304. A map of fewer blocks
+/// than threads keeps its ⌈pixels / PB⌉ blocks and its channels are split
+/// as well ([`NhwcConv::forward`]), so each task reads its weights once.
+#[derive(Debug, Clone, Copy)]
+struct PixelBlocks {
+    pixels: usize,
+    tiles: usize,
+    count: usize,
+}
+
+impl PixelBlocks {
+    fn new(pixels: usize, threads: usize) -> Self {
+        let tiles = pixels.div_ceil(MR);
+        let count = pixels.div_ceil(PB);
+        let count = if count >= threads { count.next_multiple_of(threads.max(1)) } else { count };
+        Self { pixels, tiles, count: count.clamp(1, tiles.max(1)) }
+    }
+
+    /// The pixels of block `b`.
+    fn range(&self, b: usize) -> Range<usize> {
+        let tile = |b: usize| b * self.tiles / self.count * MR;
+        tile(b).min(self.pixels)..tile(b + 1).min(self.pixels)
+    }
 }
 
 /// Registers per sliver for `cout` channels: the fewest padding lanes in
@@ -366,8 +382,8 @@ impl NhwcConv {
         };
         let pixels = out.pixels();
         let threads = rayon::current_num_threads();
-        let block = block_pixels(pixels, threads);
-        let blocks = pixels.div_ceil(block);
+        let cut = PixelBlocks::new(pixels, threads);
+        let blocks = cut.count;
         let slivers = self.cout.div_ceil(self.nr());
         // Enough tasks for every thread; split the channels where the
         // pixels alone give too few (small maps at batch 1).
@@ -376,7 +392,7 @@ impl NhwcConv {
         let groups = slivers.div_ceil(per_group);
         let run = |t: usize| {
             let (b, g) = (t / groups, t % groups);
-            let px = b * block..((b + 1) * block).min(pixels);
+            let px = cut.range(b);
             job.run(px, g * per_group..((g + 1) * per_group).min(slivers));
         };
         if blocks * groups == 1 {
@@ -572,10 +588,13 @@ impl Job<'_> {
                 let b = &filters[k0 * nr..][..kc * nr];
                 let first = ci == 0;
                 let last = ci + 1 == self.chunks.len();
+                // The next block is the next chunk's, or the next sliver's
+                // first: it starts where this one ends.
                 let next = b.as_ptr_range().end;
+                let next_chunk = &self.chunks[(ci + 1) % self.chunks.len()];
+                let next_len = next_chunk.segs.len() * next_chunk.cols.len() * nr;
                 let prefetch = if self.prefetch && next < task_weights.end && task_bytes >= PREFETCH_FROM_BYTES {
-                    // SAFETY: both inside the task's weights.
-                    (next, (unsafe { task_weights.end.offset_from(next) } as usize).min(b.len()))
+                    (next, next_len)
                 } else {
                     (std::ptr::null(), 0)
                 };
@@ -705,15 +724,15 @@ mod avx512 {
         }
     }
 
-    /// Floats per cache line.
-    const LINE: usize = 16;
+    /// Bytes per cache line.
+    const LINE_BYTES: usize = 64;
 
-    /// Prefetches still to issue in one tile: `per_step` lines from `at` at
-    /// each of its next `steps` k steps.
+    /// Prefetches still to issue in one tile: `left` lines from `at`,
+    /// `per_step` at each k step.
     #[derive(Clone, Copy)]
     struct Prefetch {
-        at: *const f32,
-        steps: usize,
+        at: *const u8,
+        left: usize,
         per_step: usize,
     }
 
@@ -731,19 +750,17 @@ mod avx512 {
         let m = masks::<V>(s.lanes);
         debug_assert!(s.tiles <= 1 || R == MR, "tiles are MR pixels apart");
         debug_assert!(matches!(s.a, Rows::Indirect { .. }) || s.segs == 1, "dense rows have one segment");
-        // The lines to prefetch, spread evenly over the tiles and, in each,
-        // over its k steps.
-        let lines = s.prefetch.1.div_ceil(LINE);
-        let per_tile = lines.div_ceil(s.tiles);
-        let steps = s.segs * s.len;
-        let per_step = per_tile.div_ceil(steps.max(1));
+        // The cache lines to prefetch, from the one the block starts in,
+        // spread evenly over the tiles and, in each, over its k steps.
+        let (start, len) = s.prefetch;
+        let skew = start as usize % LINE_BYTES;
+        let lines = if len == 0 { 0 } else { (skew + len * size_of::<f32>()).div_ceil(LINE_BYTES) };
+        let first = start.cast::<u8>().wrapping_sub(skew);
+        let per_tile = lines.div_ceil(s.tiles.max(1));
+        let per_step = per_tile.div_ceil((s.segs * s.len).max(1));
         for t in 0..s.tiles {
-            let first_line = (t * per_tile).min(lines);
-            let pf = Prefetch {
-                at: s.prefetch.0.wrapping_add(first_line * LINE),
-                steps: (((t + 1) * per_tile).min(lines) - first_line).div_ceil(per_step.max(1)),
-                per_step,
-            };
+            let (from, to) = ((t * per_tile).min(lines), ((t + 1) * per_tile).min(lines));
+            let pf = Prefetch { at: first.wrapping_add(from * LINE_BYTES), left: to - from, per_step };
             // SAFETY: forwarded from the caller: tile `t` is inside `a`, C
             // and the residual.
             unsafe {
@@ -797,12 +814,12 @@ mod avx512 {
             for seg in 0..s.segs {
                 let a: [*const f32; R] = a(seg).map(|p| p.add(s.col0));
                 for j in 0..s.len {
-                    if pf.steps > 0 {
-                        for _ in 0..pf.per_step {
+                    if pf.left > 0 {
+                        for _ in 0..pf.per_step.min(pf.left) {
                             _mm_prefetch::<_MM_HINT_T1>(pf.at.cast());
-                            pf.at = pf.at.wrapping_add(LINE);
+                            pf.at = pf.at.wrapping_add(LINE_BYTES);
                         }
-                        pf.steps -= 1;
+                        pf.left = pf.left.saturating_sub(pf.per_step);
                     }
                     let b: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(bp.add(v * 16)));
                     for (r, acc) in acc.iter_mut().enumerate() {
@@ -849,24 +866,36 @@ mod tests {
         assert_eq!(widths, [1, 2, 2, 4, 3, 3, 2, 4, 4, 1]);
     }
 
-    /// Blocks of whole tiles, at most `PB`, a multiple of the threads once
-    /// there is a block per thread, and near equal.
+    /// Blocks cover the map in order, in whole tiles (but the last), none
+    /// empty; with a block per thread or more, a multiple of the threads
+    /// and near equal.
     #[test]
     fn blocks_split_evenly() {
-        assert_eq!(block_pixels(784, 2), 198);
-        assert_eq!(block_pixels(196, 2), 198);
-        for threads in 1..=8 {
-            for pixels in 1..5000 {
-                let block = block_pixels(pixels, threads);
-                let blocks = pixels.div_ceil(block);
-                assert!(block <= PB && block.is_multiple_of(MR), "{pixels} px, {threads} threads: block {block}");
+        let sizes = |pixels, threads| {
+            let cut = PixelBlocks::new(pixels, threads);
+            (0..cut.count).map(|b| cut.range(b).len()).collect::<Vec<_>>()
+        };
+        assert_eq!(sizes(784, 2), [192, 198, 198, 196]);
+        assert_eq!(sizes(196, 2), [196]);
+        for threads in 1..=16 {
+            for pixels in (1..5000).chain((5000..40000).step_by(97)) {
+                let cut = PixelBlocks::new(pixels, threads);
+                let mut next = 0;
+                for b in 0..cut.count {
+                    let px = cut.range(b);
+                    assert_eq!(px.start, next, "{pixels} px, {threads} threads: block {b} starts at {}", px.start);
+                    assert!(!px.is_empty() && px.len() <= PB + MR, "{pixels} px, {threads} threads: block {b} {px:?}");
+                    assert!(px.end == pixels || px.len().is_multiple_of(MR), "{pixels} px: block {b} {px:?}");
+                    next = px.end;
+                }
+                assert_eq!(next, pixels, "{pixels} px, {threads} threads: covered");
                 if pixels >= PB * threads {
-                    assert!(blocks.is_multiple_of(threads), "{pixels} px, {threads} threads: {blocks} blocks");
-                    let last = pixels - (blocks - 1) * block;
-                    assert!(
-                        block - last <= blocks * MR,
-                        "{pixels} px, {threads} threads: last block {last} of {block}"
-                    );
+                    assert!(cut.count.is_multiple_of(threads), "{pixels} px, {threads} threads: {} blocks", cut.count);
+                    let lens: Vec<usize> = (0..cut.count).map(|b| cut.range(b).len()).collect();
+                    let (min, max) = (lens.iter().min().unwrap(), lens.iter().max().unwrap());
+                    // Whole tiles differ by at most one; the last block may
+                    // end in a partial tile.
+                    assert!(max - min < 2 * MR, "{pixels} px, {threads} threads: blocks of {min} to {max}");
                 }
             }
         }
