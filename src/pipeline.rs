@@ -300,16 +300,19 @@ async fn run(
     // the preprocessing threads, overlapped with the batcher.
     let prepared = crate::preprocess_pool::run(deadline, move || {
         let t0 = Instant::now();
-        let Decoded { image: mut img, source_size: size } =
+        let Decoded { image: mut img, source_size: size, window } =
             pre.decode(&body, limits, jpeg).map_err(ApiError::from_image)?;
         let t1 = Instant::now();
-        metrics::histogram!("lineside_decode_seconds", "scale" => decode_scale(size.0, img.width()))
+        let decoded_width = window.map_or(img.width(), |w| w.frame().0);
+        metrics::histogram!("lineside_decode_seconds", "scale" => decode_scale(size.0, decoded_width))
             .record((t1 - t0).as_secs_f64());
         let mut trace = Trace::default();
         if let Some(c) = &call {
+            // A plugin gets every pixel: `plugin_first` decoded in full, without a window.
+            debug_assert!(window.is_none() || c.factory.preprocess.is_none(), "a preprocess plugin on part of a frame");
             img = run_preprocess(c, img, &mut trace)?;
         }
-        let input = pre.run(&img).map_err(ApiError::from_image)?;
+        let input = pre.run_window(&img, window).map_err(ApiError::from_image)?;
         // Regions are reported in the coordinates of what the model was shown:
         // the plugin's output, else the image as sent (not a scaled decode's).
         let (width, height) = if plugin_first { (img.width(), img.height()) } else { size };

@@ -38,6 +38,11 @@ pub enum Error {
 
     #[error("unsupported image format: {0}")]
     UnsupportedFormat(String),
+
+    /// A partly decoded image handed to the transform with a window it does
+    /// not fill: a caller's mistake, not the image's.
+    #[error("decoded window does not fit the transform: {0}")]
+    Window(String),
 }
 
 impl Error {

@@ -21,4 +21,4 @@ pub mod weights;
 pub use error::{Error, Result};
 pub use hub_config::{HubConfig, PretrainedCfg};
 pub use models::{Classifier, ImageModel, LoadedModel, ModelFiles};
-pub use preprocess::{DecodeLimits, Decoded, JpegDecode, Preprocessor};
+pub use preprocess::{DecodeLimits, Decoded, JpegDecode, Preprocessor, Window};

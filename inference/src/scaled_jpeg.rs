@@ -7,12 +7,16 @@
 //! coefficient, but the IDCT, upsampling and colour conversion shrink with
 //! the output. For a model input of 224×224 from a 1920×1080 frame, a quarter
 //! scale (480×270) is still larger than timm's resize target (455×256), so the
-//! resize that follows only has less to do. The pixels differ slightly from
+//! resize that follows only has less to do. Only the part of the frame that
+//! the resize and center crop read is transformed (libjpeg's
+//! `jpeg_crop_scanline` and `jpeg_skip_scanlines`): for that frame, 260 of
+//! 480 columns and 260 of 270 rows. The pixels differ slightly from
 //! decoding every pixel and resizing: the DCT scaling acts as a box-like
 //! prefilter where Pillow's resize alone would use its wider kernel.
 //!
 //! libjpeg reports fatal errors by calling `error_exit`, which must not
-//! return; `mozjpeg` turns that into an unwind that we catch here. libjpeg
+//! return; ours unwinds (`mozjpeg-sys`'s `unwinding` feature declares the C
+//! functions `C-unwind`), and we catch it here. libjpeg
 //! also papers over corrupt data (a truncated file decodes with its missing
 //! rows grey) and only *warns*; we turn those warnings into errors too, and
 //! the caller leaves a damaged image to the full decoder to accept or refuse,
@@ -22,12 +26,16 @@
 //! entropy decoding, most of the cost at reduced scales, has none anyway.
 
 use std::any::Any;
-use std::os::raw::c_int;
+use std::marker::PhantomData;
+use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 
 use image::RgbImage;
-use mozjpeg::{ColorSpace, Decompress};
-use mozjpeg_sys::{jpeg_common_struct, jpeg_error_mgr, jpeg_std_error};
+use mozjpeg_sys::{
+    J_COLOR_SPACE, c_int, c_ulong, jpeg_common_struct, jpeg_create_decompress, jpeg_crop_scanline,
+    jpeg_decompress_struct, jpeg_destroy_decompress, jpeg_error_mgr, jpeg_finish_decompress, jpeg_mem_src,
+    jpeg_read_header, jpeg_read_scanlines, jpeg_skip_scanlines, jpeg_start_decompress, jpeg_std_error,
+};
 
 use crate::preprocess::DecodeLimits;
 use crate::{Error, Result};
@@ -45,20 +53,34 @@ const NUMERATORS: [u8; 3] = [1, 2, 4];
 /// the whole image until its last scan.
 const WORKING_BYTES_PER_PIXEL: u64 = 6;
 
+/// `jpeg_read_header`'s answer for a header followed by an image.
+const JPEG_HEADER_OK: c_int = 1;
+
 /// Most scans (SOS markers) this decoder takes on. libjpeg has no limit of
 /// its own, and a progressive JPEG of a hundred thousand tiny scans would
 /// walk the whole coefficient buffer for each; zune-jpeg, which the rest go
 /// to, refuses more than 100.
 const MAX_SCANS: usize = 100;
 
-/// A JPEG decoded at a reduced scale, and the size it was encoded at.
+/// A JPEG decoded at a reduced scale: the part of the frame that was asked
+/// for, where it lies, and the sizes of the frame and of the encoded image.
 pub(crate) struct ScaledJpeg {
+    /// The region's pixels; libjpeg may start it a few columns left of the
+    /// region (at a boundary of its MCUs).
     pub image: RgbImage,
+    /// `image`'s top-left pixel in the frame.
+    pub origin: (u32, u32),
+    /// The whole frame at the reduced scale.
+    pub frame: (u32, u32),
+    /// The image's width and height as encoded.
     pub source_size: (u32, u32),
 }
 
 /// Decodes `bytes` at the smallest DCT scale whose output is still at
-/// least `target(width, height)` on both sides.
+/// least `target(width, height)` on both sides, keeping only the columns
+/// and rows `region(frame width, frame height)` of that frame. The rest is
+/// still entropy-decoded (a JPEG cannot be read otherwise, and so corrupt
+/// data anywhere is still found), but not transformed or colour-converted.
 ///
 /// `Ok(None)` means this decoder does not apply and the caller should decode
 /// in full: not a JPEG, a colour space other than YCbCr or grey (CMYK), no
@@ -69,11 +91,12 @@ pub(crate) fn decode(
     bytes: &[u8],
     limits: DecodeLimits,
     target: impl Fn(u32, u32) -> (u32, u32),
+    region: impl Fn(u32, u32) -> (Range<u32>, Range<u32>),
 ) -> Result<Option<ScaledJpeg>> {
     if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) || scan_markers(bytes) > MAX_SCANS {
         return Ok(None);
     }
-    match catch_unwind(AssertUnwindSafe(|| decode_unguarded(bytes, limits, target))) {
+    match catch_unwind(AssertUnwindSafe(|| decode_unguarded(bytes, limits, target, region))) {
         Ok(result) => result,
         Err(payload) => Err(Error::Decode(panic_message(payload))),
     }
@@ -83,10 +106,10 @@ fn decode_unguarded(
     bytes: &[u8],
     limits: DecodeLimits,
     target: impl Fn(u32, u32) -> (u32, u32),
+    region: impl Fn(u32, u32) -> (Range<u32>, Range<u32>),
 ) -> Result<Option<ScaledJpeg>> {
-    let io = |e: std::io::Error| Error::Decode(e.to_string());
-    let mut jpeg = Decompress::with_err(strict_error_mgr()).from_mem(bytes).map_err(io)?;
-    let (width, height) = (jpeg.width() as u32, jpeg.height() as u32);
+    let mut jpeg = Decompressor::new(bytes);
+    let (width, height) = jpeg.read_header()?;
     if width > limits.max_width || height > limits.max_height {
         return Err(Error::ImageTooLarge(format!(
             "{width}×{height} exceeds the {}×{} limit",
@@ -96,7 +119,7 @@ fn decode_unguarded(
     if u64::from(width) * u64::from(height) * WORKING_BYTES_PER_PIXEL > limits.max_alloc {
         return Ok(None);
     }
-    if !matches!(jpeg.color_space(), ColorSpace::JCS_YCbCr | ColorSpace::JCS_GRAYSCALE) {
+    if !matches!(jpeg.cinfo.jpeg_color_space, J_COLOR_SPACE::JCS_YCbCr | J_COLOR_SPACE::JCS_GRAYSCALE) {
         return Ok(None);
     }
     let (min_w, min_h) = target(width, height);
@@ -105,18 +128,123 @@ fn decode_unguarded(
     else {
         return Ok(None);
     };
-    jpeg.scale(numerator);
-    let mut started = jpeg.rgb().map_err(io)?;
-    let (w, h) = (started.width() as u32, started.height() as u32);
-    let pixels: Vec<u8> = started.read_scanlines().map_err(io)?;
-    started.finish().map_err(io)?;
-    if w < min_w || h < min_h {
+    let (w, h) = jpeg.start(numerator);
+    if w < min_w || h < min_h || w == 0 || h == 0 {
         // Not libjpeg's documented rounding: let the full decoder do it.
         return Ok(None);
     }
-    let image = RgbImage::from_raw(w, h, pixels)
-        .ok_or_else(|| Error::Decode(format!("libjpeg returned a short image for {w}×{h}")))?;
-    Ok(Some(ScaledJpeg { image, source_size: (width, height) }))
+    let (cols, rows) = region(w, h);
+    let cols = cols.start.min(w - 1)..cols.end.clamp(cols.start.min(w - 1) + 1, w);
+    let rows = rows.start.min(h - 1)..rows.end.clamp(rows.start.min(h - 1) + 1, h);
+    let (x0, cw) = jpeg.crop(cols);
+    let pixels = jpeg.read_rows(rows.clone(), cw);
+    let image = RgbImage::from_raw(cw, rows.len() as u32, pixels)
+        .ok_or_else(|| Error::Decode(format!("libjpeg returned a short image for {cw}×{}", rows.len())))?;
+    Ok(Some(ScaledJpeg { image, origin: (x0, rows.start), frame: (w, h), source_size: (width, height) }))
+}
+
+/// libjpeg's decompressor over a JPEG in memory, destroyed when dropped,
+/// also when one of libjpeg's errors unwinds through it.
+struct Decompressor<'a> {
+    // Boxed: libjpeg keeps pointers to both.
+    cinfo: Box<jpeg_decompress_struct>,
+    _err: Box<jpeg_error_mgr>,
+    _bytes: PhantomData<&'a [u8]>,
+}
+
+impl<'a> Decompressor<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        let mut err = Box::new(strict_error_mgr());
+        // SAFETY: a C struct of integers, floats and nullable pointers, for
+        // which all-zero is the state jpeg_create_decompress expects.
+        let mut cinfo: Box<jpeg_decompress_struct> = Box::new(unsafe { std::mem::zeroed() });
+        cinfo.common.err = &mut *err;
+        // SAFETY: `cinfo` is zeroed with its error manager set.
+        unsafe { jpeg_create_decompress(&mut *cinfo) };
+        let mut this = Self { cinfo, _err: err, _bytes: PhantomData };
+        // SAFETY: libjpeg reads `bytes` until `this` is dropped, which the
+        // lifetime `'a` keeps within the borrow.
+        unsafe { jpeg_mem_src(&mut this.cinfo, bytes.as_ptr(), bytes.len() as c_ulong) };
+        this
+    }
+
+    /// The image's width and height as encoded.
+    fn read_header(&mut self) -> Result<(u32, u32)> {
+        // SAFETY: a created decompressor with a source; errors unwind.
+        if unsafe { jpeg_read_header(&mut self.cinfo, 1) } != JPEG_HEADER_OK {
+            return Err(Error::Decode("no image in the JPEG".into()));
+        }
+        Ok((self.cinfo.image_width, self.cinfo.image_height))
+    }
+
+    /// Starts decoding to RGB at `numerator / 8`: the frame's size.
+    fn start(&mut self, numerator: u8) -> (u32, u32) {
+        self.cinfo.scale_num = numerator.into();
+        self.cinfo.scale_denom = 8;
+        self.cinfo.out_color_space = J_COLOR_SPACE::JCS_RGB;
+        // SAFETY: after the header; with a memory source it never suspends.
+        unsafe { jpeg_start_decompress(&mut self.cinfo) };
+        (self.cinfo.output_width, self.cinfo.output_height)
+    }
+
+    /// Keeps columns `cols` (non-empty, inside the frame); libjpeg moves
+    /// the start left to a boundary of its MCUs: the first column and the
+    /// width it keeps.
+    fn crop(&mut self, cols: Range<u32>) -> (u32, u32) {
+        let (mut x0, mut width) = (cols.start, cols.len() as u32);
+        if width < self.cinfo.output_width {
+            // SAFETY: started and nothing read; `x0 + width` is inside the frame.
+            unsafe { jpeg_crop_scanline(&mut self.cinfo, &mut x0, &mut width) };
+        }
+        (x0, width)
+    }
+
+    /// Rows `rows` (non-empty, inside the frame) of the kept columns,
+    /// `width` of them. The rows above and below are skipped, which still
+    /// entropy-decodes them, so corrupt data anywhere is still found; but
+    /// the last row is read, not skipped: a skip to the bottom would stop
+    /// decoding there and leave the rest of the stream unchecked.
+    fn read_rows(&mut self, rows: Range<u32>, width: u32) -> Vec<u8> {
+        let height = self.cinfo.output_height;
+        self.skip(rows.start);
+        let row_bytes = width as usize * 3;
+        let mut pixels = vec![0u8; row_bytes * rows.len()];
+        for row in pixels.chunks_exact_mut(row_bytes) {
+            self.read_row(row);
+        }
+        if rows.end < height {
+            self.skip(height - 1 - rows.end);
+            self.read_row(&mut vec![0u8; row_bytes]);
+        }
+        // SAFETY: every row was read or skipped.
+        unsafe { jpeg_finish_decompress(&mut self.cinfo) };
+        pixels
+    }
+
+    fn skip(&mut self, lines: u32) {
+        if lines > 0 {
+            // SAFETY: started; libjpeg stops at the frame's last row.
+            unsafe { jpeg_skip_scanlines(&mut self.cinfo, lines) };
+        }
+    }
+
+    /// The next row into `row`, which holds a kept row's RGB bytes.
+    fn read_row(&mut self, row: &mut [u8]) {
+        debug_assert_eq!(row.len(), self.cinfo.output_width as usize * 3);
+        let mut rows = [row.as_mut_ptr()];
+        // SAFETY: started, before the last row; `row` holds one output row
+        // (three bytes per kept column). A memory source never suspends, and
+        // data that ends early is a warning, which unwinds.
+        let read = unsafe { jpeg_read_scanlines(&mut self.cinfo, rows.as_mut_ptr(), 1) };
+        assert_eq!(read, 1, "libjpeg read no row");
+    }
+}
+
+impl Drop for Decompressor<'_> {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`; libjpeg frees its memory in any state.
+        unsafe { jpeg_destroy_decompress(&mut self.cinfo) };
+    }
 }
 
 /// How many SOS markers `bytes` holds, at most. Byte stuffing keeps `FF DA`
