@@ -2,8 +2,8 @@
 # End-to-end HTTP benchmark: a real lineside server under concurrent load from
 # wrk, next to the raw model throughput measured by `lineside bench` in the
 # same run; then open-loop load (bench/openloop.py) at 50% and 90% of the
-# saturation wrk found. Prints img/s, p50/p99 latency, server RSS and the
-# e2e/raw ratio.
+# saturation wrk found. Prints img/s, p50/p99 latency, the server's CPU time
+# per image, its RSS and the e2e/raw ratio.
 #
 #   bench/http.sh [--connections 16] [--duration 20] [--batch 8] [--image FILE] [--no-records]
 #                 [--jpeg-decode full|scaled] [--model SOURCE]
@@ -60,9 +60,17 @@ RAW=$("$BIN" bench --model "$MODEL" --batch-sizes "$BATCH" --runs 3 --json | tai
 echo "$RAW"
 echo "== end to end: wrk -c $CONNS -d ${DURATION}s, $RUNS runs, $(basename "$IMG"), jpeg_decode = $JPEG"
 IMG=$IMG wrk -t2 -c"$CONNS" -d2s -s bench/post_image.lua "http://127.0.0.1:$PORT/v1/inspect" >/dev/null # warm-up
+# The server's user + system CPU time in clock ticks (fields 14 and 15 of
+# /proc/PID/stat, counted after the parenthesised command name).
+cpu_ticks() { sed 's/.*) //' "/proc/$SERVER/stat" | awk '{print $12 + $13}'; }
 RESULTS=()
 for i in $(seq "$RUNS"); do
+  T0=$(cpu_ticks)
   R=$(IMG=$IMG wrk -t2 -c"$CONNS" -d"${DURATION}s" --timeout 10s -s bench/post_image.lua "http://127.0.0.1:$PORT/v1/inspect" | sed -n 's/^WRK_JSON //p')
+  T1=$(cpu_ticks)
+  # CPU per request (every one carries an image) is steadier than img/s on a shared machine: it
+  # shows what a change to decoding saves even when throughput is noisy.
+  R=$(python3 -c 'import json, sys; r = json.loads(sys.argv[1]); r["server_cpu_ms_per_image"] = round((int(sys.argv[3]) - int(sys.argv[2])) * 1000 / int(sys.argv[4]) / max(r["requests"], 1), 2); print(json.dumps(r))' "$R" "$T0" "$T1" "$(getconf CLK_TCK)")
   echo "run $i: $R"
   RESULTS+=("$R")
 done
@@ -87,6 +95,8 @@ print(f"== summary (medians of {len(runs)} runs)")
 print(f"raw model  batch {raw['batch']}: {raw['images_per_second']:.1f} img/s")
 print(f"end to end HTTP at saturation: {e2e:.1f} img/s, p50 {med('p50_ms'):.1f} ms, p99 {med('p99_ms'):.1f} ms, "
       f"non-2xx {sum(r['non_2xx'] for r in runs)}, server peak RSS {rss:.0f} MiB")
+print(f"server CPU per image at saturation: {med('server_cpu_ms_per_image'):.2f} ms "
+      f"(the raw model on {raw['threads']} threads: at most {raw['threads'] * 1000 / raw['images_per_second']:.2f} ms)")
 for name, o in (("50%", open50), ("90%", open90)):
     print(f"open loop at {name} of saturation ({o['offered_rps']} req/s offered, {o['achieved_rps']} answered): "
           f"p50 {o['p50_ms']} ms, p99 {o['p99_ms']} ms, non-2xx {o['non_2xx']}, errors {o['errors']}")
