@@ -175,9 +175,10 @@ impl Nhwc {
 /// How a map's output pixels are cut into tasks' blocks: in whole `MR`
 /// tiles, about [`PB`] pixels each, and where the map makes a block per
 /// thread or more, into a multiple of the threads whose tile counts differ
-/// by at most one (the last block may end in a partial tile). Fixed blocks of `PB` left one thread idle for much of a small map
-/// at batch 1: resnet18's 28² layers made blocks of 240, 240, 240 and 64
-/// pixels, so one thread ran 480 and the other 304. A map of fewer blocks
+/// by at most one (the last block may end in a partial tile). Fixed blocks
+/// of `PB` left one thread idle for much of a small map at batch 1:
+/// resnet18's 28² layers made blocks of 240, 240, 240 and 64 pixels, so
+/// one thread ran 480 and the other 304. A map of fewer blocks
 /// than threads keeps its ⌈pixels / PB⌉ blocks and its channels are split
 /// as well ([`NhwcConv::forward`]), so each task reads its weights once.
 #[derive(Debug, Clone, Copy)]
