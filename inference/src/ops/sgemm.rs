@@ -710,6 +710,49 @@ mod tests {
         }
     }
 
+    /// The f32 FMA peak that the GFLOP/s figures are a share of, measured
+    /// rather than taken from a data sheet (a VM's clock and its CPU's FMA
+    /// width vary: AMD's Zen 4 runs a 16-lane FMA on two 8-lane units):
+    /// twelve independent chains of 16-lane FMAs per thread, on one thread
+    /// and on all. `cargo test --release -p lineside-inference --lib
+    /// sgemm::tests::fma_peak -- --ignored --nocapture`
+    #[test]
+    #[ignore = "measurement: prints figures"]
+    fn fma_peak() {
+        if !available() {
+            eprintln!("no AVX-512F: skipped");
+            return;
+        }
+        /// # Safety
+        /// The CPU has AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn chains(iters: usize) -> f32 {
+            use std::arch::x86_64::*;
+            let (b, c) = (_mm512_set1_ps(1.000_000_1), _mm512_set1_ps(1e-7));
+            let mut acc = [_mm512_setzero_ps(); 12];
+            for _ in 0..iters {
+                for a in &mut acc {
+                    *a = _mm512_fmadd_ps(*a, b, c);
+                }
+            }
+            acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
+        }
+        const ITERS: usize = 100_000_000;
+        let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for threads in [1, all] {
+            let start = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    // SAFETY: AVX-512F is available (checked above).
+                    s.spawn(|| std::hint::black_box(unsafe { chains(std::hint::black_box(ITERS)) }));
+                }
+            });
+            let flops = (threads * ITERS * 12 * 16 * 2) as f64;
+            let rate = flops / start.elapsed().as_secs_f64() / 1e9;
+            println!("{threads} thread(s): {rate:.1} GFLOP/s, {:.1} per thread", rate / threads as f64);
+        }
+    }
+
     /// GFLOP/s on the convolution shapes of resnet18 and mobilenetv2, against
     /// matrixmultiply: `cargo test -p lineside-inference --lib sgemm::tests::speed -- --ignored --nocapture`.
     #[test]
