@@ -124,8 +124,13 @@ impl MicroBatched {
         concat(parts)
     }
 
-    /// `f` over the batch, shared out over the threads, each share in steps.
+    /// `f` over the batch, shared out over the threads, each share in steps,
+    /// on a thread of the current rayon pool ([`on_pool`]).
     fn split(&self, x: &Tensor, f: &(dyn Fn(&Tensor) -> Result<Outputs> + Sync)) -> Result<Outputs> {
+        on_pool(|| self.split_here(x, f))
+    }
+
+    fn split_here(&self, x: &Tensor, f: &(dyn Fn(&Tensor) -> Result<Outputs> + Sync)) -> Result<Outputs> {
         let n = x.dim(0)?;
         let threads = rayon::current_num_threads();
         let k = shares(n, threads);
@@ -142,6 +147,22 @@ impl MicroBatched {
             .collect::<Result<Vec<_>>>()?;
         concat(parts)
     }
+}
+
+/// Runs `f` on a thread of the current rayon pool (in place where it is on one).
+///
+/// The batcher's and `lineside bench`'s threads are not the pool's. Called
+/// from such a thread, every parallel loop of the network was handed to the
+/// pool from outside, and the caller slept on a latch until it was done:
+/// a wake-up on each side of every layer, with the caller's core idle in
+/// between. From inside the pool a loop forks and joins among its threads,
+/// and only the whole forward pass crosses over. resnet18, batch 1, 2
+/// threads, alternating runs: see docs/performance.md ("One crossing per
+/// forward pass").
+pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // `scope` runs its body in place on a pool thread, and from anywhere
+    // else injects it into the pool and waits.
+    rayon::scope(|_| f())
 }
 
 /// Joins per-part outputs along the batch dimension.
@@ -191,6 +212,18 @@ mod tests {
 
     use super::*;
     use crate::models::{LoadedModel, ModelFiles};
+
+    #[test]
+    fn the_forward_pass_runs_on_a_pool_thread() {
+        assert_eq!(rayon::current_thread_index(), None, "the test thread is not the pool's");
+        assert!(on_pool(rayon::current_thread_index).is_some());
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        // Already on one: in place, on the same thread.
+        pool.install(|| {
+            let here = std::thread::current().id();
+            assert_eq!(on_pool(|| std::thread::current().id()), here);
+        });
+    }
 
     #[test]
     fn shares_keep_enough_images_each() {
