@@ -306,7 +306,7 @@ pub struct ModelConfig {
     pub max_queue_delay_ms: u64,
     #[serde(default = "d_queue")]
     pub queue_capacity: usize,
-    /// Compute threads for this model (default: all cores). Wide convolution
+    /// Threads of this model's own compute pool (default: all cores). Wide convolution
     /// GEMMs run on `matrixmultiply`'s process-wide pool instead, sized by
     /// MATMUL_NUM_THREADS (default: the cores, at most 4).
     #[serde(default)]

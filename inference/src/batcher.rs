@@ -40,7 +40,8 @@ pub struct BatcherConfig {
     pub max_batch_size: usize,
     pub max_queue_delay: Duration,
     pub queue_capacity: usize,
-    /// Compute threads for this model; `None` shares the global pool.
+    /// Threads of this model's own pool; `None`: as many as the global
+    /// pool's (the cores, or `RAYON_NUM_THREADS`).
     pub threads: Option<usize>,
 }
 
@@ -199,12 +200,15 @@ where
     M: BatchModel,
     F: FnOnce() -> crate::Result<M> + Send,
 {
-    // With its own pool, the whole loop runs on a pool worker so that every
-    // rayon call in the model (GEMM, kernels) stays inside this model's threads.
-    match cfg.threads.map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build()) {
-        Some(Ok(pool)) => pool.install(move || run_loop(shared, cfg, rx, load)),
-        Some(Err(e)) => shared.set_status(ModelStatus::Failed(format!("thread pool: {e}"))),
-        None => run_loop(shared, cfg, rx, load),
+    // The whole loop runs on a worker of the model's own pool, so every
+    // rayon call in the model (GEMM, kernels) stays inside this model's
+    // threads. On a pool shared by several models, a thread waiting in one
+    // model's join could take up another model's whole forward pass and
+    // hold the first batch until it ends.
+    let threads = cfg.threads.unwrap_or_else(rayon::current_num_threads);
+    match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+        Ok(pool) => pool.install(move || run_loop(shared, cfg, rx, load)),
+        Err(e) => shared.set_status(ModelStatus::Failed(format!("thread pool: {e}"))),
     }
 }
 

@@ -161,8 +161,14 @@ impl MicroBatched {
 /// forward pass").
 pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     // `scope` runs its body in place on a pool thread, and from anywhere
-    // else injects it into the pool and waits.
-    rayon::scope(|_| f())
+    // else injects it into the pool and waits. A pool thread that waits in
+    // a join may pick the pass up while it runs a share of another batch:
+    // the pass starts with no share setting of its own, and gets that
+    // setting back when it ends.
+    rayon::scope(|_| {
+        let _outer = ShareThreads(SHARE_THREADS.replace(None));
+        f()
+    })
 }
 
 /// Joins per-part outputs along the batch dimension.
@@ -216,12 +222,29 @@ mod tests {
     #[test]
     fn the_forward_pass_runs_on_a_pool_thread() {
         assert_eq!(rayon::current_thread_index(), None, "the test thread is not the pool's");
-        assert!(on_pool(rayon::current_thread_index).is_some());
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/test_resnet.random6");
+        if !dir.exists() {
+            eprintln!("no ../shared/models: skipped");
+            return;
+        }
+        let files = ModelFiles::from_dir(&dir).unwrap();
+        let net = MicroBatched::with_size(LoadedModel::load(&files, &Device::Cpu).unwrap().network, 1);
+        let x = Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
+        let on_a_pool_thread = |_: &Tensor| {
+            assert!(rayon::current_thread_index().is_some(), "the pass ran outside the pool");
+            assert_eq!(SHARE_THREADS.get(), None, "the pass inherited a share setting");
+            Ok((Vec::new(), None))
+        };
+        net.split(&x, &on_a_pool_thread).unwrap();
+        // Already on a pool thread: in place, on the same thread, and the
+        // thread's share setting is back afterwards.
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        // Already on one: in place, on the same thread.
         pool.install(|| {
+            let _share = ShareThreads::set(1);
             let here = std::thread::current().id();
             assert_eq!(on_pool(|| std::thread::current().id()), here);
+            net.split(&x, &on_a_pool_thread).unwrap();
+            assert_eq!(SHARE_THREADS.get(), Some(1));
         });
     }
 
