@@ -828,8 +828,15 @@ mod avx512 {
             for seg in 0..s.segs {
                 let a: [*const f32; R] = a(seg);
                 if a[0].is_null() {
-                    // Padding for every pixel of the tile (`indirection`).
+                    // Padding for every pixel of the tile (`indirection`);
+                    // its share of the prefetches still goes out.
                     bp = bp.add(s.len * V * LANES);
+                    let lines = (pf.per_step * s.len).min(pf.left);
+                    for _ in 0..lines {
+                        _mm_prefetch::<_MM_HINT_T1>(pf.at.cast());
+                        pf.at = pf.at.wrapping_add(LINE_BYTES);
+                    }
+                    pf.left -= lines;
                     continue;
                 }
                 let a = a.map(|p| p.add(s.col0));
@@ -978,6 +985,7 @@ mod tests {
     /// padding is shared with inside pixels and stays.
     #[test]
     fn indirection_marks_whole_tile_padding() {
+        assert_eq!(MR, 6, "a tile is one row of this map");
         let x = Nhwc::from_nchw(&values(4 * 3 * 6, 1), 1, 4, 3, 6);
         let p = Padding { top: 1, bottom: 1, left: 1, right: 1 };
         let segs = Segments { count: 9, len: 4, merged: false };
