@@ -729,7 +729,8 @@ mod tests {
         unsafe fn chains(iters: usize) -> f32 {
             use std::arch::x86_64::*;
             let (b, c) = (_mm512_set1_ps(1.000_000_1), _mm512_set1_ps(1e-7));
-            let mut acc = [_mm512_setzero_ps(); 12];
+            // Different starting values, so no two chains are the same value.
+            let mut acc: [__m512; 12] = std::array::from_fn(|i| _mm512_set1_ps(i as f32 * 1e-3));
             for _ in 0..iters {
                 for a in &mut acc {
                     *a = _mm512_fmadd_ps(*a, b, c);
@@ -739,7 +740,9 @@ mod tests {
         }
         const ITERS: usize = 100_000_000;
         let all = std::thread::available_parallelism().map_or(1, |n| n.get());
-        for threads in [1, all] {
+        let mut counts = vec![1, all];
+        counts.dedup();
+        for threads in counts {
             let start = std::time::Instant::now();
             std::thread::scope(|s| {
                 for _ in 0..threads {
