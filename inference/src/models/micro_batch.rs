@@ -151,14 +151,14 @@ impl MicroBatched {
 
 /// Runs `f` on a thread of the current rayon pool (in place where it is on one).
 ///
-/// The batcher's and `lineside bench`'s threads are not the pool's. Called
-/// from such a thread, every parallel loop of the network was handed to the
-/// pool from outside, and the caller slept on a latch until it was done:
-/// a wake-up on each side of every layer, with the caller's core idle in
-/// between. From inside the pool a loop forks and joins among its threads,
-/// and only the whole forward pass crosses over. resnet18, batch 1, 2
-/// threads, alternating runs: see docs/performance.md ("One crossing per
-/// forward pass").
+/// `lineside bench` calls the network from its main thread, not a pool's
+/// (the batcher runs inside its model's pool). Called from such a thread,
+/// every parallel loop of the network was handed to the pool from outside,
+/// and the caller slept on a latch until it was done: a wake-up on each
+/// side of every layer. From inside the pool a loop forks and joins among
+/// its threads, and only the whole forward pass crosses over.
+/// mobilenetv2 at batch 1 gained 12% (docs/performance.md, "One crossing
+/// per forward pass").
 pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     // `scope` runs its body in place on a pool thread, and from anywhere
     // else injects it into the pool and waits. A pool thread that waits in

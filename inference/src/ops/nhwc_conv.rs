@@ -750,6 +750,20 @@ mod avx512 {
         per_step: usize,
     }
 
+    impl Prefetch {
+        /// Fetches the next `lines` of them (at most those left) into L2.
+        #[inline(always)]
+        fn issue(&mut self, lines: usize) {
+            let n = lines.min(self.left);
+            for _ in 0..n {
+                // SAFETY: SSE is part of x86-64, and a prefetch never faults.
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(self.at.cast()) };
+                self.at = self.at.wrapping_add(LINE_BYTES);
+            }
+            self.left -= n;
+        }
+    }
+
     fn masks<const V: usize>(lanes: usize) -> [__mmask16; V] {
         std::array::from_fn(|v| {
             let n = lanes.saturating_sub(v * 16).min(16);
@@ -831,22 +845,13 @@ mod avx512 {
                     // Padding for every pixel of the tile (`indirection`);
                     // its share of the prefetches still goes out.
                     bp = bp.add(s.len * V * LANES);
-                    let lines = (pf.per_step * s.len).min(pf.left);
-                    for _ in 0..lines {
-                        _mm_prefetch::<_MM_HINT_T1>(pf.at.cast());
-                        pf.at = pf.at.wrapping_add(LINE_BYTES);
-                    }
-                    pf.left -= lines;
+                    pf.issue(pf.per_step * s.len);
                     continue;
                 }
                 let a = a.map(|p| p.add(s.col0));
                 for j in 0..s.len {
                     if pf.left > 0 {
-                        for _ in 0..pf.per_step.min(pf.left) {
-                            _mm_prefetch::<_MM_HINT_T1>(pf.at.cast());
-                            pf.at = pf.at.wrapping_add(LINE_BYTES);
-                        }
-                        pf.left = pf.left.saturating_sub(pf.per_step);
+                        pf.issue(pf.per_step);
                     }
                     let b: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(bp.add(v * 16)));
                     for (r, acc) in acc.iter_mut().enumerate() {
