@@ -8,9 +8,10 @@
 //! - every other groups=1 convolution is a GEMM writing straight into the
 //!   NCHW output, bias fused ([`GemmConv`]); 1×1 ones need no im2col copy;
 //! - elsewhere, bias and activation are applied in one pass ([`BiasAct`]);
-//! - on CPUs with AVX-512F, whole networks (ResNet, MobileNetV2,
+//! - on CPUs with AVX-512F or AVX2, whole networks (ResNet, MobileNetV2,
 //!   EfficientNet-Lite) run channels-last instead: [`nhwc_conv`] (an
-//!   indirect GEMM) and [`nhwc_depthwise`].
+//!   indirect GEMM) and [`nhwc_depthwise`], each written once over
+//!   [`simd::Simd`] and compiled for both.
 //!
 //! On other devices the same layer falls back to candle's own ops.
 
@@ -31,6 +32,7 @@ pub mod nhwc_conv;
 #[cfg(target_arch = "x86_64")]
 pub mod nhwc_depthwise;
 pub mod sgemm;
+pub mod simd;
 pub use depthwise::DepthwiseConv;
 use gemm_conv::ConvAddAct;
 pub use gemm_conv::{GemmConv, GemmPath};

@@ -260,7 +260,7 @@ pub struct EfficientNet {
     feature_stages: Vec<usize>,
     feature_info: Vec<FeatureInfo>,
     /// The same network channels-last, where every layer has a kernel for
-    /// it (AVX-512F; no squeeze-excite, no SiLU): f32 on CPU runs this.
+    /// it (AVX-512F or AVX2; no squeeze-excite, no SiLU): f32 on CPU runs this.
     #[cfg(target_arch = "x86_64")]
     channels_last: Option<channels_last::Network>,
 }
@@ -672,12 +672,13 @@ mod tests {
     use super::*;
 
     /// The ImageNet weights of `../shared/models/DIR`, or `None` (with a
-    /// note) where that folder or AVX-512F is missing.
+    /// note) where that folder is missing or the CPU has neither AVX-512F
+    /// nor AVX2.
     pub(super) fn imagenet_weights(arch: &str, dir: &str) -> Option<Weights> {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join(format!("../../shared/models/{dir}/model.safetensors"));
-        if !path.exists() || !crate::ops::sgemm::available() {
-            eprintln!("no ../shared/models or no AVX-512F: skipped");
+        if !path.exists() || crate::ops::simd::Isa::detect().is_none() {
+            eprintln!("no ../shared/models or no AVX-512F/AVX2: skipped");
             return None;
         }
         Some(Weights::from_buffer(arch, &std::fs::read(&path).unwrap(), &candle_core::Device::Cpu).unwrap())

@@ -343,7 +343,7 @@ mod channels_last {
     }
 
     impl Network {
-        /// `None` where a layer has no channels-last kernel (no AVX-512F).
+        /// `None` where a layer has no channels-last kernel (neither AVX-512F nor AVX2).
         pub fn new(stem: &[ConvBnAct], stages: &[Vec<Block>]) -> Result<Option<Self>> {
             let stem = stem.iter().map(|c| c.channels_last(Activation::Relu));
             let Some(stem) = stem.collect::<Result<Option<Vec<_>>>>()? else { return Ok(None) };
@@ -399,8 +399,8 @@ mod tests {
     fn channels_last_matches_nchw() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../shared/models/test_resnet.random6/model.safetensors");
-        if !path.exists() || !crate::ops::sgemm::available() {
-            eprintln!("no ../shared/models or no AVX-512F: skipped");
+        if !path.exists() || crate::ops::simd::Isa::detect().is_none() {
+            eprintln!("no ../shared/models or no AVX-512F/AVX2: skipped");
             return;
         }
         let w = Weights::from_buffer("test_resnet", &std::fs::read(&path).unwrap(), &Device::Cpu).unwrap();

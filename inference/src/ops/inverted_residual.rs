@@ -172,7 +172,8 @@ impl InvertedResidual {
 mod tests {
     use super::*;
     use crate::ops::PadMode;
-    use crate::ops::sgemm::{self, Fused};
+    use crate::ops::sgemm::Fused;
+    use crate::ops::simd::Isa;
     use crate::ops::test_util::values;
 
     fn pointwise(cin: usize, cout: usize, act: Fused, seed: u32) -> NhwcConv {
@@ -186,8 +187,8 @@ mod tests {
     /// sizes, channel counts off the 16 lanes, with and without the skip.
     #[test]
     fn banded_equals_layers() {
-        if !sgemm::available() {
-            eprintln!("no AVX-512F: skipped");
+        if Isa::detect().is_none() {
+            eprintln!("no AVX-512F or AVX2: skipped");
             return;
         }
         // (n, cin, expanded, cout, k, s, h, w, pad, skip)
@@ -225,8 +226,8 @@ mod tests {
     /// Blocks whose layers do not chain are refused.
     #[test]
     fn refuses_layers_that_do_not_chain() {
-        if !sgemm::available() {
-            eprintln!("no AVX-512F: skipped");
+        if Isa::detect().is_none() {
+            eprintln!("no AVX-512F or AVX2: skipped");
             return;
         }
         let dw = |c, s| NhwcDepthwise::new(&values(c * 9, 1), &values(c, 2), 3, s, PadMode::Symmetric(1), Fused::Relu6);

@@ -4,7 +4,7 @@
 //! pixel reads `cin` consecutive floats of the input. The microkernel
 //! broadcasts those floats straight from the input through one pointer per
 //! pixel and tap (XNNPACK's indirection buffer, built per block of pixels
-//! here), against the weights packed once at load time in slivers of 16
+//! here), against the weights packed once at load time in slivers of 8
 //! to 64 output channels (as wide as fits the layer's channel count
 //! without waste: MobileNetV2's 24-channel projections would use 24 of 64
 //! lanes). Nothing is copied per call: no im2col, no packing of the
@@ -20,21 +20,24 @@
 //! unpadded convolution needs no pointers at all: output pixel `i` reads
 //! input pixel `i`.
 //!
-//! Built on x86-64 only; [`NhwcConv::new`] returns `None` on CPUs without
-//! AVX-512F.
+//! Built on x86-64 only. The kernel is written once over [`Simd`] and
+//! compiled for AVX-512F and for AVX2 with FMA; [`NhwcConv::new`] picks the
+//! widest the CPU runs and packs the weights for its register width, and
+//! returns `None` on a CPU with neither.
+//!
+//! [`Simd`]: super::simd::Simd
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::sgemm::{self, Fused};
+use super::sgemm::Fused;
+use super::simd::Isa;
 use super::{PadMode, Padding, out_size};
 
-/// Most output channels per microkernel call: four 16-lane registers.
+/// Most output channels per sliver: four AVX-512 registers, eight AVX2.
 const NR: usize = 64;
-/// Lanes of one register.
-const LANES: usize = 16;
 /// Pixels per microkernel call: 6 × 4 accumulators leave registers for the
 /// four weight vectors and a broadcast.
 const MR: usize = 6;
@@ -203,10 +206,19 @@ impl PixelBlocks {
     }
 }
 
-/// Registers per sliver for `cout` channels: the fewest padding lanes in
-/// the last sliver, and of equals the widest (more FMAs per broadcast).
-fn sliver_vectors(cout: usize) -> usize {
-    (1..=NR / LANES).rev().min_by_key(|&v| cout.next_multiple_of(v * LANES) - cout).expect("a non-empty range")
+/// Registers of `lanes` per sliver for `cout` channels: the fewest
+/// padding lanes in the last sliver, and of equals the widest (more FMAs
+/// per broadcast).
+fn sliver_vectors(cout: usize, lanes: usize) -> usize {
+    (1..=NR / lanes).rev().min_by_key(|&v| cout.next_multiple_of(v * lanes) - cout).expect("a non-empty range")
+}
+
+/// Lanes of one register of `isa`.
+fn lanes(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => 16,
+        Isa::Avx2 => 8,
+    }
 }
 
 /// A groups=1 convolution with folded BatchNorm, on NHWC maps.
@@ -214,7 +226,9 @@ fn sliver_vectors(cout: usize) -> usize {
 pub struct NhwcConv {
     /// `[sliver][k][nr]` with k ordered (ky, kx, ci), zero-padded past `cout`.
     filters: Vec<f32>,
-    /// Registers per sliver (1–4): `nr = 16 · vectors` channels.
+    /// What the kernel runs on; the packing follows its register width.
+    isa: Isa,
+    /// Registers per sliver: `nr = lanes(isa) · vectors` channels.
     vectors: usize,
     /// Zero-padded to whole slivers.
     bias: Vec<f32>,
@@ -282,8 +296,9 @@ unsafe impl Send for Shared<*mut f32> {}
 unsafe impl Sync for Shared<*mut f32> {}
 
 impl NhwcConv {
-    /// From a folded weight `[cout, cin, k, k]` (flattened) and bias, or
-    /// `None` where the CPU has no AVX-512F.
+    /// From a folded weight `[cout, cin, k, k]` (flattened) and bias, for
+    /// the widest instruction set this CPU runs, or `None` where it has
+    /// neither AVX-512F nor AVX2 with FMA.
     pub fn new(
         weight: &[f32],
         bias: &[f32],
@@ -293,14 +308,28 @@ impl NhwcConv {
         pad: PadMode,
         act: Fused,
     ) -> Option<Self> {
-        if !sgemm::available() {
-            return None;
-        }
+        Some(Self::for_isa(Isa::detect()?, weight, bias, cin, kernel, stride, pad, act))
+    }
+
+    /// [`Self::new`] for `isa`, which the CPU must run (tests check each
+    /// set the CPU has).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn for_isa(
+        isa: Isa,
+        weight: &[f32],
+        bias: &[f32],
+        cin: usize,
+        kernel: usize,
+        stride: usize,
+        pad: PadMode,
+        act: Fused,
+    ) -> Self {
+        assert!(Isa::supported().contains(&isa), "this CPU does not run {isa:?}");
         let cout = bias.len();
         assert_eq!(weight.len(), cout * cin * kernel * kernel);
         let k = cin * kernel * kernel;
-        let vectors = sliver_vectors(cout);
-        let nr = vectors * LANES;
+        let vectors = sliver_vectors(cout, lanes(isa));
+        let nr = vectors * lanes(isa);
         let slivers = cout.div_ceil(nr);
         let mut filters = vec![0f32; slivers * k * nr];
         for o in 0..cout {
@@ -316,7 +345,7 @@ impl NhwcConv {
         }
         let mut padded_bias = bias.to_vec();
         padded_bias.resize(slivers * nr, 0.0);
-        Some(Self { filters, vectors, bias: padded_bias, cin, cout, kernel, stride, pad, act })
+        Self { filters, isa, vectors, bias: padded_bias, cin, cout, kernel, stride, pad, act }
     }
 
     /// Input channels.
@@ -331,7 +360,7 @@ impl NhwcConv {
 
     /// Output channels per sliver.
     fn nr(&self) -> usize {
-        self.vectors * LANES
+        self.vectors * lanes(self.isa)
     }
 
     fn segments(&self) -> Segments {
@@ -647,7 +676,7 @@ impl Job<'_> {
                         // full tiles' call loaded.
                         prefetch: if t0 == 0 { prefetch } else { (std::ptr::null(), 0) },
                     };
-                    // SAFETY: `new` checked AVX-512F; for each of the `tiles`
+                    // SAFETY: `for_isa` checked the CPU runs `isa`; for each of the `tiles`
                     // tiles the chunk's rows (indirect: `tile_stride` pointers
                     // apart; dense: pixels of the input, which has the
                     // output's pixels) each have `col0 + len` readable floats
@@ -655,7 +684,12 @@ impl Job<'_> {
                     // skipped (a null first pointer); C and the residual
                     // hold `tiles` × `rows` pixels of `ldc` channels from
                     // `at`, written by this task only.
-                    unsafe { avx512::dispatch(rows, self.conv.vectors, &step) }
+                    unsafe {
+                        match self.conv.isa {
+                            Isa::Avx512 => kernels::avx512(rows, self.conv.vectors, &step),
+                            Isa::Avx2 => kernels::avx2(rows, self.conv.vectors, &step),
+                        }
+                    }
                 }
             }
         }
@@ -704,28 +738,31 @@ struct Step<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
+mod kernels {
+    use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
 
-    use super::{Fused, LANES, MR, Rows, Step};
+    use super::{MR, NR, Rows, Step};
+    use crate::ops::simd::{Simd, Ymm, Zmm, activate};
 
-    /// The kernel for `rows` pixels and slivers of `vectors` registers.
+    /// The AVX-512 kernel for `rows` pixels and slivers of `vectors`
+    /// registers: the whole sliver in one pass (up to 24 accumulators of
+    /// 32 registers).
     ///
     /// # Safety
-    /// As for [`kernel`].
+    /// The CPU has AVX-512F; as for [`kernel`].
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn dispatch(rows: usize, vectors: usize, s: &Step) {
+    pub unsafe fn avx512(rows: usize, vectors: usize, s: &Step) {
         macro_rules! by_rows {
             ($v:literal) => {
                 // SAFETY: forwarded.
                 unsafe {
                     match rows {
-                        6 => kernel::<6, $v>(s),
-                        5 => kernel::<5, $v>(s),
-                        4 => kernel::<4, $v>(s),
-                        3 => kernel::<3, $v>(s),
-                        2 => kernel::<2, $v>(s),
-                        _ => kernel::<1, $v>(s),
+                        6 => kernel::<Zmm, 6, $v>(s, $v),
+                        5 => kernel::<Zmm, 5, $v>(s, $v),
+                        4 => kernel::<Zmm, 4, $v>(s, $v),
+                        3 => kernel::<Zmm, 3, $v>(s, $v),
+                        2 => kernel::<Zmm, 2, $v>(s, $v),
+                        _ => kernel::<Zmm, 1, $v>(s, $v),
                     }
                 }
             };
@@ -735,6 +772,28 @@ mod avx512 {
             3 => by_rows!(3),
             2 => by_rows!(2),
             _ => by_rows!(1),
+        }
+    }
+
+    /// The AVX2 kernel: 16 registers hold 6 pixels × 2 vectors of
+    /// accumulators, so a sliver goes in passes of two vectors (the last
+    /// of one where `vectors` is odd), each over the tile's input again
+    /// (from L1).
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; as for [`kernel`].
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn avx2(rows: usize, vectors: usize, s: &Step) {
+        // SAFETY: forwarded.
+        unsafe {
+            match rows {
+                6 => kernel::<Ymm, 6, 2>(s, vectors),
+                5 => kernel::<Ymm, 5, 2>(s, vectors),
+                4 => kernel::<Ymm, 4, 2>(s, vectors),
+                3 => kernel::<Ymm, 3, 2>(s, vectors),
+                2 => kernel::<Ymm, 2, 2>(s, vectors),
+                _ => kernel::<Ymm, 1, 2>(s, vectors),
+            }
         }
     }
 
@@ -751,6 +810,8 @@ mod avx512 {
     }
 
     impl Prefetch {
+        const NONE: Self = Self { at: std::ptr::null(), left: 0, per_step: 0 };
+
         /// Fetches the next `lines` of them (at most those left) into L2.
         #[inline(always)]
         fn issue(&mut self, lines: usize) {
@@ -764,18 +825,14 @@ mod avx512 {
         }
     }
 
-    fn masks<const V: usize>(lanes: usize) -> [__mmask16; V] {
-        std::array::from_fn(|v| {
-            let n = lanes.saturating_sub(v * 16).min(16);
-            if n == 16 { 0xffff } else { ((1u32 << n) - 1) as u16 }
-        })
-    }
-
+    /// `R` pixels of every tile of the call, over slivers of `vectors`
+    /// registers, in passes of `W` registers (`W` = `vectors`, or 2).
+    ///
     /// # Safety
-    /// AVX-512F; see [`super::Job::run`] for the pointers.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn kernel<const R: usize, const V: usize>(s: &Step) {
-        let m = masks::<V>(s.lanes);
+    /// The CPU runs `S`; see [`super::Job::run`] for the pointers.
+    #[inline(always)]
+    unsafe fn kernel<S: Simd, const R: usize, const W: usize>(s: &Step, vectors: usize) {
+        debug_assert!(W == vectors || W == 2, "passes of {W} over {vectors} vectors");
         debug_assert!(s.tiles <= 1 || R == MR, "tiles are MR pixels apart");
         debug_assert!(matches!(s.a, Rows::Indirect { .. }) || s.segs == 1, "dense rows have one segment");
         // The cache lines to prefetch, from the one the block starts in,
@@ -788,63 +845,101 @@ mod avx512 {
         let per_step = per_tile.div_ceil((s.segs * s.len).max(1));
         for t in 0..s.tiles {
             let (from, to) = ((t * per_tile).min(lines), ((t + 1) * per_tile).min(lines));
-            let pf = Prefetch { at: first.wrapping_add(from * LINE_BYTES), left: to - from, per_step };
-            // SAFETY: forwarded from the caller: tile `t` is inside `a`, C
-            // and the residual.
-            unsafe {
-                let at = t * MR * s.ldc;
-                let res = if s.res.is_null() { s.res } else { s.res.add(at) };
-                let c = s.c.add(at);
-                match s.a {
-                    Rows::Indirect { ptrs, tile_stride } => {
-                        let tile = &ptrs[t * tile_stride..][..s.segs * MR];
-                        self::tile::<R, V>(s, |seg| std::array::from_fn(|r| tile[seg * MR + r]), c, res, m, pf)
+            let mut pf = Prefetch { at: first.wrapping_add(from * LINE_BYTES), left: to - from, per_step };
+            for v0 in (0..vectors).step_by(W) {
+                // Passes wholly past the sliver's channels compute nothing.
+                if v0 * S::LANES >= s.lanes {
+                    break;
+                }
+                // SAFETY: forwarded from the caller: tile `t` is inside `a`,
+                // C and the residual.
+                unsafe {
+                    if vectors - v0 >= W {
+                        pass::<S, R, W>(s, t, v0 * S::LANES, vectors * S::LANES, pf);
+                    } else {
+                        pass::<S, R, 1>(s, t, v0 * S::LANES, vectors * S::LANES, pf);
                     }
-                    Rows::Dense { base, ld } => {
-                        let first = base.add(t * MR * ld);
-                        self::tile::<R, V>(s, |_| std::array::from_fn(|r| first.wrapping_add(r * ld)), c, res, m, pf)
-                    }
+                }
+                pf = Prefetch::NONE;
+            }
+        }
+    }
+
+    /// Tile `t`'s `R` pixels × the `V` registers of channels from `col` of
+    /// a sliver `nr` wide.
+    ///
+    /// # Safety
+    /// As for [`kernel`].
+    #[inline(always)]
+    unsafe fn pass<S: Simd, const R: usize, const V: usize>(s: &Step, t: usize, col: usize, nr: usize, pf: Prefetch) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            let at = t * MR * s.ldc + col;
+            let res = if s.res.is_null() { s.res } else { s.res.add(at) };
+            let c = s.c.add(at);
+            match s.a {
+                Rows::Indirect { ptrs, tile_stride } => {
+                    let tile = &ptrs[t * tile_stride..][..s.segs * MR];
+                    self::tile::<S, R, V>(s, |seg| std::array::from_fn(|r| tile[seg * MR + r]), c, res, col, nr, pf)
+                }
+                Rows::Dense { base, ld } => {
+                    let first = base.add(t * MR * ld);
+                    self::tile::<S, R, V>(
+                        s,
+                        |_| std::array::from_fn(|r| first.wrapping_add(r * ld)),
+                        c,
+                        res,
+                        col,
+                        nr,
+                        pf,
+                    )
                 }
             }
         }
     }
 
-    /// One tile: `R` pixels from `c` (and `res`, unless null), reading
-    /// segment `seg` of pixel `r` from `a(seg)[r]`.
+    /// One tile: `R` pixels from `c` (and `res`, unless null) × `V`
+    /// registers of channels from `col`, reading segment `seg` of pixel `r`
+    /// from `a(seg)[r]` and the weights of each k `nr` apart.
     ///
     /// # Safety
     /// As for [`kernel`].
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn tile<const R: usize, const V: usize>(
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn tile<S: Simd, const R: usize, const V: usize>(
         s: &Step,
         a: impl Fn(usize) -> [*const f32; R],
         c: *mut f32,
         res: *const f32,
-        m: [__mmask16; V],
+        col: usize,
+        nr: usize,
         mut pf: Prefetch,
     ) {
-        // SAFETY: forwarded from the caller.
+        let lanes = s.lanes.saturating_sub(col);
+        // SAFETY: forwarded from the caller. Masks keep loads and stores
+        // inside the sliver's `lanes` channels; the bias and weights are
+        // padded to whole slivers.
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); V]; R];
+            let m: [S::Mask; V] = std::array::from_fn(|v| S::first(lanes.saturating_sub(v * S::LANES)));
+            let mut acc = [[S::zero(); V]; R];
             for (r, acc) in acc.iter_mut().enumerate() {
                 *acc = match s.bias {
-                    Some(b) => std::array::from_fn(|v| _mm512_loadu_ps(b.as_ptr().add(v * 16))),
+                    Some(b) => std::array::from_fn(|v| S::load(b.as_ptr().add(col + v * S::LANES))),
                     None => {
                         let c = c.add(r * s.ldc);
                         // wrapping_add: a vector past `lanes` (mask 0) touches
                         // no memory, but its address may lie past the buffer.
-                        std::array::from_fn(|v| _mm512_maskz_loadu_ps(m[v], c.wrapping_add(v * 16)))
+                        std::array::from_fn(|v| S::load_masked(m[v], c.wrapping_add(v * S::LANES)))
                     }
                 };
             }
-            let mut bp = s.b.as_ptr();
+            let mut bp = s.b.as_ptr().add(col);
             for seg in 0..s.segs {
                 let a: [*const f32; R] = a(seg);
                 if a[0].is_null() {
                     // Padding for every pixel of the tile (`indirection`);
                     // its share of the prefetches still goes out.
-                    bp = bp.add(s.len * V * LANES);
+                    bp = bp.add(s.len * nr);
                     pf.issue(pf.per_step * s.len);
                     continue;
                 }
@@ -853,31 +948,40 @@ mod avx512 {
                     if pf.left > 0 {
                         pf.issue(pf.per_step);
                     }
-                    let b: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(bp.add(v * 16)));
+                    let b: [S; V] = std::array::from_fn(|v| S::load(bp.add(v * S::LANES)));
                     for (r, acc) in acc.iter_mut().enumerate() {
-                        let av = _mm512_set1_ps(*a[r].add(j));
+                        let av = S::splat(*a[r].add(j));
                         for v in 0..V {
-                            acc[v] = _mm512_fmadd_ps(av, b[v], acc[v]);
+                            acc[v] = S::mul_add(av, b[v], acc[v]);
                         }
                     }
-                    bp = bp.add(V * LANES);
+                    bp = bp.add(nr);
                 }
             }
-            let zero = _mm512_setzero_ps();
-            let six = _mm512_set1_ps(6.0);
+            // The sums leave the registers first, in a loop small enough to
+            // unroll: an epilogue that indexed `acc` by a loop variable kept
+            // the accumulators in memory, stored at every k step.
+            let mut sums = [0f32; MR * NR];
             for (r, acc) in acc.iter().enumerate() {
+                for (v, &x) in acc.iter().enumerate() {
+                    S::store(sums.as_mut_ptr().add((r * V + v) * S::LANES), x);
+                }
+            }
+            for r in 0..R {
                 let c = c.add(r * s.ldc);
                 for v in 0..V {
-                    let mut x = acc[v];
+                    let mut x = S::load(sums.as_ptr().add((r * V + v) * S::LANES));
                     if !res.is_null() {
-                        x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m[v], res.add(r * s.ldc).wrapping_add(v * 16)));
+                        x = S::add(x, S::load_masked(m[v], res.add(r * s.ldc).wrapping_add(v * S::LANES)));
                     }
-                    x = match s.act {
-                        Fused::None => x,
-                        Fused::Relu => _mm512_max_ps(x, zero),
-                        Fused::Relu6 => _mm512_min_ps(_mm512_max_ps(x, zero), six),
-                    };
-                    _mm512_mask_storeu_ps(c.wrapping_add(v * 16), m[v], x);
+                    x = activate(x, s.act);
+                    // A full vector's plain store: AVX2's masked store is
+                    // microcoded on AMD.
+                    if lanes >= (v + 1) * S::LANES {
+                        S::store(c.add(v * S::LANES), x);
+                    } else {
+                        S::store_masked(m[v], c.wrapping_add(v * S::LANES), x);
+                    }
                 }
             }
         }
@@ -894,8 +998,9 @@ mod tests {
     /// Slivers as wide as fit without waste.
     #[test]
     fn sliver_widths() {
-        let widths: Vec<usize> = [16, 24, 32, 64, 96, 144, 160, 320, 1280, 70].map(sliver_vectors).to_vec();
-        assert_eq!(widths, [1, 2, 2, 4, 3, 3, 2, 4, 4, 1]);
+        let couts = [16, 24, 32, 64, 96, 144, 160, 320, 1280, 70];
+        assert_eq!(couts.map(|c| sliver_vectors(c, 16)), [1, 2, 2, 4, 3, 3, 2, 4, 4, 1]);
+        assert_eq!(couts.map(|c| sliver_vectors(c, 8)), [2, 3, 4, 8, 6, 6, 5, 8, 8, 3]);
     }
 
     /// Blocks cover the map in order, in whole tiles (but the last), none
@@ -942,8 +1047,8 @@ mod tests {
     #[test]
     #[ignore = "measurement: prints figures"]
     fn prefetch_speed() {
-        if !sgemm::available() {
-            eprintln!("no AVX-512F: skipped");
+        if Isa::detect().is_none() {
+            eprintln!("no AVX-512F or AVX2: skipped");
             return;
         }
         // (cin, cout, k, s, h)
@@ -1003,15 +1108,21 @@ mod tests {
         assert_eq!(skipped(2), [6, 7, 8]);
     }
 
-    /// Against candle's convolution: merged and per-tap segments, strides 1
-    /// and 2, 1×1, slivers of 1–4 registers, channel counts off the sliver and k off the
-    /// block size, TF padding, with and without a residual.
+    /// Against candle's convolution, on every instruction set this CPU
+    /// runs: merged and per-tap segments, strides 1 and 2, 1×1, slivers of
+    /// 1–4 AVX-512 registers (1–8 AVX2, odd counts included), channel
+    /// counts off the sliver and k off the block size, TF padding, with and
+    /// without a residual.
     #[test]
     fn matches_candle_conv() {
-        if !sgemm::available() {
-            eprintln!("no AVX-512F: skipped");
-            return;
+        let sets = Isa::supported();
+        eprintln!("instruction sets: {sets:?}");
+        for isa in sets {
+            matches_candle_conv_on(isa);
         }
+    }
+
+    fn matches_candle_conv_on(isa: Isa) {
         let dev = Device::Cpu;
         // (n, cin, cout, k, s, h, w, pad, residual)
         for &(n, cin, cout, k, s, h, w, pad, res) in &[
@@ -1030,11 +1141,11 @@ mod tests {
             (2, 160, 24, 1, 1, 11, 13, PadMode::Symmetric(0), true),
             (1, 300, 20, 1, 1, 1, 5, PadMode::Symmetric(0), false),
         ] {
-            let case = format!("n{n} {cin}->{cout} k{k} s{s} {h}x{w} {pad:?} res {res}");
+            let case = format!("{isa:?} n{n} {cin}->{cout} k{k} s{s} {h}x{w} {pad:?} res {res}");
             let x = values(n * cin * h * w, 1);
             let wt = values(cout * cin * k * k, 2);
             let b = values(cout, 3);
-            let conv = NhwcConv::new(&wt, &b, cin, k, s, pad, Fused::Relu).unwrap();
+            let conv = NhwcConv::for_isa(isa, &wt, &b, cin, k, s, pad, Fused::Relu);
             let xt = Tensor::from_vec(x.clone(), (n, cin, h, w), &dev).unwrap();
             let p = pad.resolve(h, w, k, s);
             let xp = xt.pad_with_zeros(2, p.top, p.bottom).unwrap().pad_with_zeros(3, p.left, p.right).unwrap();
@@ -1053,8 +1164,9 @@ mod tests {
             let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(err < 1e-3, "{case}: max err {err}");
         }
-        let conv = NhwcConv::new(&values(8 * 4 * 9, 2), &values(8, 3), 4, 3, 1, PadMode::Symmetric(1), Fused::Relu);
-        let empty = conv.unwrap().forward(&Nhwc { data: Vec::new(), n: 0, h: 5, w: 5, c: 4 }, None);
+        let conv =
+            NhwcConv::for_isa(isa, &values(8 * 4 * 9, 2), &values(8, 3), 4, 3, 1, PadMode::Symmetric(1), Fused::Relu);
+        let empty = conv.forward(&Nhwc { data: Vec::new(), n: 0, h: 5, w: 5, c: 4 }, None);
         assert_eq!((empty.n, empty.h, empty.w, empty.c, empty.data.len()), (0, 5, 5, 8, 0));
     }
 

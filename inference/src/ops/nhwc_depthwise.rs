@@ -1,22 +1,24 @@
 //! Depthwise convolutions on channels-last (NHWC) maps.
 //!
 //! In NHWC one tap of a depthwise kernel is a run of consecutive channels,
-//! so a 16-lane vector holds 16 channels of one pixel: the kernel needs no
+//! so a vector holds consecutive channels of one pixel: the kernel needs no
 //! padded copy and no split of the input by stride phase, as the NCHW
 //! kernel ([`super::DepthwiseConv`]) does. A tap outside the image reads a
-//! zeroed row. For each block of 16 channels the `K×K` weight vectors stay
-//! in registers (K = 3 or 5) while the kernel walks the output row, so each
-//! tap is one load and one FMA.
+//! zeroed row. For each block of channels (one register: 16 with AVX-512,
+//! 8 with AVX2) the `K×K` weight vectors stay in registers (K = 3 or 5;
+//! AVX2's 16 registers spill some of a 5×5's) while the kernel walks the
+//! output row, so each tap is one load and one FMA.
 //!
 //! Built on x86-64 only; [`NhwcDepthwise::new`] returns `None` on CPUs
-//! without AVX-512F.
+//! with neither AVX-512F nor AVX2 with FMA.
 
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
 use super::nhwc_conv::Nhwc;
-use super::sgemm::{self, Fused};
+use super::sgemm::Fused;
+use super::simd::Isa;
 use super::{PadMode, Padding, out_size};
 
 /// A depthwise convolution with folded BatchNorm, on NHWC maps.
@@ -29,15 +31,33 @@ pub struct NhwcDepthwise {
     stride: usize,
     pad: PadMode,
     act: Fused,
+    /// What the kernel runs on.
+    isa: Isa,
 }
 
 impl NhwcDepthwise {
-    /// From a folded weight `[c, 1, k, k]` (flattened) and bias, or `None`
-    /// where the CPU has no AVX-512F or `k` is not 3 or 5.
+    /// From a folded weight `[c, 1, k, k]` (flattened) and bias, for the
+    /// widest instruction set this CPU runs, or `None` where it has neither
+    /// AVX-512F nor AVX2 with FMA, or `k` is not 3 or 5.
     pub fn new(weight: &[f32], bias: &[f32], kernel: usize, stride: usize, pad: PadMode, act: Fused) -> Option<Self> {
-        if !sgemm::available() || !matches!(kernel, 3 | 5) {
+        if !matches!(kernel, 3 | 5) {
             return None;
         }
+        Some(Self::for_isa(Isa::detect()?, weight, bias, kernel, stride, pad, act))
+    }
+
+    /// [`Self::new`] for `isa`, which the CPU must run, and `k` 3 or 5.
+    pub(crate) fn for_isa(
+        isa: Isa,
+        weight: &[f32],
+        bias: &[f32],
+        kernel: usize,
+        stride: usize,
+        pad: PadMode,
+        act: Fused,
+    ) -> Self {
+        assert!(Isa::supported().contains(&isa), "this CPU does not run {isa:?}");
+        assert!(matches!(kernel, 3 | 5), "a {kernel}×{kernel} depthwise kernel");
         let (c, taps) = (bias.len(), kernel * kernel);
         assert_eq!(weight.len(), c * taps, "depthwise weight shape");
         let mut weights = vec![0f32; taps * c];
@@ -46,7 +66,7 @@ impl NhwcDepthwise {
                 weights[t * c + ch] = weight[ch * taps + t];
             }
         }
-        Some(Self { weights, bias: bias.to_vec(), kernel, stride, pad, act })
+        Self { weights, bias: bias.to_vec(), kernel, stride, pad, act, isa }
     }
 
     /// Channels in and out.
@@ -133,13 +153,15 @@ impl NhwcDepthwise {
             Some(row)
         };
         let g = Geometry { w, left: p.left, ow, zeros };
-        // SAFETY: `new` checked AVX-512F and set `kernel`; every row holds
-        // `w × c` floats (asserted), `zeros` holds `c` (asserted) and `out`
-        // `ow × c` (the caller's promise).
+        // SAFETY: `for_isa` checked the CPU runs `isa` and that `kernel`
+        // is 3 or 5; every row holds `w × c` floats (asserted), `zeros`
+        // holds `c` (asserted) and `out` `ow × c` (the caller's promise).
         unsafe {
-            match self.kernel {
-                3 => avx512::row::<3>(self, std::array::from_fn(row), &g, out),
-                _ => avx512::row::<5>(self, std::array::from_fn(row), &g, out),
+            match (self.isa, self.kernel) {
+                (Isa::Avx512, 3) => kernels::avx512::<3>(self, std::array::from_fn(row), &g, out),
+                (Isa::Avx512, _) => kernels::avx512::<5>(self, std::array::from_fn(row), &g, out),
+                (Isa::Avx2, 3) => kernels::avx2::<3>(self, std::array::from_fn(row), &g, out),
+                (Isa::Avx2, _) => kernels::avx2::<5>(self, std::array::from_fn(row), &g, out),
             }
         }
     }
@@ -157,33 +179,54 @@ struct Geometry<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
+mod kernels {
+    use super::{Geometry, NhwcDepthwise};
+    use crate::ops::simd::{Simd, Ymm, Zmm, activate};
 
-    use super::{Fused, Geometry, NhwcDepthwise};
+    /// [`row`] on AVX-512F.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; as for [`row`].
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn avx512<const K: usize>(op: &NhwcDepthwise, rows: [Option<&[f32]>; K], g: &Geometry, out: *mut f32) {
+        // SAFETY: forwarded.
+        unsafe { row::<Zmm, K>(op, rows, g, out) }
+    }
+
+    /// [`row`] on AVX2 with FMA.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; as for [`row`].
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn avx2<const K: usize>(op: &NhwcDepthwise, rows: [Option<&[f32]>; K], g: &Geometry, out: *mut f32) {
+        // SAFETY: forwarded.
+        unsafe { row::<Ymm, K>(op, rows, g, out) }
+    }
 
     /// One output row into `out` from the input row under each kernel row
     /// (`None` in the padding).
     ///
     /// # Safety
-    /// AVX-512F; `op.kernel == K`; each row holds `g.w × c` floats with
-    /// `c = op.channels()`; `g.zeros` holds `c` floats; `out` holds
+    /// The CPU runs `S`; `op.kernel == K`; each row holds `g.w × c` floats
+    /// with `c = op.channels()`; `g.zeros` holds `c` floats; `out` holds
     /// `g.ow × c`.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn row<const K: usize>(op: &NhwcDepthwise, rows: [Option<&[f32]>; K], g: &Geometry, out: *mut f32) {
+    #[inline(always)]
+    unsafe fn row<S: Simd, const K: usize>(op: &NhwcDepthwise, rows: [Option<&[f32]>; K], g: &Geometry, out: *mut f32) {
         let (c, s) = (op.channels(), op.stride);
-        let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
-        for cb in (0..c).step_by(16) {
-            let n = (c - cb).min(16);
-            let m: __mmask16 = if n == 16 { 0xffff } else { ((1u32 << n) - 1) as u16 };
+        for cb in (0..c).step_by(S::LANES) {
+            let n = c - cb;
             // SAFETY (all loads and stores below): masked to the `n` lanes
             // from `cb`, inside a pixel's `c` channels of the input row, of
             // `zeros`, of the weights' tap row, or of the output pixel.
             unsafe {
-                let w: [[__m512; K]; K] = std::array::from_fn(|ky| {
-                    std::array::from_fn(|kx| _mm512_maskz_loadu_ps(m, op.weights.as_ptr().add((ky * K + kx) * c + cb)))
+                let m = S::first(n);
+                // Whole vectors take plain loads and stores: AVX2's masked
+                // ones are slow on AMD, the store microcoded.
+                let load = |p: *const f32| if n >= S::LANES { S::load(p) } else { S::load_masked(m, p) };
+                let w: [[S; K]; K] = std::array::from_fn(|ky| {
+                    std::array::from_fn(|kx| load(op.weights.as_ptr().add((ky * K + kx) * c + cb)))
                 });
-                let bias = _mm512_maskz_loadu_ps(m, op.bias.as_ptr().add(cb));
+                let bias = load(op.bias.as_ptr().add(cb));
                 for ox in 0..g.ow {
                     let mut acc = bias;
                     for (row, w) in rows.iter().zip(&w) {
@@ -193,15 +236,12 @@ mod avx512 {
                                 Some(row) if ix < g.w => row.as_ptr().add(ix * c + cb),
                                 _ => g.zeros.as_ptr().add(cb),
                             };
-                            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, tap), w, acc);
+                            acc = S::mul_add(load(tap), w, acc);
                         }
                     }
-                    acc = match op.act {
-                        Fused::None => acc,
-                        Fused::Relu => _mm512_max_ps(acc, zero),
-                        Fused::Relu6 => _mm512_min_ps(_mm512_max_ps(acc, zero), six),
-                    };
-                    _mm512_mask_storeu_ps(out.add(ox * c + cb), m, acc);
+                    acc = activate(acc, op.act);
+                    let to = out.add(ox * c + cb);
+                    if n >= S::LANES { S::store(to, acc) } else { S::store_masked(m, to, acc) }
                 }
             }
         }
@@ -220,10 +260,14 @@ mod tests {
     /// odd map sizes, each fused activation.
     #[test]
     fn matches_candle_conv() {
-        if !sgemm::available() {
-            eprintln!("no AVX-512F: skipped");
-            return;
+        let sets = Isa::supported();
+        eprintln!("instruction sets: {sets:?}");
+        for isa in sets {
+            matches_candle_conv_on(isa);
         }
+    }
+
+    fn matches_candle_conv_on(isa: Isa) {
         let cases = [
             (2, 24, 9, 7, 3, 1, PadMode::Symmetric(1), Fused::Relu6),
             (1, 35, 8, 11, 3, 2, PadMode::Symmetric(1), Fused::None),
@@ -235,7 +279,7 @@ mod tests {
             let x = values(n * c * h * w, 3 + i as u32);
             let wt = values(c * k * k, 7 + i as u32);
             let bias = values(c, 11 + i as u32);
-            let op = NhwcDepthwise::new(&wt, &bias, k, s, pad, act).unwrap();
+            let op = NhwcDepthwise::for_isa(isa, &wt, &bias, k, s, pad, act);
             let got = op.forward(&Nhwc::from_nchw(&x, n, c, h, w));
 
             let dev = Device::Cpu;
@@ -250,10 +294,10 @@ mod tests {
                 Fused::Relu => y.relu().unwrap(),
                 Fused::Relu6 => y.clamp(0f32, 6f32).unwrap(),
             };
-            assert_eq!((got.n, got.c, got.h, got.w), y.dims4().unwrap(), "case {i}");
+            assert_eq!((got.n, got.c, got.h, got.w), y.dims4().unwrap(), "{isa:?} case {i}");
             let want = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let err = got.to_nchw().iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(err < 1e-4, "case {i}: max err {err}");
+            assert!(err < 1e-4, "{isa:?} case {i}: max err {err}");
         }
     }
 }

@@ -713,46 +713,74 @@ mod tests {
     /// The f32 FMA peak that the GFLOP/s figures are a share of, measured
     /// rather than taken from a data sheet (a VM's clock and its CPU's FMA
     /// width vary: AMD's Zen 4 runs a 16-lane FMA on two 8-lane units):
-    /// twelve independent chains of 16-lane FMAs per thread, on one thread
-    /// and on all. `cargo test --release -p lineside-inference --lib
+    /// twelve independent chains of FMAs per thread, on one thread and on
+    /// all, for each instruction set the CPU runs. `cargo test --release -p lineside-inference --lib
     /// sgemm::tests::fma_peak -- --ignored --nocapture`
     #[test]
     #[ignore = "measurement: prints figures"]
     fn fma_peak() {
-        if !available() {
-            eprintln!("no AVX-512F: skipped");
-            return;
+        use crate::ops::simd::{Isa, Simd, Ymm, Zmm};
+        /// Twelve chains of `iters` FMAs each.
+        ///
+        /// # Safety
+        /// The CPU runs `S`.
+        #[inline(always)]
+        unsafe fn chains<S: Simd>(iters: usize) -> f32 {
+            // SAFETY: the caller's promise; the store writes `LANES` floats
+            // of a 16-float buffer.
+            unsafe {
+                let (b, c) = (S::splat(1.000_000_1), S::splat(1e-7));
+                // Different starting values, so no two chains are the same value.
+                let mut acc: [S; 12] = std::array::from_fn(|i| S::splat(i as f32 * 1e-3));
+                for _ in 0..iters {
+                    for a in &mut acc {
+                        *a = S::mul_add(*a, b, c);
+                    }
+                }
+                let mut lanes = [0f32; 16];
+                acc.iter()
+                    .map(|&a| {
+                        S::store(lanes.as_mut_ptr(), a);
+                        lanes.iter().sum::<f32>()
+                    })
+                    .sum()
+            }
         }
         /// # Safety
         /// The CPU has AVX-512F.
         #[target_feature(enable = "avx512f")]
-        unsafe fn chains(iters: usize) -> f32 {
-            use std::arch::x86_64::*;
-            let (b, c) = (_mm512_set1_ps(1.000_000_1), _mm512_set1_ps(1e-7));
-            // Different starting values, so no two chains are the same value.
-            let mut acc: [__m512; 12] = std::array::from_fn(|i| _mm512_set1_ps(i as f32 * 1e-3));
-            for _ in 0..iters {
-                for a in &mut acc {
-                    *a = _mm512_fmadd_ps(*a, b, c);
-                }
-            }
-            acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
+        unsafe fn avx512(iters: usize) -> f32 {
+            // SAFETY: forwarded.
+            unsafe { chains::<Zmm>(iters) }
+        }
+        /// # Safety
+        /// The CPU has AVX2 and FMA.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(iters: usize) -> f32 {
+            // SAFETY: forwarded.
+            unsafe { chains::<Ymm>(iters) }
         }
         const ITERS: usize = 100_000_000;
         let all = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut counts = vec![1, all];
         counts.dedup();
-        for threads in counts {
-            let start = std::time::Instant::now();
-            std::thread::scope(|s| {
-                for _ in 0..threads {
-                    // SAFETY: AVX-512F is available (checked above).
-                    s.spawn(|| std::hint::black_box(unsafe { chains(std::hint::black_box(ITERS)) }));
-                }
-            });
-            let flops = (threads * ITERS * 12 * 16 * 2) as f64;
-            let rate = flops / start.elapsed().as_secs_f64() / 1e9;
-            println!("{threads} thread(s): {rate:.1} GFLOP/s, {:.1} per thread", rate / threads as f64);
+        for isa in Isa::supported() {
+            let (run, lanes): (unsafe fn(usize) -> f32, usize) = match isa {
+                Isa::Avx512 => (avx512, 16),
+                Isa::Avx2 => (avx2, 8),
+            };
+            for &threads in &counts {
+                let start = std::time::Instant::now();
+                std::thread::scope(|s| {
+                    for _ in 0..threads {
+                        // SAFETY: `Isa::supported` found the CPU runs it.
+                        s.spawn(|| std::hint::black_box(unsafe { run(std::hint::black_box(ITERS)) }));
+                    }
+                });
+                let flops = (threads * ITERS * 12 * lanes * 2) as f64;
+                let rate = flops / start.elapsed().as_secs_f64() / 1e9;
+                println!("{isa:?}, {threads} thread(s): {rate:.1} GFLOP/s, {:.1} per thread", rate / threads as f64);
+            }
         }
     }
 
