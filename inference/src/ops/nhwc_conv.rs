@@ -969,10 +969,10 @@ mod kernels {
             }
             for r in 0..R {
                 let c = c.add(r * s.ldc);
-                for v in 0..V {
+                for (v, &mask) in m.iter().enumerate() {
                     let mut x = S::load(sums.as_ptr().add((r * V + v) * S::LANES));
                     if !res.is_null() {
-                        x = S::add(x, S::load_masked(m[v], res.add(r * s.ldc).wrapping_add(v * S::LANES)));
+                        x = S::add(x, S::load_masked(mask, res.add(r * s.ldc).wrapping_add(v * S::LANES)));
                     }
                     x = activate(x, s.act);
                     // A full vector's plain store: AVX2's masked store is
@@ -980,7 +980,7 @@ mod kernels {
                     if lanes >= (v + 1) * S::LANES {
                         S::store(c.add(v * S::LANES), x);
                     } else {
-                        S::store_masked(m[v], c.wrapping_add(v * S::LANES), x);
+                        S::store_masked(mask, c.wrapping_add(v * S::LANES), x);
                     }
                 }
             }
