@@ -920,12 +920,16 @@ mod kernels {
         // inside the sliver's `lanes` channels; the bias and weights are
         // padded to whole slivers.
         unsafe {
-            let m: [S::Mask; V] = std::array::from_fn(|v| S::first(lanes.saturating_sub(v * S::LANES)));
+            // Made where they are used, not once before the k loop: AVX2's
+            // masks are vector registers, and kept live across the loop they
+            // pushed an accumulator out to the stack.
+            let masks = || -> [S::Mask; V] { std::array::from_fn(|v| S::first(lanes.saturating_sub(v * S::LANES))) };
             let mut acc = [[S::zero(); V]; R];
             for (r, acc) in acc.iter_mut().enumerate() {
                 *acc = match s.bias {
                     Some(b) => std::array::from_fn(|v| S::load(b.as_ptr().add(col + v * S::LANES))),
                     None => {
+                        let m = masks();
                         let c = c.add(r * s.ldc);
                         // wrapping_add: a vector past `lanes` (mask 0) touches
                         // no memory, but its address may lie past the buffer.
@@ -967,6 +971,7 @@ mod kernels {
                     S::store(sums.as_mut_ptr().add((r * V + v) * S::LANES), x);
                 }
             }
+            let m = masks();
             for r in 0..R {
                 let c = c.add(r * s.ldc);
                 for (v, &mask) in m.iter().enumerate() {
