@@ -130,6 +130,7 @@ pub async fn serve(
         addr = %listener.local_addr()?,
         models = cfg.models.len(),
         factories = cfg.factories.len(),
+        cpu_kernels = cpu_kernels(),
         "listening; models loading"
     );
     let grace = Duration::from_secs(cfg.server.shutdown_grace_s);
@@ -195,6 +196,17 @@ where
             tracing::warn!("requests still running after the shutdown grace period were cut off");
             Ok(())
         }
+    }
+}
+
+/// The instruction set the channels-last convolution kernels run on, for
+/// the start-up log: a slow server on an unexpected CPU shows why at once.
+fn cpu_kernels() -> &'static str {
+    use lineside_inference::ops::simd::Isa;
+    match Isa::detect() {
+        Some(Isa::Avx512) => "avx512",
+        Some(Isa::Avx2) => "avx2",
+        None => "none",
     }
 }
 
