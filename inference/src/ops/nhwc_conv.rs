@@ -937,13 +937,15 @@ mod kernels {
                     }
                 };
             }
+            // wrapping_add: in a pass past the first (`col` > 0) the last
+            // step leaves `bp` past the end of the weights, never read.
             let mut bp = s.b.as_ptr().add(col);
             for seg in 0..s.segs {
                 let a: [*const f32; R] = a(seg);
                 if a[0].is_null() {
                     // Padding for every pixel of the tile (`indirection`);
                     // its share of the prefetches still goes out.
-                    bp = bp.add(s.len * nr);
+                    bp = bp.wrapping_add(s.len * nr);
                     pf.issue(pf.per_step * s.len);
                     continue;
                 }
@@ -959,12 +961,13 @@ mod kernels {
                             acc[v] = S::mul_add(av, b[v], acc[v]);
                         }
                     }
-                    bp = bp.add(nr);
+                    bp = bp.wrapping_add(nr);
                 }
             }
             // The sums leave the registers first, in a loop small enough to
             // unroll: an epilogue that indexed `acc` by a loop variable kept
             // the accumulators in memory, stored at every k step.
+            const { assert!(R * V * S::LANES <= MR * NR, "a tile's sums fit the buffer") };
             let mut sums = [0f32; MR * NR];
             for (r, acc) in acc.iter().enumerate() {
                 for (v, &x) in acc.iter().enumerate() {
@@ -1115,9 +1118,10 @@ mod tests {
 
     /// Against candle's convolution, on every instruction set this CPU
     /// runs: merged and per-tap segments, strides 1 and 2, 1×1, slivers of
-    /// 1–4 AVX-512 registers (1–8 AVX2, odd counts included), channel
-    /// counts off the sliver and k off the block size, TF padding, with and
-    /// without a residual.
+    /// 1–4 AVX-512 registers (1, 2, 3, 4, 6 and 8 AVX2 ones, partial
+    /// registers in one- and two-register passes), channel counts off the
+    /// sliver and k off the block size, TF padding, with and without a
+    /// residual, each fused activation.
     #[test]
     fn matches_candle_conv() {
         let sets = Isa::supported();
@@ -1130,7 +1134,7 @@ mod tests {
     fn matches_candle_conv_on(isa: Isa) {
         let dev = Device::Cpu;
         // (n, cin, cout, k, s, h, w, pad, residual)
-        for &(n, cin, cout, k, s, h, w, pad, res) in &[
+        for case in [
             (2, 3, 64, 7, 2, 30, 26, PadMode::Symmetric(3), false),
             (1, 64, 64, 3, 1, 13, 11, PadMode::Symmetric(1), true),
             (3, 40, 70, 3, 2, 9, 10, PadMode::Symmetric(1), false),
@@ -1145,12 +1149,19 @@ mod tests {
             // Dense 1×1: a second pixel block, columns split, a partial tile.
             (2, 160, 24, 1, 1, 11, 13, PadMode::Symmetric(0), true),
             (1, 300, 20, 1, 1, 1, 5, PadMode::Symmetric(0), false),
-        ] {
-            let case = format!("{isa:?} n{n} {cin}->{cout} k{k} s{s} {h}x{w} {pad:?} res {res}");
+            // A partial register inside a two-register AVX2 pass.
+            (1, 24, 12, 3, 1, 8, 9, PadMode::Symmetric(1), true),
+            (2, 16, 28, 1, 1, 7, 6, PadMode::Symmetric(0), false),
+        ]
+        .iter()
+        .zip([Fused::Relu, Fused::Relu6, Fused::None].iter().cycle())
+        {
+            let (&(n, cin, cout, k, s, h, w, pad, res), &act) = case;
+            let case = format!("{isa:?} n{n} {cin}->{cout} k{k} s{s} {h}x{w} {pad:?} res {res} {act:?}");
             let x = values(n * cin * h * w, 1);
             let wt = values(cout * cin * k * k, 2);
             let b = values(cout, 3);
-            let conv = NhwcConv::for_isa(isa, &wt, &b, cin, k, s, pad, Fused::Relu);
+            let conv = NhwcConv::for_isa(isa, &wt, &b, cin, k, s, pad, act);
             let xt = Tensor::from_vec(x.clone(), (n, cin, h, w), &dev).unwrap();
             let p = pad.resolve(h, w, k, s);
             let xp = xt.pad_with_zeros(2, p.top, p.bottom).unwrap().pad_with_zeros(3, p.left, p.right).unwrap();
@@ -1161,7 +1172,12 @@ mod tests {
             let r = values(n * cout * oh * ow, 4);
             let want =
                 if res { (y + Tensor::from_vec(r.clone(), (n, cout, oh, ow), &dev).unwrap()).unwrap() } else { y };
-            let want = want.relu().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = match act {
+                Fused::None => want,
+                Fused::Relu => want.relu().unwrap(),
+                Fused::Relu6 => want.clamp(0f32, 6f32).unwrap(),
+            };
+            let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let rn = res.then(|| Nhwc::from_nchw(&r, n, cout, oh, ow));
             let got = conv.forward(&Nhwc::from_nchw(&x, n, cin, h, w), rn.as_ref());
             assert_eq!((got.n, got.h, got.w, got.c), (n, oh, ow, cout), "{case}");

@@ -1,9 +1,10 @@
 //! The x86-64 vector instruction sets the channels-last kernels run on,
 //! behind one trait, so that each kernel is written once.
 //!
-//! AVX-512F gives 32 registers of 16 lanes; AVX2 with FMA (every x86-64
-//! CPU since 2013–2015, and the only choice on Intel's client cores since
-//! Alder Lake and on AMD before Zen 4) gives 16 registers of 8. A kernel is
+//! AVX-512F gives 32 registers of 16 lanes; AVX2 with FMA (x86-64 cores
+//! since 2013–2015 but Intel's Atom-class ones, and the only choice on
+//! Intel's client cores since Alder Lake and on AMD before Zen 4) gives 16
+//! registers of 8. A kernel is
 //! generic over [`Simd`] and marked `#[inline(always)]`; a thin entry point
 //! per instruction set, compiled with that set's `target_feature`, calls it,
 //! so the intrinsics inline into code built for the CPU that runs them.
@@ -28,10 +29,14 @@ impl Isa {
     /// Read once per process.
     pub fn detect() -> Option<Self> {
         static CHOSEN: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
-        *CHOSEN.get_or_init(|| {
-            let cap_at_avx2 = std::env::var("LINESIDE_ISA").is_ok_and(|v| v.eq_ignore_ascii_case("avx2"));
-            Self::supported().into_iter().find(|&isa| !(cap_at_avx2 && isa == Self::Avx512))
-        })
+        *CHOSEN.get_or_init(|| Self::widest(&Self::supported(), std::env::var("LINESIDE_ISA").ok().as_deref()))
+    }
+
+    /// The first of `sets` (widest first) that `cap`, the value of
+    /// `LINESIDE_ISA`, allows.
+    fn widest(sets: &[Self], cap: Option<&str>) -> Option<Self> {
+        let cap_at_avx2 = cap.is_some_and(|v| v.eq_ignore_ascii_case("avx2"));
+        sets.iter().copied().find(|&isa| !(cap_at_avx2 && isa == Self::Avx512))
     }
 
     /// Every set this CPU runs, widest first (tests check each).
@@ -205,5 +210,20 @@ pub(crate) unsafe fn activate<S: Simd>(x: S, act: super::sgemm::Fused) -> S {
             Fused::Relu => S::max(x, S::zero()),
             Fused::Relu6 => S::min(S::max(x, S::zero()), S::splat(6.0)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Isa::{self, Avx2, Avx512};
+
+    #[test]
+    fn avx2_caps_the_choice() {
+        assert_eq!(Isa::widest(&[Avx512, Avx2], None), Some(Avx512));
+        assert_eq!(Isa::widest(&[Avx512, Avx2], Some("AVX2")), Some(Avx2));
+        assert_eq!(Isa::widest(&[Avx512, Avx2], Some("avx512")), Some(Avx512));
+        assert_eq!(Isa::widest(&[Avx512], Some("avx2")), None);
+        assert_eq!(Isa::widest(&[Avx2], None), Some(Avx2));
+        assert_eq!(Isa::widest(&[], None), None);
     }
 }
