@@ -24,6 +24,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::simd::Isa;
+
 /// Rows of A per microkernel call (one broadcast each per k step): 12
 /// fills the 32 registers best, but shallow GEMMs (k < [`DEEP`]) are bound
 /// by memory and waste less of a panel with 8.
@@ -78,16 +80,11 @@ impl PackedA {
     }
 }
 
-/// Whether this CPU runs the kernel (checked once; std caches the answer).
+/// Whether the kernel runs here: the CPU has AVX-512F and
+/// `LINESIDE_ISA=avx2` does not cap it ([`Isa::detect`]), so the cap keeps
+/// every kernel of ours off AVX-512, on the NCHW path too.
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Isa::detect() == Some(Isa::Avx512)
 }
 
 /// The right-hand matrix B, read one row segment at a time while packing.
