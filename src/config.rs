@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::Context;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use lineside_inference::ComputeDevice;
 use lineside_inference::batcher::BatcherConfig;
 use lineside_inference::preprocess::{DecodeLimits, JpegDecode};
 use serde::{Deserialize, Serialize};
@@ -311,6 +313,10 @@ pub struct ModelConfig {
     /// MATMUL_NUM_THREADS (default: the cores, at most 4).
     #[serde(default)]
     pub threads: Option<usize>,
+    /// `cpu` (the default), `cuda` or `cuda:N`: a GPU needs a build with the
+    /// `cuda` feature, and classifiers only (PatchCore models run on the CPU).
+    #[serde(default)]
+    pub device: ComputeDevice,
     #[serde(default)]
     pub verdict: VerdictRule,
     /// The model's digest (`lineside models digest SOURCE`): other files are refused.
@@ -338,6 +344,7 @@ impl ModelConfig {
             max_queue_delay_ms: d_delay(),
             queue_capacity: d_queue(),
             threads: None,
+            device: ComputeDevice::Cpu,
             verdict: VerdictRule::default(),
             sha256: None,
         }
@@ -449,6 +456,7 @@ impl Config {
                 "model `{}`: max_queue_delay_ms must be at most 10000",
                 m.name
             );
+            m.device.check_supported().with_context(|| format!("model `{}`", m.name))?;
         }
         anyhow::ensure!(
             names.contains(&self.server.default_model),
@@ -507,6 +515,24 @@ mod tests {
         assert_eq!(c.models[0].queue_capacity, 64);
         assert!(Config::from_toml("[server]\nbogus = 1").is_err());
         assert!(Config::from_toml("[server]\ndefault_model = \"nope\"").is_err());
+    }
+
+    #[test]
+    fn model_device_parses_and_needs_a_cuda_build() {
+        let model = |device: &str| {
+            format!("[server]\ndefault_model = \"a\"\n[[models]]\nname = \"a\"\nsource = \"/m\"\n{device}")
+        };
+        assert_eq!(Config::from_toml(&model("")).unwrap().models[0].device, ComputeDevice::Cpu);
+        assert_eq!(Config::from_toml(&model("device = \"cpu\"")).unwrap().models[0].device, ComputeDevice::Cpu);
+        let bad = format!("{:#}", Config::from_toml(&model("device = \"tpu:0\"")).unwrap_err());
+        assert!(bad.contains("expected `cpu`, `cuda` or `cuda:N`"), "{bad}");
+        let gpu = Config::from_toml(&model("device = \"cuda:1\""));
+        if ComputeDevice::cuda_built() {
+            assert_eq!(gpu.unwrap().models[0].device, ComputeDevice::Cuda(1));
+        } else {
+            let err = format!("{:#}", gpu.unwrap_err());
+            assert!(err.contains("model `a`") && err.contains("--features cuda"), "{err}");
+        }
     }
 
     #[test]

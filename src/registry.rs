@@ -6,12 +6,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::Context;
-use candle_core::Device;
 use lineside_inference::anomaly::PatchCore;
 use lineside_inference::anomaly::patchcore::input_transform;
 use lineside_inference::batcher::{Batcher, ModelStatus};
 use lineside_inference::models::{Classifier, LoadedModel, Output};
-use lineside_inference::{HubConfig, ModelFiles, Preprocessor};
+use lineside_inference::{ComputeDevice, HubConfig, ModelFiles, Preprocessor};
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -353,8 +352,9 @@ pub(crate) fn start_model(m: &ModelConfig, local: &LocalModel) -> anyhow::Result
     let files = local.files()?;
     let hub = HubConfig::from_json(&files.config_json)?;
     let version = files.content_version();
+    let device = m.device;
     let batcher = Batcher::spawn(&m.name, m.batcher(), move || {
-        LoadedModel::load(&files, &Device::Cpu).map(|model| Classifier { model })
+        LoadedModel::load(&files, &device.open()?).map(|model| Classifier { model })
     })?;
     Ok(ModelEntry {
         name: m.name.clone(),
@@ -371,6 +371,13 @@ pub(crate) fn start_model(m: &ModelConfig, local: &LocalModel) -> anyhow::Result
 }
 
 fn start_anomaly_model(m: &ModelConfig, dir: &Path, commit: Option<String>) -> anyhow::Result<ModelEntry> {
+    anyhow::ensure!(
+        m.device == ComputeDevice::Cpu,
+        "model `{}`: {} is a PatchCore model, which runs on the CPU only; remove `device = \"{}\"`",
+        m.name,
+        dir.display(),
+        m.device
+    );
     let manifest = PatchCore::read_manifest(dir)?;
     let files = ModelFiles::from_dir(dir)?;
     let hub = HubConfig::from_json(&files.config_json)?;
@@ -389,4 +396,25 @@ fn start_anomaly_model(m: &ModelConfig, dir: &Path, commit: Option<String>) -> a
         config: m.clone(),
         commit,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::Location;
+
+    #[test]
+    fn a_patchcore_model_on_a_gpu_is_refused_before_loading() {
+        // Only the manifest's presence matters: the device is checked before anything is read.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(lineside_inference::anomaly::patchcore::MANIFEST), "{}").unwrap();
+        let local = LocalModel {
+            source: ModelSource::Folder(dir.path().to_path_buf()),
+            location: Location::Folder(dir.path().to_path_buf()),
+            commit: None,
+        };
+        let m = ModelConfig { device: ComputeDevice::Cuda(0), ..ModelConfig::new("bottle", "/m") };
+        let err = format!("{:#}", start_model(&m, &local).err().expect("refused"));
+        assert!(err.contains("model `bottle`") && err.contains("CPU only") && err.contains("cuda:0"), "{err}");
+    }
 }

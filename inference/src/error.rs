@@ -21,6 +21,9 @@ pub enum Error {
     #[error("invalid model config {what}: {message}")]
     Config { what: String, message: String },
 
+    #[error("device {device}: {message}")]
+    Device { device: String, message: String },
+
     #[error("unsupported architecture `{found}`; supported: {supported}")]
     UnsupportedArchitecture { found: String, supported: String },
 

@@ -9,6 +9,7 @@
 
 pub mod anomaly;
 pub mod batcher;
+pub mod device;
 pub mod error;
 pub mod hub_config;
 pub mod models;
@@ -18,6 +19,7 @@ pub mod preprocess;
 mod scaled_jpeg;
 pub mod weights;
 
+pub use device::ComputeDevice;
 pub use error::{Error, Result};
 pub use hub_config::{HubConfig, PretrainedCfg};
 pub use models::{Classifier, ImageModel, LoadedModel, ModelFiles};

@@ -2,9 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use clap::Args;
-use lineside_inference::LoadedModel;
+use lineside_inference::{ComputeDevice, LoadedModel};
 use serde::Serialize;
 
 /// Measure model throughput and latency per batch size.
@@ -22,6 +22,9 @@ pub struct BenchArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// `cpu`, `cuda` or `cuda:N` (a GPU needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: ComputeDevice,
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
     #[arg(long, default_value_t = 1500)]
@@ -34,6 +37,7 @@ pub struct BenchArgs {
 #[derive(Serialize)]
 struct BatchResult {
     model: String,
+    device: String,
     batch: usize,
     threads: usize,
     images_per_second: f64,
@@ -55,15 +59,21 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
     let files = lineside::source::LocalModel::read_files(&a.model)?;
-    let model = LoadedModel::load(&files, &Device::Cpu)?;
+    let device = a.device.open()?;
+    let model = LoadedModel::load(&files, &device)?;
     let (c, h, w) = model.preprocessor.input_shape();
+    // A GPU queues kernels and returns: a batch is done when the device says so.
+    let forward = |x: &Tensor| -> anyhow::Result<()> {
+        model.network.forward(x)?;
+        Ok(device.synchronize()?)
+    };
     if !a.json {
-        println!("model {} ({}), {c}x{h}x{w}, {threads} threads", a.model, model.config.architecture);
+        println!("model {} ({}), {c}x{h}x{w}, {threads} threads, {}", a.model, model.config.architecture, a.device);
         println!("{:>6} {:>12} {:>18} {:>10} {:>10} {:>9}", "batch", "img/s", "spread", "p50 ms", "p99 ms", "RSS MiB");
     }
     for batch in a.batch_sizes.iter().map(|&b| b as usize) {
-        let x = Tensor::randn(0f32, 1.0, (batch, c, h, w), &Device::Cpu)?;
-        model.network.forward(&x)?; // warm-up
+        let x = Tensor::randn(0f32, 1.0, (batch, c, h, w), &device)?;
+        forward(&x)?; // warm-up
         let mut rates = Vec::new();
         let mut latencies = Vec::new();
         for _ in 0..a.runs {
@@ -71,7 +81,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             let mut n = 0usize;
             while start.elapsed() < Duration::from_millis(a.min_run_ms) || n == 0 {
                 let t = Instant::now();
-                model.network.forward(&x)?;
+                forward(&x)?;
                 latencies.push(t.elapsed().as_secs_f64() * 1e3);
                 n += 1;
             }
@@ -81,6 +91,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         latencies.sort_by(f64::total_cmp);
         let r = BatchResult {
             model: a.model.clone(),
+            device: a.device.to_string(),
             batch,
             threads,
             images_per_second: rates[rates.len() / 2],

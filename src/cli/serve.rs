@@ -62,6 +62,8 @@ use lineside::config::Config;
 ///   queue_capacity = 64              # 429 with Retry-After when full
 ///   # threads = 2                    # compute threads (default: all cores); wide convolution
 ///                                    # GEMMs use a shared pool sized by MATMUL_NUM_THREADS
+///   # device = "cpu"                 # or "cuda" / "cuda:N": needs a build with --features cuda;
+///                                    # classifiers only (PatchCore models run on the CPU)
 ///   # sha256 = "…"                   # pin: `lineside models digest SOURCE`; other files are refused
 ///   [models.verdict]                 # pass only if top label is listed and score >= min_score
 ///   pass_labels = ["good", "ok", "pass", "normal"]
