@@ -50,6 +50,8 @@ const PB: usize = 40 * MR;
 /// them into L2 while they compute on the one before ([`Step::prefetch`]);
 /// smaller ones stay in L2 from one use to the next.
 const PREFETCH_FROM_BYTES: usize = 256 << 10;
+/// How many blocks ahead of the one computed that prefetch reaches.
+const PREFETCH_AHEAD: usize = 1;
 /// Kernel rows whose taps hold at most this many floats are merged.
 const MERGE_UP_TO: usize = 32;
 
@@ -375,12 +377,12 @@ impl NhwcConv {
     /// `act(conv(x) + bias [+ residual])`, NHWC in and out. The residual has
     /// the output's shape.
     pub fn forward(&self, x: &Nhwc, residual: Option<&Nhwc>) -> Nhwc {
-        self.forward_with(x, residual, true)
+        self.forward_with(x, residual, PREFETCH_AHEAD)
     }
 
-    /// [`Self::forward`], with or without prefetching the weights (off only
-    /// to measure what it gains).
-    fn forward_with(&self, x: &Nhwc, residual: Option<&Nhwc>, prefetch: bool) -> Nhwc {
+    /// [`Self::forward`], prefetching the weights `ahead` blocks ahead (0:
+    /// not at all), to measure what the prefetch gains.
+    fn forward_with(&self, x: &Nhwc, residual: Option<&Nhwc>, ahead: usize) -> Nhwc {
         assert_eq!(x.c, self.cin, "input channels");
         let (k, s) = (self.kernel, self.stride);
         let p = self.pad.resolve(x.h, x.w, k, s);
@@ -408,7 +410,7 @@ impl NhwcConv {
             chunks: segs.chunks(),
             out: Shared(data.as_mut_ptr().cast::<f32>()),
             res: residual.map(|r| Shared(r.data.as_ptr())),
-            prefetch,
+            ahead,
         };
         let pixels = out.pixels();
         let threads = rayon::current_num_threads();
@@ -480,7 +482,7 @@ impl NhwcConv {
             res: residual.map(|r| Shared(r.as_ptr())),
             // A fused block calls this band after band with the same
             // weights: they stay in L2.
-            prefetch: false,
+            ahead: 0,
         };
         let slivers = self.cout.div_ceil(self.nr());
         for start in (0..pixels).step_by(PB) {
@@ -597,9 +599,9 @@ struct Job<'a> {
     chunks: Vec<Chunk>,
     out: Shared<*mut f32>,
     res: Option<Shared<*const f32>>,
-    /// Whether a task with weights of [`PREFETCH_FROM_BYTES`] or more
-    /// prefetches them ([`Step::prefetch`]).
-    prefetch: bool,
+    /// How many blocks ahead a task with weights of [`PREFETCH_FROM_BYTES`]
+    /// or more prefetches them ([`Step::prefetch`]); 0: it does not.
+    ahead: usize,
 }
 
 impl Job<'_> {
@@ -629,12 +631,15 @@ impl Job<'_> {
                 let b = &filters[k0 * nr..][..kc * nr];
                 let first = ci == 0;
                 let last = ci + 1 == self.chunks.len();
-                // The next block is the next chunk's, or the next sliver's
-                // first: it starts where this one ends.
-                let next = b.as_ptr_range().end;
-                let next_chunk = &self.chunks[(ci + 1) % self.chunks.len()];
-                let next_len = next_chunk.segs.len() * next_chunk.cols.len() * nr;
-                let prefetch = if self.prefetch && next < task_weights.end && task_bytes >= PREFETCH_FROM_BYTES {
+                // The block `ahead` of this one: a later chunk's, or one of
+                // a later sliver, at most the task's last.
+                let later = ci + self.ahead;
+                let (to_sliver, to_chunk) =
+                    (sliver + later / self.chunks.len(), &self.chunks[later % self.chunks.len()]);
+                let next_at = (to_sliver * k + to_chunk.segs.start * g.segs.len + to_chunk.cols.start) * nr;
+                let next = self.conv.filters.as_ptr().wrapping_add(next_at);
+                let next_len = to_chunk.segs.len() * to_chunk.cols.len() * nr;
+                let prefetch = if self.ahead > 0 && next < task_weights.end && task_bytes >= PREFETCH_FROM_BYTES {
                     (next, next_len)
                 } else {
                     (std::ptr::null(), 0)
@@ -1046,7 +1051,8 @@ mod tests {
         }
     }
 
-    /// Milliseconds per layer with and without prefetching the weights, on
+    /// Milliseconds per layer without prefetching the weights and with the
+    /// prefetch 1, 2 and 4 blocks ahead, on
     /// resnet18's shapes at batch 1: four layers of each shape with weights
     /// of their own, run in turn so that (as in the network) a layer's
     /// weights are not in cache when it starts. Alternating rounds, median
@@ -1076,24 +1082,23 @@ mod tests {
                 })
                 .collect();
             let x = Nhwc::from_nchw(&values(cin * h * h, 1), 1, cin, h, h);
-            let mut times = [Vec::new(), Vec::new()];
+            const AHEAD: [usize; 4] = [0, 1, 2, 4];
+            let mut times = AHEAD.map(|_| Vec::new());
             for _ in 0..15 {
-                for (prefetch, t) in [true, false].into_iter().zip(&mut times) {
+                for (ahead, t) in AHEAD.into_iter().zip(&mut times) {
                     let start = std::time::Instant::now();
                     for _ in 0..5 {
-                        convs.iter().for_each(|c| drop(c.forward_with(&x, None, prefetch)));
+                        convs.iter().for_each(|c| drop(c.forward_with(&x, None, ahead)));
                     }
                     t.push(start.elapsed().as_secs_f64() * 1e3 / 20.0);
                 }
             }
-            let [on, off] = times.map(|mut t| {
+            let ms = times.map(|mut t| {
                 t.sort_by(f64::total_cmp);
                 t[t.len() / 2]
             });
-            println!(
-                "{cin:>3}->{cout:>3} k{k} s{s} {h:>2}²: prefetch {on:.3} ms, without {off:.3} ms ({:+.0}%)",
-                (on / off - 1.0) * 100.0
-            );
+            let shown: Vec<String> = AHEAD.iter().zip(ms).map(|(a, ms)| format!("{a} ahead {ms:.3}")).collect();
+            println!("{cin:>3}->{cout:>3} k{k} s{s} {h:>2}²: ms with the prefetch {}", shown.join(", "));
         }
     }
 
