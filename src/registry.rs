@@ -373,7 +373,7 @@ pub(crate) fn start_model(m: &ModelConfig, local: &LocalModel) -> anyhow::Result
 fn start_anomaly_model(m: &ModelConfig, dir: &Path, commit: Option<String>) -> anyhow::Result<ModelEntry> {
     anyhow::ensure!(
         m.device == ComputeDevice::Cpu,
-        "model `{}`: {} is a PatchCore model, which runs on the CPU only; remove `device = \"{}\"`",
+        "model `{}`: {} is a PatchCore model, which runs on the CPU only, not on {}",
         m.name,
         dir.display(),
         m.device

@@ -24,6 +24,7 @@ use crate::pipeline;
 use crate::records::{PartContext, Records};
 use crate::registry::{ModelEntry, ModelInfo, ModelKind, Registry};
 use crate::source::{LocalModel, ModelSource};
+use lineside_inference::ComputeDevice;
 use lineside_plugins::Metadata;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -385,6 +386,10 @@ pub struct PutModel {
     revision: Option<String>,
     /// The new version's digest (`lineside models digest`); replaces the configured pin.
     sha256: Option<String>,
+    /// `cpu`, `cuda` or `cuda:N` (a `--features cuda` build); default: the
+    /// served version's device, or the CPU for a new model.
+    #[schema(value_type = Option<String>)]
+    device: Option<ComputeDevice>,
 }
 
 #[utoipa::path(put, path = "/v1/models/{name}", tag = "admin", security(("bearer" = [])), params(("name" = String, Path)), request_body = PutModel,
@@ -413,6 +418,10 @@ async fn put_model(
     };
     if put.sha256.is_some() {
         cfg.sha256 = put.sha256.clone();
+    }
+    if let Some(device) = put.device {
+        device.check_supported().map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        cfg.device = device;
     }
     tracing::info!(model = %name, %source, "fetching a new version");
     // A task of its own, so a client hanging up mid-download does not cancel it.

@@ -75,6 +75,19 @@ async fn swap_under_load_refuse_broken_versions_and_roll_back() {
     assert_eq!(v["versions"]["previous_version"], v_a.as_str());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
+    // A device this build cannot use, or one that does not parse: refused at once.
+    let with_device = |device: &str| json!({ "source": model_dir("test_resnet.random6"), "device": device });
+    for (device, needle) in [("cuda:0", "--features cuda"), ("tpu", "expected `cpu`, `cuda` or `cuda:N`")] {
+        if device.starts_with("cuda") && lineside_inference::ComputeDevice::cuda_built() {
+            continue; // a CUDA build would try the GPU instead
+        }
+        let body = with_device(device);
+        let r = s.client.put(s.url("/v1/models/line")).bearer_auth(TOKEN).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 400, "device {device}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains(needle), "device {device}: {text}");
+    }
+
     // Broken versions, each refused while B keeps serving.
     let (_missing, missing_weights) = broken_folder("no-weights", "test_resnet.random6", |_| {}, None);
     let r = put(&s, &missing_weights).await;

@@ -70,7 +70,10 @@ impl FromStr for ComputeDevice {
             "cpu" => Ok(ComputeDevice::Cpu),
             "cuda" => Ok(ComputeDevice::Cuda(0)),
             other => match other.strip_prefix("cuda:") {
-                Some(n) => n.parse().map(ComputeDevice::Cuda).map_err(|_| invalid()),
+                Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+                    n.parse().map(ComputeDevice::Cuda).map_err(|_| invalid())
+                }
+                Some(_) => Err(invalid()),
                 None => Err(invalid()),
             },
         }
@@ -105,7 +108,7 @@ mod tests {
             assert_eq!(text.parse::<ComputeDevice>(), Ok(device), "{text}");
             assert_eq!(device.to_string(), shown);
         }
-        for bad in ["", "gpu", "cuda:", "cuda:-1", "cuda:x", "cpu:0"] {
+        for bad in ["", "gpu", "cuda:", "cuda:-1", "cuda:+1", "cuda:x", "cpu:0"] {
             let err = bad.parse::<ComputeDevice>().unwrap_err();
             assert!(err.contains("expected `cpu`, `cuda` or `cuda:N`"), "{bad}: {err}");
         }

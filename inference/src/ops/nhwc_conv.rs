@@ -632,13 +632,15 @@ impl Job<'_> {
                 let first = ci == 0;
                 let last = ci + 1 == self.chunks.len();
                 // The block `ahead` of this one: a later chunk's, or one of
-                // a later sliver, at most the task's last.
+                // a later sliver; none past the task's last block.
                 let later = ci + self.ahead;
                 let (to_sliver, to_chunk) =
                     (sliver + later / self.chunks.len(), &self.chunks[later % self.chunks.len()]);
                 let next_at = (to_sliver * k + to_chunk.segs.start * g.segs.len + to_chunk.cols.start) * nr;
                 let next = self.conv.filters.as_ptr().wrapping_add(next_at);
                 let next_len = to_chunk.segs.len() * to_chunk.cols.len() * nr;
+                // Chunks are contiguous along k and slivers along the weights.
+                debug_assert!(self.ahead != 1 || next == b.as_ptr_range().end, "one block ahead is the next");
                 let prefetch = if self.ahead > 0 && next < task_weights.end && task_bytes >= PREFETCH_FROM_BYTES {
                     (next, next_len)
                 } else {
