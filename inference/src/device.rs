@@ -52,6 +52,51 @@ impl ComputeDevice {
     }
 }
 
+/// Which implementation runs a model's layers.
+///
+/// A CPU model runs on lineside's own kernels (channels-last convolutions,
+/// depthwise and pooling kernels) wherever a layer has one; a GPU model runs
+/// on candle's own tensor ops only, which every candle backend implements.
+/// [`Kernels::Candle`] on the CPU runs that second path where it can be
+/// checked here: the parity tests hold it to the PyTorch references, so the
+/// network code a CUDA build runs is tested without a GPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Kernels {
+    /// lineside's kernels where a layer has one (CPU only).
+    #[default]
+    Lineside,
+    /// candle's tensor ops only, as on a GPU.
+    Candle,
+}
+
+impl Kernels {
+    /// What `device` runs: lineside's kernels exist for the CPU only.
+    pub fn for_device(device: &Device) -> Self {
+        if device.is_cpu() { Kernels::Lineside } else { Kernels::Candle }
+    }
+}
+
+impl fmt::Display for Kernels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kernels::Lineside => "lineside",
+            Kernels::Candle => "candle",
+        })
+    }
+}
+
+impl FromStr for Kernels {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "lineside" => Ok(Kernels::Lineside),
+            "candle" => Ok(Kernels::Candle),
+            _ => Err(format!("unknown kernels `{s}`: expected `lineside` or `candle`")),
+        }
+    }
+}
+
 impl fmt::Display for ComputeDevice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -69,12 +114,12 @@ impl FromStr for ComputeDevice {
         match s.trim().to_ascii_lowercase().as_str() {
             "cpu" => Ok(ComputeDevice::Cpu),
             "cuda" => Ok(ComputeDevice::Cuda(0)),
+            // Digits only: `usize::from_str` would also take `+1`.
             other => match other.strip_prefix("cuda:") {
                 Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
                     n.parse().map(ComputeDevice::Cuda).map_err(|_| invalid())
                 }
-                Some(_) => Err(invalid()),
-                None => Err(invalid()),
+                _ => Err(invalid()),
             },
         }
     }
@@ -112,6 +157,14 @@ mod tests {
             let err = bad.parse::<ComputeDevice>().unwrap_err();
             assert!(err.contains("expected `cpu`, `cuda` or `cuda:N`"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn kernels_parse_and_the_cpu_runs_linesides() {
+        assert_eq!("Candle".parse::<Kernels>(), Ok(Kernels::Candle));
+        assert_eq!("lineside".parse::<Kernels>(), Ok(Kernels::Lineside));
+        assert!("onnx".parse::<Kernels>().unwrap_err().contains("`lineside` or `candle`"));
+        assert_eq!(Kernels::for_device(&Device::Cpu), Kernels::Lineside);
     }
 
     #[test]

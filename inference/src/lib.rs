@@ -19,7 +19,7 @@ pub mod preprocess;
 mod scaled_jpeg;
 pub mod weights;
 
-pub use device::ComputeDevice;
+pub use device::{ComputeDevice, Kernels};
 pub use error::{Error, Result};
 pub use hub_config::{HubConfig, PretrainedCfg};
 pub use models::{Classifier, ImageModel, LoadedModel, ModelFiles};

@@ -20,7 +20,7 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
 use rayon::prelude::*;
 
-use crate::Result;
+use crate::{Kernels, Result};
 
 mod depthwise;
 mod gemm_conv;
@@ -206,8 +206,9 @@ enum ConvKind {
     Gemm(Box<GemmConv>),
     /// One filter per channel.
     Depthwise(DepthwiseConv),
-    /// candle's own convolution: other grouped ones, and layers that run
-    /// on another CPU path (see [`ConvBnAct::drop_cpu_kernel`]).
+    /// candle's own convolution: other grouped ones, every layer on
+    /// [`Kernels::Candle`], and layers that run on another CPU path (see
+    /// [`ConvBnAct::drop_cpu_kernel`]).
     Candle,
 }
 
@@ -224,10 +225,13 @@ pub struct ConvBnAct {
     pad: PadMode,
     act: Activation,
     kind: ConvKind,
+    /// [`Kernels::Candle`]: candle's ops only, whatever the device.
+    kernels: Kernels,
 }
 
 impl ConvBnAct {
-    /// Builds the layer from a folded weight `[out, in/groups, k, k]` and bias `[out]`.
+    /// Builds the layer from a folded weight `[out, in/groups, k, k]` and
+    /// bias `[out]`, on the kernels its device runs.
     pub fn new(
         weight: Tensor,
         bias: Tensor,
@@ -236,12 +240,29 @@ impl ConvBnAct {
         pad: PadMode,
         act: Activation,
     ) -> Result<Self> {
+        let kernels = Kernels::for_device(weight.device());
+        Self::new_on(weight, bias, stride, groups, pad, act, kernels)
+    }
+
+    /// [`Self::new`] on `kernels`: with [`Kernels::Candle`] the layer runs
+    /// candle's convolution and tensor ops only, as on a GPU.
+    pub fn new_on(
+        weight: Tensor,
+        bias: Tensor,
+        stride: usize,
+        groups: usize,
+        pad: PadMode,
+        act: Activation,
+        kernels: Kernels,
+    ) -> Result<Self> {
         let (out_ch, in_per_group, kh, kw) = weight.dims4()?;
         if kh != kw {
             return Err(crate::Error::config("conv", format!("non-square kernel {kh}x{kw}")));
         }
         let bias_vec = bias.to_vec1::<f32>()?;
-        let kind = if groups == out_ch && in_per_group == 1 && groups > 1 {
+        let kind = if kernels == Kernels::Candle {
+            ConvKind::Candle
+        } else if groups == out_ch && in_per_group == 1 && groups > 1 {
             ConvKind::Depthwise(DepthwiseConv::new(
                 weight.flatten_all()?.to_vec1::<f32>()?,
                 bias_vec.clone(),
@@ -266,7 +287,18 @@ impl ConvBnAct {
             ConvKind::Candle
         };
         debug_assert_eq!(out_ch, bias_vec.len());
-        Ok(Self { weight, bias, bias_act: BiasAct { bias: bias_vec, act }, kernel: kh, stride, groups, pad, act, kind })
+        Ok(Self {
+            weight,
+            bias,
+            bias_act: BiasAct { bias: bias_vec, act },
+            kernel: kh,
+            stride,
+            groups,
+            pad,
+            act,
+            kind,
+            kernels,
+        })
     }
 
     /// Output channels.
@@ -282,9 +314,10 @@ impl ConvBnAct {
     /// Runs the layer on an `[N, C, H, W]` batch.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
-        let cpu = x.device().is_cpu();
+        // lineside's kernels, or candle's ops (a GPU, or `Kernels::Candle`).
+        let lineside = x.device().is_cpu() && self.kernels == Kernels::Lineside;
         let (_n, _c, h, w) = x.dims4()?;
-        match (&self.kind, cpu) {
+        match (&self.kind, lineside) {
             (ConvKind::Depthwise(op), true) => Ok(x.apply_op1_no_bwd(op)?),
             (ConvKind::Gemm(op), true) => Ok(x.apply_op1_no_bwd(op.as_ref())?),
             _ => {
@@ -300,7 +333,7 @@ impl ConvBnAct {
                         self.groups,
                     )?
                 };
-                self.add_bias_act(&x, cpu)
+                self.add_bias_act(&x, lineside)
             }
         }
     }
@@ -362,8 +395,8 @@ impl ConvBnAct {
         }
     }
 
-    fn add_bias_act(&self, y: &Tensor, cpu: bool) -> Result<Tensor> {
-        if cpu {
+    fn add_bias_act(&self, y: &Tensor, lineside: bool) -> Result<Tensor> {
+        if lineside {
             let y = y.contiguous()?;
             y.inplace_op1(&self.bias_act)?;
             Ok(y)

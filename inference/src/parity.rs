@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 use crate::models::{LoadedModel, ModelFiles};
-use crate::{Error, Result};
+use crate::{Error, Kernels, Result};
 
 /// Max abs error of one tensor, absolute and relative to the reference's max abs value.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -51,12 +51,17 @@ pub fn top1(logits: &Tensor) -> Result<Vec<u32>> {
     Ok(logits.argmax(1)?.to_vec1::<u32>()?)
 }
 
-/// Loads the model in `dir` and compares its logits and feature maps on the
-/// stored `input` tensor against `dir/ref.safetensors`.
+/// Loads the model in `dir` on the CPU and compares its logits and feature
+/// maps on the stored `input` tensor against `dir/ref.safetensors`.
 pub fn check_dir(dir: &Path) -> Result<ParityReport> {
-    let device = Device::Cpu;
-    let model = LoadedModel::load(&ModelFiles::from_dir(dir)?, &device)?;
-    let refs = load_refs(dir, &device)?;
+    check_dir_on(dir, &Device::Cpu, Kernels::Lineside)
+}
+
+/// [`check_dir`] with the model on `device` and `kernels`
+/// ([`LoadedModel::load_on`]).
+pub fn check_dir_on(dir: &Path, device: &Device, kernels: Kernels) -> Result<ParityReport> {
+    let model = LoadedModel::load_on(&ModelFiles::from_dir(dir)?, device, kernels)?;
+    let refs = load_refs(dir, device)?;
     check_loaded(&model, &refs, &dir.display().to_string())
 }
 

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::{Error, Result};
+use crate::{Error, Kernels, Result};
 
 /// A bag of named f32 tensors read from one safetensors file.
 ///
@@ -13,6 +13,8 @@ use crate::{Error, Result};
 pub struct Weights {
     file: String,
     tensors: HashMap<String, Tensor>,
+    /// What the layers built from these weights run on.
+    kernels: Kernels,
 }
 
 impl Weights {
@@ -29,7 +31,22 @@ impl Weights {
             };
             tensors.insert(name, t);
         }
-        Ok(Self { file: file.into(), tensors })
+        Ok(Self { file: file.into(), tensors, kernels: Kernels::for_device(device) })
+    }
+
+    /// Builds layers on candle's ops only with [`Kernels::Candle`], even on
+    /// the CPU. [`Kernels::Lineside`] changes nothing: it is the CPU's
+    /// default, and a GPU has no lineside kernels to run.
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        if kernels == Kernels::Candle {
+            self.kernels = Kernels::Candle;
+        }
+        self
+    }
+
+    /// What the layers built from these weights run on.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// Whether a tensor exists.

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use clap::Args;
-use lineside_inference::{ComputeDevice, LoadedModel};
+use lineside_inference::{ComputeDevice, Kernels, LoadedModel};
 use serde::Serialize;
 
 /// Measure model throughput and latency per batch size.
@@ -25,6 +25,10 @@ pub struct BenchArgs {
     /// `cpu`, `cuda` or `cuda:N` (a GPU needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: ComputeDevice,
+    /// `lineside`: our CPU kernels (the default on a CPU); `candle`: candle's
+    /// own ops only, as a GPU runs them (to compare the two on a CPU).
+    #[arg(long, default_value = "lineside")]
+    kernels: Kernels,
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
     #[arg(long, default_value_t = 1500)]
@@ -38,6 +42,7 @@ pub struct BenchArgs {
 struct BatchResult {
     model: String,
     device: String,
+    kernels: String,
     batch: usize,
     threads: usize,
     images_per_second: f64,
@@ -60,7 +65,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
     let files = lineside::source::LocalModel::read_files(&a.model)?;
     let device = a.device.open()?;
-    let model = LoadedModel::load(&files, &device)?;
+    let model = LoadedModel::load_on(&files, &device, a.kernels)?;
+    let kernels = model.kernels;
     let (c, h, w) = model.preprocessor.input_shape();
     // A GPU queues kernels and returns: a batch is done when the device says so.
     let forward = |x: &Tensor| -> anyhow::Result<()> {
@@ -68,7 +74,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         Ok(device.synchronize()?)
     };
     if !a.json {
-        println!("model {} ({}), {c}x{h}x{w}, {threads} threads, {}", a.model, model.config.architecture, a.device);
+        println!(
+            "model {} ({}), {c}x{h}x{w}, {threads} threads, {}, {kernels} kernels",
+            a.model, model.config.architecture, a.device
+        );
         println!("{:>6} {:>12} {:>18} {:>10} {:>10} {:>9}", "batch", "img/s", "spread", "p50 ms", "p99 ms", "RSS MiB");
     }
     for batch in a.batch_sizes.iter().map(|&b| b as usize) {
@@ -92,6 +101,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         let r = BatchResult {
             model: a.model.clone(),
             device: a.device.to_string(),
+            kernels: kernels.to_string(),
             batch,
             threads,
             images_per_second: rates[rates.len() / 2],

@@ -5,14 +5,13 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use anyhow::Context;
-use candle_core::Device;
 use clap::{Args, Subcommand};
 use hf_hub::progress::{DownloadEvent, Progress, ProgressEvent, ProgressHandler};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use lineside::hub::{Hub, Want, cached_models};
 use lineside::source::{LocalModel, ModelSource};
 use lineside_inference::models::{LoadedModel, supported_architectures};
-use lineside_inference::parity;
+use lineside_inference::{ComputeDevice, Kernels, parity};
 
 /// Fetch, list and check models.
 ///
@@ -70,6 +69,14 @@ struct VerifyArgs {
     /// Largest max-abs error allowed, relative to each reference tensor's max abs value.
     #[arg(long, default_value_t = 1e-3)]
     tolerance: f32,
+    /// `cpu`, `cuda` or `cuda:N`: check the model where it will run (a GPU
+    /// needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: ComputeDevice,
+    /// `lineside` (the default on a CPU) or `candle`: candle's own ops
+    /// only, the path a GPU runs, checked on this CPU.
+    #[arg(long, default_value = "lineside")]
+    kernels: Kernels,
 }
 
 pub fn run(a: ModelsArgs) -> anyhow::Result<()> {
@@ -140,18 +147,19 @@ fn list(a: ListArgs) -> anyhow::Result<()> {
 fn verify(a: VerifyArgs) -> anyhow::Result<()> {
     let local = LocalModel::resolve_blocking(&a.source, &Hub::from_env()?, Want::WithReference)?;
     let files = local.files()?;
-    let model = LoadedModel::load(&files, &Device::Cpu).with_context(|| format!("loading {}", a.source))?;
+    let device = a.device.open()?;
+    let model = LoadedModel::load_on(&files, &device, a.kernels).with_context(|| format!("loading {}", a.source))?;
     let (c, h, w) = model.preprocessor.input_shape();
     let commit = local.commit.as_deref().map(|c| format!(", commit {c}")).unwrap_or_default();
     println!(
-        "{}: {} loads ({} classes, input {c}x{h}x{w}, version {}{commit})",
-        a.source, model.config.architecture, model.config.num_classes, model.version
+        "{}: {} loads ({} classes, input {c}x{h}x{w}, version {}{commit}) on {}, {} kernels",
+        a.source, model.config.architecture, model.config.num_classes, model.version, a.device, model.kernels
     );
     let Some(dir) = local.dir().filter(|d| d.join("ref.safetensors").is_file()) else {
         println!("no ref.safetensors: loading is all that was checked");
         return Ok(());
     };
-    let refs = parity::load_refs(dir, &Device::Cpu)?;
+    let refs = parity::load_refs(dir, &device)?;
     let report = parity::check_loaded(&model, &refs, &a.source)?;
     for t in &report.tensors {
         let flag = if t.relative <= a.tolerance { "ok" } else { "MISMATCH" };

@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 use crate::models::{FeatureInfo, ImageModel};
 use crate::ops::{Activation, ConvBnAct, PadMode};
 use crate::weights::Weights;
-use crate::{Error, Result};
+use crate::{Error, Kernels, Result};
 
 /// Block types of the family that lineside implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,7 +283,7 @@ impl EfficientNet {
         let conv = |name: &str, bn: &str, stride: usize, groups: usize, act: Activation| -> Result<ConvBnAct> {
             let (wt, b) = w.fold_bn(&format!("{name}.weight"), bn, spec.bn_eps)?;
             let k = wt.dim(2)?;
-            ConvBnAct::new(wt, b, stride, groups, pad(k, stride), act)
+            ConvBnAct::new_on(wt, b, stride, groups, pad(k, stride), act, w.kernels())
         };
         let act = spec.act;
         let stem = conv("conv_stem", "bn1", 2, 1, act)?;
@@ -366,9 +366,9 @@ impl EfficientNet {
             })
             .collect();
         #[cfg(target_arch = "x86_64")]
-        // Only a CPU model serves from host memory.
+        // Only a CPU model on lineside's kernels (`Weights::kernels`).
         let channels_last =
-            if classifier_w.device().is_cpu() { channels_last::Network::new(&stem, &stages, &head)? } else { None };
+            if w.kernels() == Kernels::Lineside { channels_last::Network::new(&stem, &stages, &head)? } else { None };
         #[cfg(target_arch = "x86_64")]
         let (mut stem, mut stages, mut head) = (stem, stages, head);
         #[cfg(target_arch = "x86_64")]

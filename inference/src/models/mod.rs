@@ -15,7 +15,7 @@ use candle_core::{D, Device, Tensor};
 use crate::hub_config::HubConfig;
 use crate::preprocess::Preprocessor;
 use crate::weights::Weights;
-use crate::{Error, Result};
+use crate::{Error, Kernels, Result};
 
 /// One feature map that a backbone exposes (timm's `feature_info`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -122,13 +122,25 @@ pub struct LoadedModel {
     /// Content hash of the files it was loaded from.
     pub version: String,
     pub device: Device,
+    /// What its layers run on ([`Self::load_on`]).
+    pub kernels: Kernels,
 }
 
 impl LoadedModel {
-    /// Builds the network that `config.json` names from the weights.
+    /// Builds the network that `config.json` names from the weights, on
+    /// the kernels `device` runs ([`Kernels::for_device`]).
     pub fn load(files: &ModelFiles, device: &Device) -> Result<Self> {
+        Self::load_on(files, device, Kernels::for_device(device))
+    }
+
+    /// [`Self::load`] on `kernels`: [`Kernels::Candle`] runs candle's ops
+    /// only, the path a GPU runs, even on the CPU (to check it against
+    /// references); a GPU runs candle's ops whatever is asked.
+    pub fn load_on(files: &ModelFiles, device: &Device, kernels: Kernels) -> Result<Self> {
         let config = HubConfig::from_json(&files.config_json)?;
-        let weights = Weights::from_buffer(format!("{}/model.safetensors", files.origin), &files.weights, device)?;
+        let weights = Weights::from_buffer(format!("{}/model.safetensors", files.origin), &files.weights, device)?
+            .with_kernels(kernels);
+        let kernels = weights.kernels();
         let network: Box<dyn ImageModel> = if efficientnet::EfficientNet::supports(&config.architecture) {
             Box::new(efficientnet::EfficientNet::load(&config.architecture, &weights)?)
         } else if resnet::ResNet::supports(&config.architecture) {
@@ -156,6 +168,7 @@ impl LoadedModel {
             network,
             config,
             device: device.clone(),
+            kernels,
         })
     }
 }

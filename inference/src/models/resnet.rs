@@ -13,7 +13,7 @@ use candle_core::{DType, Tensor};
 use crate::models::{FeatureInfo, ImageModel};
 use crate::ops::{Activation, ConvBnAct, MaxPool, PadMode};
 use crate::weights::Weights;
-use crate::{Error, Result};
+use crate::{Error, Kernels, Result};
 
 /// Architectures this module builds.
 pub const SUPPORTED: &[&str] = &[
@@ -103,6 +103,7 @@ pub struct ResNet {
     fc_w: Tensor,
     fc_b: Tensor,
     feature_info: Vec<FeatureInfo>,
+    kernels: Kernels,
     /// The same network on channels-last kernels, where the CPU has them.
     #[cfg(target_arch = "x86_64")]
     channels_last: Option<channels_last::Network>,
@@ -111,7 +112,7 @@ pub struct ResNet {
 fn conv_bn(w: &Weights, conv: &str, bn: &str, stride: usize, act: Activation) -> Result<ConvBnAct> {
     let (weight, bias) = w.fold_bn(&format!("{conv}.weight"), bn, BN_EPS)?;
     let k = weight.dim(2)?;
-    ConvBnAct::new(weight, bias, stride, 1, PadMode::Symmetric(k / 2), act)
+    ConvBnAct::new_on(weight, bias, stride, 1, PadMode::Symmetric(k / 2), act, w.kernels())
 }
 
 impl ResNet {
@@ -158,8 +159,9 @@ impl ResNet {
         let fc_w = w.get("fc.weight")?.t()?.contiguous()?;
         let fc_b = w.get("fc.bias")?.clone();
         #[cfg(target_arch = "x86_64")]
-        // Only a CPU model serves from host memory.
-        let channels_last = if fc_w.device().is_cpu() { channels_last::Network::new(&stem, &stages)? } else { None };
+        // Only a CPU model on lineside's kernels (`Weights::kernels`).
+        let channels_last =
+            if w.kernels() == Kernels::Lineside { channels_last::Network::new(&stem, &stages)? } else { None };
         #[cfg(target_arch = "x86_64")]
         let (mut stem, mut stages) = (stem, stages);
         #[cfg(target_arch = "x86_64")]
@@ -176,6 +178,7 @@ impl ResNet {
             fc_w,
             fc_b,
             feature_info,
+            kernels: w.kernels(),
             #[cfg(target_arch = "x86_64")]
             channels_last,
         })
@@ -228,7 +231,7 @@ impl ResNet {
             x = conv.forward(&x)?;
         }
         let mut features = vec![x.clone()];
-        x = MaxPool { kernel: 3, stride: 2, padding: 1 }.forward(&x)?;
+        x = MaxPool { kernel: 3, stride: 2, padding: 1 }.forward(&x, self.kernels)?;
         for stage in &self.stages {
             if features.len() > last {
                 break;
@@ -389,6 +392,7 @@ mod channels_last {
 mod tests {
     use candle_core::{Device, Tensor};
 
+    use crate::Kernels;
     use crate::weights::Weights;
 
     /// The channels-last path gives the NCHW path's feature maps and logits
@@ -410,5 +414,9 @@ mod tests {
         slow.channels_last = None;
         let x = Tensor::randn(0f32, 1.0, (3, 3, 97, 83), &Device::Cpu).unwrap();
         crate::models::test_util::assert_same_outputs(&fast, &slow, &x, 2, "test_resnet");
+        // And the path a GPU runs: candle's ops only, no kernel of ours.
+        let candle = super::ResNet::load("test_resnet", &w.with_kernels(Kernels::Candle)).unwrap();
+        assert!(candle.channels_last.is_none() && candle.kernels == Kernels::Candle);
+        crate::models::test_util::assert_same_outputs(&fast, &candle, &x, 2, "test_resnet on candle's ops");
     }
 }
