@@ -231,22 +231,9 @@ pub struct ConvBnAct {
 
 impl ConvBnAct {
     /// Builds the layer from a folded weight `[out, in/groups, k, k]` and
-    /// bias `[out]`, on the kernels its device runs.
+    /// bias `[out]`. With [`Kernels::Candle`] it runs candle's convolution
+    /// and tensor ops only, as on a GPU ([`Kernels::for_device`]).
     pub fn new(
-        weight: Tensor,
-        bias: Tensor,
-        stride: usize,
-        groups: usize,
-        pad: PadMode,
-        act: Activation,
-    ) -> Result<Self> {
-        let kernels = Kernels::for_device(weight.device());
-        Self::new_on(weight, bias, stride, groups, pad, act, kernels)
-    }
-
-    /// [`Self::new`] on `kernels`: with [`Kernels::Candle`] the layer runs
-    /// candle's convolution and tensor ops only, as on a GPU.
-    pub fn new_on(
         weight: Tensor,
         bias: Tensor,
         stride: usize,
@@ -461,7 +448,8 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (2, c, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 1.0, (c, 1, k, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, c, &dev).unwrap();
-            let layer = ConvBnAct::new(wt.clone(), b.clone(), s, c, mode, Activation::Relu6).unwrap();
+            let layer =
+                ConvBnAct::new(wt.clone(), b.clone(), s, c, mode, Activation::Relu6, Kernels::Lineside).unwrap();
             let got = layer.forward(&x).unwrap();
             let want = reference(&x, &wt, &b, s, mode.resolve(h, w, k, s), Activation::Relu6);
             assert_eq!(got.dims(), want.dims(), "k{k} s{s} {h}x{w}");
@@ -476,7 +464,9 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (3, 8, 5, 6), &dev).unwrap();
         let wt = Tensor::randn(0f32, 1.0, (4, 8, 1, 1), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 4, &dev).unwrap();
-        let layer = ConvBnAct::new(wt.clone(), b.clone(), 1, 1, PadMode::Symmetric(0), Activation::Silu).unwrap();
+        let layer =
+            ConvBnAct::new(wt.clone(), b.clone(), 1, 1, PadMode::Symmetric(0), Activation::Silu, Kernels::Lineside)
+                .unwrap();
         let got = layer.forward(&x).unwrap();
         let want = Activation::Silu
             .apply(&x.conv2d(&wt, 0, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap()).unwrap())
@@ -504,7 +494,7 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
-            let layer = ConvBnAct::new(wt.clone(), b.clone(), s, 1, mode, Activation::Relu).unwrap();
+            let layer = ConvBnAct::new(wt.clone(), b.clone(), s, 1, mode, Activation::Relu, Kernels::Lineside).unwrap();
             let got = layer.forward(&x).unwrap();
             let p = mode.resolve(h, w, k, s);
             let padded = x.pad_with_zeros(2, p.top, p.bottom).unwrap().pad_with_zeros(3, p.left, p.right).unwrap();
@@ -530,7 +520,8 @@ mod tests {
             let wt = Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
             let mode = PadMode::timm_default(k, s);
-            let layer = ConvBnAct::new(wt.clone(), b.clone(), s, 1, mode, Activation::Identity).unwrap();
+            let layer =
+                ConvBnAct::new(wt.clone(), b.clone(), s, 1, mode, Activation::Identity, Kernels::Lineside).unwrap();
             let y = layer.forward(&x).unwrap();
             let res = Tensor::randn(0f32, 1.0, y.dims(), &dev).unwrap();
             for act in [Activation::Identity, Activation::Relu, Activation::Relu6, Activation::Silu] {

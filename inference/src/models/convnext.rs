@@ -91,8 +91,7 @@ impl Block {
         let weight = w.get(&format!("{p}.conv_dw.weight"))?.clone();
         let (c, _, k, _) = weight.dims4()?;
         let bias = w.get(&format!("{p}.conv_dw.bias"))?.clone();
-        let conv_dw =
-            ConvBnAct::new_on(weight, bias, 1, c, PadMode::Symmetric(k / 2), Activation::Identity, w.kernels())?;
+        let conv_dw = ConvBnAct::new(weight, bias, 1, c, PadMode::Symmetric(k / 2), Activation::Identity, w.kernels())?;
         let gamma = if w.contains(&format!("{p}.gamma")) { Some(w.get(&format!("{p}.gamma"))?.clone()) } else { None };
         Ok(Self {
             conv_dw,
@@ -153,7 +152,7 @@ impl ConvNeXt {
         let conv = |p: &str, stride: usize| -> Result<ConvBnAct> {
             let weight = w.get(&format!("{p}.weight"))?.clone();
             let bias = w.get(&format!("{p}.bias"))?.clone();
-            ConvBnAct::new_on(weight, bias, stride, 1, PadMode::Symmetric(0), Activation::Identity, w.kernels())
+            ConvBnAct::new(weight, bias, stride, 1, PadMode::Symmetric(0), Activation::Identity, w.kernels())
         };
         let stem_conv = conv("stem.0", 4)?;
         let v = Variant::of(architecture);

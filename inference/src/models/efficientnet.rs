@@ -283,7 +283,7 @@ impl EfficientNet {
         let conv = |name: &str, bn: &str, stride: usize, groups: usize, act: Activation| -> Result<ConvBnAct> {
             let (wt, b) = w.fold_bn(&format!("{name}.weight"), bn, spec.bn_eps)?;
             let k = wt.dim(2)?;
-            ConvBnAct::new_on(wt, b, stride, groups, pad(k, stride), act, w.kernels())
+            ConvBnAct::new(wt, b, stride, groups, pad(k, stride), act, w.kernels())
         };
         let act = spec.act;
         let stem = conv("conv_stem", "bn1", 2, 1, act)?;

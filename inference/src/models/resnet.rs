@@ -112,7 +112,7 @@ pub struct ResNet {
 fn conv_bn(w: &Weights, conv: &str, bn: &str, stride: usize, act: Activation) -> Result<ConvBnAct> {
     let (weight, bias) = w.fold_bn(&format!("{conv}.weight"), bn, BN_EPS)?;
     let k = weight.dim(2)?;
-    ConvBnAct::new_on(weight, bias, stride, 1, PadMode::Symmetric(k / 2), act, w.kernels())
+    ConvBnAct::new(weight, bias, stride, 1, PadMode::Symmetric(k / 2), act, w.kernels())
 }
 
 impl ResNet {

@@ -1230,6 +1230,7 @@ mod tests {
                     1,
                     pad,
                     Activation::Relu,
+                    crate::Kernels::Lineside,
                 )
                 .unwrap();
                 let xt = Tensor::from_vec(x, (n, cin, h, h), &dev).unwrap();
