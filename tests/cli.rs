@@ -45,7 +45,7 @@ fn verify_passes_on_matching_references_and_fails_on_a_mismatch() {
 /// `--kernels candle` checks the network code a GPU runs, here on the CPU;
 /// `--device` names where the model is checked.
 #[test]
-fn verify_checks_candles_ops_and_names_the_device() {
+fn verify_checks_candle_ops_and_names_the_device() {
     let good = shared().join("models/test_resnet.random6").display().to_string();
     let (ok, text) = verify_with(&good, &["--kernels", "candle"]);
     assert!(ok, "{text}");

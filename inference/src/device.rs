@@ -60,10 +60,9 @@ impl ComputeDevice {
 /// [`Kernels::Candle`] on the CPU runs that second path where it can be
 /// checked here: the parity tests hold it to the PyTorch references, so the
 /// network code a CUDA build runs is tested without a GPU.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernels {
     /// lineside's kernels where a layer has one (CPU only).
-    #[default]
     Lineside,
     /// candle's tensor ops only, as on a GPU.
     Candle,
@@ -160,7 +159,7 @@ mod tests {
     }
 
     #[test]
-    fn kernels_parse_and_the_cpu_runs_linesides() {
+    fn kernels_parse_and_the_cpu_runs_lineside_kernels() {
         assert_eq!("Candle".parse::<Kernels>(), Ok(Kernels::Candle));
         assert_eq!("lineside".parse::<Kernels>(), Ok(Kernels::Lineside));
         assert!("onnx".parse::<Kernels>().unwrap_err().contains("`lineside` or `candle`"));

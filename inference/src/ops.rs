@@ -231,8 +231,8 @@ pub struct ConvBnAct {
 
 impl ConvBnAct {
     /// Builds the layer from a folded weight `[out, in/groups, k, k]` and
-    /// bias `[out]`. With [`Kernels::Candle`] it runs candle's convolution
-    /// and tensor ops only, as on a GPU ([`Kernels::for_device`]).
+    /// bias `[out]`. With [`Kernels::Candle`], or off the CPU whatever is
+    /// asked, it runs candle's convolution and tensor ops only.
     pub fn new(
         weight: Tensor,
         bias: Tensor,
@@ -246,6 +246,9 @@ impl ConvBnAct {
         if kh != kw {
             return Err(crate::Error::config("conv", format!("non-square kernel {kh}x{kw}")));
         }
+        // A GPU has no lineside kernels: packing them would copy its weights
+        // to the host for nothing.
+        let kernels = if weight.device().is_cpu() { kernels } else { Kernels::Candle };
         let bias_vec = bias.to_vec1::<f32>()?;
         let kind = if kernels == Kernels::Candle {
             ConvKind::Candle
@@ -301,8 +304,7 @@ impl ConvBnAct {
     /// Runs the layer on an `[N, C, H, W]` batch.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
-        // lineside's kernels, or candle's ops (a GPU, or `Kernels::Candle`).
-        let lineside = x.device().is_cpu() && self.kernels == Kernels::Lineside;
+        let lineside = self.on_lineside(&x);
         let (_n, _c, h, w) = x.dims4()?;
         match (&self.kind, lineside) {
             (ConvKind::Depthwise(op), true) => Ok(x.apply_op1_no_bwd(op)?),
@@ -325,13 +327,13 @@ impl ConvBnAct {
         }
     }
 
-    /// `act(self(x) + residual)`, the end of a residual block. On CPU, for
-    /// a groups=1 layer without an activation of its own, the residual is
+    /// `act(self(x) + residual)`, the end of a residual block. On
+    /// lineside's kernels, for a groups=1 layer without an activation of its own, the residual is
     /// added inside the GEMM's store: one pass over the output instead of
     /// three (convolution, add, activation).
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor, act: Activation) -> Result<Tensor> {
         match &self.kind {
-            ConvKind::Gemm(op) if x.device().is_cpu() && self.act == Activation::Identity => {
+            ConvKind::Gemm(op) if self.on_lineside(x) && self.act == Activation::Identity => {
                 let op = ConvAddAct { conv: op, act };
                 Ok(x.contiguous()?.apply_op2_no_bwd(&residual.contiguous()?, &op)?)
             }
@@ -380,6 +382,12 @@ impl ConvBnAct {
         if matches!(self.kind, ConvKind::Gemm(_)) {
             self.kind = ConvKind::Candle;
         }
+    }
+
+    /// Whether `x` runs on lineside's kernels, not candle's ops (a GPU, or
+    /// [`Kernels::Candle`]).
+    fn on_lineside(&self, x: &Tensor) -> bool {
+        x.device().is_cpu() && self.kernels == Kernels::Lineside
     }
 
     fn add_bias_act(&self, y: &Tensor, lineside: bool) -> Result<Tensor> {

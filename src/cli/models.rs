@@ -145,6 +145,8 @@ fn list(a: ListArgs) -> anyhow::Result<()> {
 }
 
 fn verify(a: VerifyArgs) -> anyhow::Result<()> {
+    // Before any download: a CPU-only build cannot check on a GPU.
+    a.device.check_supported()?;
     let local = LocalModel::resolve_blocking(&a.source, &Hub::from_env()?, Want::WithReference)?;
     let files = local.files()?;
     let device = a.device.open()?;

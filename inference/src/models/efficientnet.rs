@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 use crate::models::{FeatureInfo, ImageModel};
 use crate::ops::{Activation, ConvBnAct, PadMode};
 use crate::weights::Weights;
-use crate::{Error, Kernels, Result};
+use crate::{Error, Result};
 
 /// Block types of the family that lineside implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,8 +367,11 @@ impl EfficientNet {
             .collect();
         #[cfg(target_arch = "x86_64")]
         // Only a CPU model on lineside's kernels (`Weights::kernels`).
-        let channels_last =
-            if w.kernels() == Kernels::Lineside { channels_last::Network::new(&stem, &stages, &head)? } else { None };
+        let channels_last = if w.kernels() == crate::Kernels::Lineside {
+            channels_last::Network::new(&stem, &stages, &head)?
+        } else {
+            None
+        };
         #[cfg(target_arch = "x86_64")]
         let (mut stem, mut stages, mut head) = (stem, stages, head);
         #[cfg(target_arch = "x86_64")]

@@ -103,6 +103,7 @@ pub struct ResNet {
     fc_w: Tensor,
     fc_b: Tensor,
     feature_info: Vec<FeatureInfo>,
+    /// What the layers run on; the max pool follows it too.
     kernels: Kernels,
     /// The same network on channels-last kernels, where the CPU has them.
     #[cfg(target_arch = "x86_64")]
