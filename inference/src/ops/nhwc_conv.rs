@@ -542,7 +542,8 @@ struct Tiles {
     /// tile's pixels); a segment that is padding for every pixel of its
     /// tile has a null first pointer instead, and the microkernel skips it.
     ptrs: Vec<*const f32>,
-    /// Per tile, the `MR` output pixels of its rows, from the block's first.
+    /// Per tile, the `MR` output pixels of its rows, from the block's
+    /// first; a partial tile's unused rows hold 0 and are never read.
     pixels: Vec<usize>,
     /// The microkernel calls that cover the tiles ([`Call::cover`]).
     calls: Vec<Call>,
@@ -579,10 +580,10 @@ impl Geometry<'_> {
     /// The tiles of output pixels `px`, grouped by padding: pixels whose
     /// taps fall outside the input at the same kernel rows and columns
     /// fill whole tiles together, so such a tile skips its padding
-    /// segments for all of its pixels. In raster order a tile of six
-    /// pixels mixes border and inside pixels and skips almost nothing,
-    /// while padding taps are 2% of the arithmetic of resnet18's 3×3
-    /// layers at 56² and 18% at 7². The pixels with no padding, and what
+    /// segments for all of its pixels. In raster order only the top and
+    /// bottom rows' tiles could skip (a kernel row); a left or right edge
+    /// pixel shared its tile with inside pixels, while padding taps are 2%
+    /// of the arithmetic of resnet18's 3×3 layers at 56² and 18% at 7². The pixels with no padding, and what
     /// no group fills a whole tile with (the corners, a small map's
     /// edges), follow in raster order, into whole tiles and one partial
     /// one as before: a partial tile per group cost more than its padding
@@ -591,8 +592,9 @@ impl Geometry<'_> {
     /// slower.
     fn tiles(&self, px: Range<usize>) -> Tiles {
         // Two passes in raster order, without sorting: a version that
-        // sorted each block's pixels ran the 56² layer 4–6% slower. The first counts the groups; the
-        // second puts each pixel in its group's tiles or in the rest. A
+        // sorted each block's pixels ran the 56² layer 4–6% slower. The
+        // first counts the groups; the second puts each pixel in its
+        // group's tiles or in the rest. A
         // pixel's group is its row's class of kernel rows inside the input
         // by its column's class of kernel columns, found once per block.
         // The coordinates advance pixel by pixel: two divisions per pixel
@@ -641,7 +643,8 @@ impl Geometry<'_> {
             self.taps(at, |seg, ptr| seg_ptrs[seg * MR + r] = ptr);
             at = self.next(at);
         }
-        // The rows a partial tile leaves unused point at `zeros` too.
+        // The rows a partial tile leaves unused point at `zeros` too, so
+        // it skips a segment that is padding for the rows it uses.
         for seg in ptrs.chunks_exact_mut(MR) {
             if seg.iter().all(|&p| p == zeros) {
                 seg[0] = std::ptr::null();
@@ -784,8 +787,9 @@ impl Job<'_> {
                         col0: chunk.cols.start,
                         len: chunk.cols.len(),
                         b,
-                        // SAFETY: `at` is inside the output: the call has a
-                        // tile (`count > 0`), so the block has a pixel.
+                        // SAFETY: `at` is the block's first pixel (indirect)
+                        // or the call's (dense), both before `px.end`:
+                        // `Call::cover` yields only non-empty calls in `px`.
                         c: unsafe { self.out.0.add(at) },
                         ldc: cout,
                         lanes,
@@ -807,8 +811,10 @@ impl Job<'_> {
                     // output's pixels) each have `col0 + len` readable floats
                     // (a segment of the input or `zeros`), or the segment is
                     // skipped (a null first pointer); C and the residual
-                    // hold the tiles' pixels (`pixels`, or `count` × `rows`
-                    // from `at`) of `ldc` channels, written by this task only.
+                    // hold the tiles' pixels of `ldc` channels from `at`
+                    // (`pixels`: distinct and under `px.len()` for the rows
+                    // used; dense: `count` × `rows` in order), written by
+                    // this task only.
                     unsafe {
                         match self.conv.isa {
                             Isa::Avx512 => kernels::avx512(rows, self.conv.vectors, &step),
@@ -838,15 +844,17 @@ struct Step<'a> {
     a: Rows<'a>,
     /// Segments in the chunk.
     segs: usize,
-    /// Tiles in the call, `MR` pixels apart (so more than one only with
-    /// `MR` rows).
+    /// Tiles in the call (more than one only with `MR` rows): `MR`
+    /// entries of `pixels` and `tile_stride` pointers apart, or dense,
+    /// `MR` pixels apart.
     tiles: usize,
     col0: usize,
     len: usize,
     /// `[k][nr]` weights of this chunk.
     b: &'a [f32],
-    /// The output at pixel 0 of the call's tiles (`pixels`), or at its
-    /// first tile's first pixel, the next tile's `MR · ldc` further.
+    /// The output at the block's first pixel, from which `pixels` counts,
+    /// or (dense) at the call's first pixel, the next tile's `MR · ldc`
+    /// further.
     c: *mut f32,
     /// Per tile, the output pixel of each of its `MR` rows, counted from
     /// `c`; `None`: tile `t`'s row `r` is pixel `t · MR + r`.
@@ -1073,7 +1081,7 @@ mod kernels {
             for seg in 0..s.segs {
                 let a: [*const f32; R] = a(seg);
                 if a[0].is_null() {
-                    // Padding for every pixel of the tile (`indirection`);
+                    // Padding for every pixel of the tile (`Geometry::tiles`);
                     // its share of the prefetches still goes out.
                     bp = bp.wrapping_add(s.len * nr);
                     pf.issue(pf.per_step * s.len);
@@ -1310,6 +1318,27 @@ mod tests {
             if h == 14 {
                 assert!(grouped >= 8 * 3 && raster < 8 * 3, "{case}: grouped {grouped}, raster {raster}");
             }
+        }
+    }
+
+    /// Grouped tiles give raster order's results (but for the sign of a
+    /// zero: a skipped `+ 0 · w`) on maps of several blocks, whose blocks
+    /// start mid-image, with a residual, at strides 1 and 2.
+    #[test]
+    fn grouped_tiles_match_raster_order() {
+        for (n, cin, cout, s, h, w) in [(3, 16, 40, 1, 20, 19), (2, 24, 16, 2, 33, 30)] {
+            let (wt, b) = (values(cout * cin * 9, 2), values(cout, 3));
+            let Some(conv) = NhwcConv::new(&wt, &b, cin, 3, s, PadMode::Symmetric(1), Fused::Relu) else {
+                eprintln!("no AVX-512F or AVX2: skipped");
+                return;
+            };
+            let x = Nhwc::from_nchw(&values(n * cin * h * w, 1), n, cin, h, w);
+            let raster = conv.forward_with(&x, None, PREFETCH_AHEAD, false);
+            assert!(raster.pixels() > 2 * PB, "several blocks");
+            let r = Nhwc::from_nchw(&values(raster.data.len(), 4), n, cout, raster.h, raster.w);
+            let raster = conv.forward_with(&x, Some(&r), PREFETCH_AHEAD, false);
+            let grouped = conv.forward_with(&x, Some(&r), PREFETCH_AHEAD, true);
+            assert!(raster.data == grouped.data, "{n}x{cin}x{h}x{w} s{s}: grouped tiles differ");
         }
     }
 
