@@ -31,6 +31,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     keep_freed_memory();
+    settle_candle_threads();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,lineside=info".into()),
@@ -56,6 +57,25 @@ impl Default for Command {
     fn default() -> Self {
         Command::Serve(cli::serve::ServeArgs::default())
     }
+}
+
+/// Gives candle its thread count once, in `RAYON_NUM_THREADS`, unless the
+/// environment already does.
+///
+/// candle sizes every CPU matmul's parallelism from that variable and, when
+/// it is unset, from `num_cpus::get_physical`, which reads and parses
+/// `/proc/cpuinfo` on each call: once per forward pass (the classifier
+/// head), and 0.5% of the server's CPU at saturation on a 2-core VM, in the
+/// model's own threads. `lineside bench` sets the variable from `--threads`,
+/// so the server paid a cost that the raw figures did not. rayon reads the
+/// same variable for its global pool, whose default it matches.
+fn settle_candle_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: called first thing in main, before any other thread exists.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
 }
 
 /// Keeps freed layer outputs in glibc's heap for the next batch.
