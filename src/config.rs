@@ -304,6 +304,8 @@ pub struct ModelConfig {
     pub source: String,
     #[serde(default = "d_batch")]
     pub max_batch_size: usize,
+    /// The most a partial batch waits, after its oldest request was queued,
+    /// for requests still being decoded; with none on the way it runs at once.
     #[serde(default = "d_delay")]
     pub max_queue_delay_ms: u64,
     #[serde(default = "d_queue")]

@@ -11,6 +11,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use image::DynamicImage;
 use lineside_inference::anomaly::{AnomalyMap, Region, regions as anomaly_regions, render};
+use lineside_inference::batcher::Incoming;
 use lineside_inference::models::Output;
 use lineside_inference::preprocess::{DecodeLimits, Decoded, JpegDecode};
 use lineside_plugins::{
@@ -262,7 +263,7 @@ pub async fn infer_tensor(
         trace: Trace::default(),
         call: None,
     };
-    infer(model, prepared, Instant::now(), deadline, opts).await
+    infer(model, model.batcher.incoming(), prepared, Instant::now(), deadline, opts).await
 }
 
 /// An image made ready for the model.
@@ -285,6 +286,8 @@ async fn run(
     opts: Options,
 ) -> Result<Inspection, ApiError> {
     let started = Instant::now();
+    // Announced before decoding, so that a partial batch waits for it.
+    let incoming = model.batcher.incoming();
     if body.is_empty() {
         return Err(ApiError::InvalidImage("the request body is empty; send the image bytes".into()));
     }
@@ -324,7 +327,7 @@ async fn run(
         ApiError::DeadlineExceeded(_) => deadline_drop(model, "deadline passed while waiting for preprocessing"),
         other => other,
     })?;
-    infer(model, prepared, started, deadline, opts).await
+    infer(model, incoming, prepared, started, deadline, opts).await
 }
 
 /// The DCT scale a JPEG was decoded at, as a metric label: `1` (every pixel),
@@ -348,6 +351,7 @@ fn deadline_drop(model: &ModelEntry, what: &str) -> ApiError {
 /// Batched inference and everything after it.
 async fn infer(
     model: &ModelEntry,
+    incoming: Incoming<Output>,
     prepared: Prepared,
     started: Instant,
     deadline: Instant,
@@ -359,7 +363,7 @@ async fn infer(
     if Instant::now() >= deadline {
         return Err(deadline_drop(model, "deadline passed before queueing"));
     }
-    let reply = model.batcher.submit(input, deadline).map_err(|e| ApiError::from_submit(&model.name, e))?;
+    let reply = incoming.submit(input, deadline).map_err(|e| ApiError::from_submit(&model.name, e))?;
     let served = tokio::time::timeout_at(deadline.into(), reply)
         .await
         .map_err(|_| ApiError::DeadlineExceeded(format!("model `{}`: no result within the deadline", model.name)))?

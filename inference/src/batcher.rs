@@ -2,10 +2,15 @@
 //!
 //! Requests arrive already decoded and preprocessed (that work runs on other
 //! threads, in parallel with inference). The batcher thread collects them into
-//! a batch of at most `max_batch_size`, waiting at most `max_queue_delay` after
-//! the oldest request arrived, drops requests whose client has gone or whose
-//! deadline has passed, runs the model once for the whole batch and answers
-//! each request through its own oneshot channel.
+//! a batch of at most `max_batch_size`, drops requests whose client has gone
+//! or whose deadline has passed, runs the model once for the whole batch and
+//! answers each request through its own oneshot channel.
+//!
+//! A partial batch waits only for requests that are on their way: callers
+//! announce each request before decoding it ([`Batcher::incoming`]), and the
+//! batcher waits for those, at most `max_queue_delay` after the oldest
+//! request was queued. With none on the way it runs at once, so a lone
+//! request is not held for company that cannot come.
 //!
 //! The queue is a bounded channel: [`Batcher::submit`] fails at once with
 //! [`SubmitError::Overloaded`] when it is full, so overload turns into fast
@@ -38,6 +43,8 @@ pub trait BatchModel: Send + 'static {
 #[derive(Debug, Clone)]
 pub struct BatcherConfig {
     pub max_batch_size: usize,
+    /// The longest a partial batch waits, after its oldest request was
+    /// queued, for requests announced as [`Incoming`].
     pub max_queue_delay: Duration,
     pub queue_capacity: usize,
     /// Threads of this model's own pool; `None`: as many as the global
@@ -109,6 +116,8 @@ struct Shared {
     depth: AtomicUsize,
     capacity: usize,
     input_len: AtomicUsize,
+    /// Requests announced ([`Batcher::incoming`]) and not yet queued.
+    incoming: AtomicUsize,
 }
 
 impl Shared {
@@ -154,6 +163,7 @@ impl<O: Send + 'static> Batcher<O> {
             depth: AtomicUsize::new(0),
             capacity: cfg.queue_capacity,
             input_len: AtomicUsize::new(0),
+            incoming: AtomicUsize::new(0),
         });
         let thread_shared = shared.clone();
         std::thread::Builder::new().name(format!("batcher-{name}")).spawn(move || run(thread_shared, cfg, rx, load))?;
@@ -184,6 +194,14 @@ impl<O: Send + 'static> Batcher<O> {
         }
     }
 
+    /// Announces a request that will be submitted once it is decoded and
+    /// preprocessed: until it is submitted through the returned handle, or
+    /// the handle dropped, a partial batch may wait for it.
+    pub fn incoming(&self) -> Incoming<O> {
+        self.shared.incoming.fetch_add(1, Ordering::AcqRel);
+        Incoming { batcher: self.clone() }
+    }
+
     /// The model's current lifecycle state.
     pub fn status(&self) -> ModelStatus {
         self.shared.status.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -194,6 +212,34 @@ impl<O: Send + 'static> Batcher<O> {
         self.shared.depth.load(Ordering::Relaxed)
     }
 }
+
+/// A request on its way to a [`Batcher`], from [`Batcher::incoming`].
+/// Dropping it (a request that failed before the model) withdraws it.
+pub struct Incoming<O> {
+    batcher: Batcher<O>,
+}
+
+impl<O: Send + 'static> Incoming<O> {
+    /// [`Batcher::submit`] for the announced request.
+    pub fn submit(self, input: Vec<f32>, deadline: Instant) -> Result<Reply<O>, SubmitError> {
+        let batcher = self.batcher.clone();
+        // Withdrawn before it is queued, not after: a batcher that saw it
+        // queued and still counted would wait for it in vain. In between it
+        // is neither, and at worst goes to the next batch.
+        drop(self);
+        batcher.submit(input, deadline)
+    }
+}
+
+impl<O> Drop for Incoming<O> {
+    fn drop(&mut self) {
+        self.batcher.shared.incoming.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How often a batch waiting for incoming requests looks whether any are
+/// still on their way (one that fails to decode never arrives).
+const INCOMING_POLL: Duration = Duration::from_millis(1);
 
 fn run<M, F>(shared: Arc<Shared>, cfg: BatcherConfig, rx: Receiver<Job<M::Output>>, load: F)
 where
@@ -234,7 +280,7 @@ where
     shared.set_status(ModelStatus::Ready);
     tracing::info!(model = %shared.name, max_batch = cfg.max_batch_size, "model ready");
 
-    while let Some(jobs) = collect(&rx, &cfg) {
+    while let Some(jobs) = collect(&rx, &cfg, &shared.incoming) {
         shared.set_depth(rx.len());
         let jobs = drop_stale(&shared.name, jobs);
         if !jobs.is_empty() {
@@ -262,19 +308,25 @@ fn warm_up<M: BatchModel>(model: &M, batch: usize) -> crate::Result<()> {
     Ok(())
 }
 
-/// Blocks for the first request, then gathers more until the batch is full
-/// or `max_queue_delay` has passed since the first one was queued.
+/// Blocks for the first request, then gathers what is queued and, while
+/// `incoming` requests are on their way, waits for them until the batch is
+/// full or `max_queue_delay` has passed since the first one was queued.
 /// Returns `None` once every sender is gone.
-fn collect<O>(rx: &Receiver<Job<O>>, cfg: &BatcherConfig) -> Option<Vec<Job<O>>> {
+fn collect<O>(rx: &Receiver<Job<O>>, cfg: &BatcherConfig, incoming: &AtomicUsize) -> Option<Vec<Job<O>>> {
     let first = rx.recv().ok()?;
     let until = first.enqueued_at + cfg.max_queue_delay;
     let mut jobs = vec![first];
     while jobs.len() < cfg.max_batch_size {
+        if let Ok(job) = rx.try_recv() {
+            jobs.push(job);
+            continue;
+        }
         let now = Instant::now();
-        let next = if now >= until { rx.try_recv().ok() } else { rx.recv_timeout(until - now).ok() };
-        match next {
-            Some(j) => jobs.push(j),
-            None => break,
+        if now >= until || incoming.load(Ordering::Acquire) == 0 {
+            break;
+        }
+        if let Ok(job) = rx.recv_timeout((until - now).min(INCOMING_POLL)) {
+            jobs.push(job);
         }
     }
     Some(jobs)
@@ -336,5 +388,85 @@ fn serve<M: BatchModel>(name: &str, model: &M, jobs: Vec<Job<M::Output>>) {
                 let _ = job.reply.send(Err(JobError::Inference(e.to_string())));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(enqueued_at: Instant) -> Job<()> {
+        let (reply, _) = oneshot::channel();
+        Job { input: Vec::new(), enqueued_at, deadline: enqueued_at + Duration::from_secs(60), reply }
+    }
+
+    fn config(max_queue_delay: Duration) -> BatcherConfig {
+        BatcherConfig { max_batch_size: 8, max_queue_delay, queue_capacity: 16, threads: None }
+    }
+
+    #[test]
+    fn a_lone_request_runs_at_once() {
+        let (tx, rx) = bounded(16);
+        tx.send(job(Instant::now())).unwrap();
+        let t = Instant::now();
+        let jobs = collect(&rx, &config(Duration::from_secs(30)), &AtomicUsize::new(0)).unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert!(t.elapsed() < Duration::from_secs(5), "waited {:?} with nothing on the way", t.elapsed());
+    }
+
+    #[test]
+    fn a_partial_batch_waits_for_incoming_requests() {
+        let (tx, rx) = bounded(16);
+        let incoming = AtomicUsize::new(2);
+        tx.send(job(Instant::now())).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for _ in 0..2 {
+                    std::thread::sleep(Duration::from_millis(30));
+                    incoming.fetch_sub(1, Ordering::AcqRel);
+                    tx.send(job(Instant::now())).unwrap();
+                }
+            });
+            let jobs = collect(&rx, &config(Duration::from_secs(30)), &incoming).unwrap();
+            assert_eq!(jobs.len(), 3);
+        });
+    }
+
+    #[test]
+    fn a_withdrawn_request_is_not_waited_for() {
+        let (tx, rx) = bounded(16);
+        let incoming = AtomicUsize::new(1);
+        tx.send(job(Instant::now())).unwrap();
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(30));
+                incoming.fetch_sub(1, Ordering::AcqRel);
+            });
+            let jobs = collect(&rx, &config(Duration::from_secs(30)), &incoming).unwrap();
+            assert_eq!(jobs.len(), 1);
+        });
+        assert!(t.elapsed() < Duration::from_secs(5), "waited {:?} for a withdrawn request", t.elapsed());
+    }
+
+    #[test]
+    fn waits_at_most_the_queue_delay() {
+        let (tx, rx) = bounded(16);
+        let queued = Instant::now();
+        tx.send(job(queued)).unwrap();
+        let jobs = collect(&rx, &config(Duration::from_millis(40)), &AtomicUsize::new(1)).unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert!(queued.elapsed() >= Duration::from_millis(40));
+    }
+
+    #[test]
+    fn queued_requests_fill_the_batch_without_waiting() {
+        let (tx, rx) = bounded(16);
+        for _ in 0..10 {
+            tx.send(job(Instant::now())).unwrap();
+        }
+        let jobs = collect(&rx, &config(Duration::from_secs(30)), &AtomicUsize::new(0)).unwrap();
+        assert_eq!(jobs.len(), 8);
+        assert_eq!(rx.len(), 2);
     }
 }

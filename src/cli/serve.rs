@@ -58,7 +58,8 @@ use lineside::config::Config;
 ///   source = "builtin:steel-surface" # or a timm hub-format folder, a PatchCore folder (lineside fit),
 ///                                    # or hf://org/repo[@revision] (fetched into the hub cache)
 ///   max_batch_size = 8
-///   max_queue_delay_ms = 5           # wait after the oldest request before running a partial batch
+///   max_queue_delay_ms = 5           # the most a partial batch waits (after its oldest request) for
+///                                    # requests still being decoded; with none on the way it runs at once
 ///   queue_capacity = 64              # 429 with Retry-After when full
 ///   # threads = 2                    # compute threads (default: all cores); wide convolution
 ///                                    # GEMMs use a shared pool sized by MATMUL_NUM_THREADS
