@@ -69,12 +69,19 @@ impl Default for Command {
 /// model's own threads. `lineside bench` sets the variable from `--threads`,
 /// so the server paid a cost that the raw figures did not. rayon reads the
 /// same variable for its global pool, whose default it matches.
+///
+/// candle's matmul now splits over the logical CPUs, as in `lineside
+/// bench`, where its own default counts the physical cores (half of them
+/// on SMT hosts); `CANDLE_CPU_MASK`, which candle reads once, is left to
+/// decide when set.
 fn settle_candle_threads() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+    let set = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok()).is_some_and(|n| n > 0);
+    if set("RAYON_NUM_THREADS") || std::env::var_os("CANDLE_CPU_MASK").is_some() {
         return;
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // SAFETY: called first thing in main, before any other thread exists.
+    // SAFETY: before any thread is spawned (`keep_freed_memory`, called
+    // before, spawns none).
     unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
 }
 

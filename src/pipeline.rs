@@ -245,9 +245,10 @@ struct Trace {
 }
 
 /// Runs one preprocessed CHW tensor (the model's input shape) through
-/// `model`: no decoding and no plugins.
+/// `model`, announced to its batcher as `incoming`: no decoding and no plugins.
 pub async fn infer_tensor(
     model: &ModelEntry,
+    incoming: Incoming<Output>,
     input: Vec<f32>,
     deadline: Instant,
     opts: Options,
@@ -263,7 +264,7 @@ pub async fn infer_tensor(
         trace: Trace::default(),
         call: None,
     };
-    infer(model, model.batcher.incoming(), prepared, Instant::now(), deadline, opts).await
+    infer(model, incoming, prepared, Instant::now(), deadline, opts).await
 }
 
 /// An image made ready for the model.

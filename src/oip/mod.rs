@@ -392,9 +392,15 @@ async fn run_batch(
             }
         }
         Batch::Tensors(inputs) => {
-            for input in inputs {
+            // All announced before any is queued, so that the batcher waits for
+            // the rest of the request's tensors instead of running the first alone.
+            let announced: Vec<_> = inputs.iter().map(|_| model.batcher.incoming()).collect();
+            for (input, incoming) in inputs.into_iter().zip(announced) {
                 let m = model.clone();
-                spawn(Bytes::new(), Box::pin(async move { pipeline::infer_tensor(&m, input, deadline, opts).await }));
+                spawn(
+                    Bytes::new(),
+                    Box::pin(async move { pipeline::infer_tensor(&m, incoming, input, deadline, opts).await }),
+                );
             }
         }
     }
