@@ -33,6 +33,8 @@ pub mod nhwc_conv;
 pub mod nhwc_depthwise;
 pub mod sgemm;
 pub mod simd;
+#[cfg(target_arch = "x86_64")]
+pub mod winograd;
 pub use depthwise::DepthwiseConv;
 use gemm_conv::ConvAddAct;
 pub use gemm_conv::{GemmConv, GemmPath};
@@ -353,6 +355,27 @@ impl ConvBnAct {
         let weight = self.weight.flatten_all()?.to_vec1::<f32>()?;
         let (_, cin, _, _) = self.weight.dims4()?;
         Ok(nhwc_conv::NhwcConv::new(&weight, &self.bias_act.bias, cin, self.kernel, self.stride, self.pad, act.fused()))
+    }
+
+    /// [`Self::channels_last`], switching to Winograd's F(2×2, 3×3) on the
+    /// maps where that pays, for a 3×3, stride-1, padding-1 layer
+    /// ([`winograd`]); the direct kernel only for any other.
+    #[cfg(target_arch = "x86_64")]
+    pub fn channels_last_switching(&self, act: Activation) -> Result<Option<winograd::Switching>> {
+        let Some(direct) = self.channels_last(act)? else { return Ok(None) };
+        let fits = self.kernel == 3 && self.stride == 1 && self.pad == PadMode::Symmetric(1);
+        let build = fits.then(|| {
+            // The folded weight stays in this layer's tensor until a map
+            // needs the Winograd form.
+            let (weight, bias) = (self.weight.clone(), self.bias_act.bias.clone());
+            let cin = direct.in_channels();
+            let fused = act.fused();
+            Box::new(move || {
+                let weight = weight.flatten_all().and_then(|w| w.to_vec1::<f32>()).ok()?;
+                winograd::Winograd::new(&weight, &bias, cin, fused)
+            }) as winograd::Build
+        });
+        Ok(Some(winograd::Switching::new(direct, build)))
     }
 
     /// The same depthwise layer on channels-last maps, with its own

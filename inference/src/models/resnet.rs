@@ -298,12 +298,14 @@ mod channels_last {
     use super::{Block, Downsample};
     use crate::Result;
     use crate::ops::nhwc_conv::{Nhwc, NhwcConv};
+    use crate::ops::winograd::Switching;
     use crate::ops::{Activation, ConvBnAct};
 
     /// A residual block: its convolutions in order, the last of which adds
-    /// the shortcut before its ReLU.
+    /// the shortcut before its ReLU. The 3×3 stride-1 ones switch to
+    /// Winograd's F(2×2, 3×3) on large maps.
     struct ClBlock {
-        convs: Vec<NhwcConv>,
+        convs: Vec<Switching>,
         /// The shortcut's convolution, after a 2×2 average pool where set.
         down: Option<(bool, NhwcConv)>,
     }
@@ -324,7 +326,7 @@ mod channels_last {
             };
             // The last layer's own activation is Identity: ReLU follows the
             // shortcut's addition, which its kernel does in registers.
-            let convs = inner.into_iter().chain([last]).map(|c| c.channels_last(Activation::Relu));
+            let convs = inner.into_iter().chain([last]).map(|c| c.channels_last_switching(Activation::Relu));
             let Some(convs) = convs.collect::<Result<Option<Vec<_>>>>()? else { return Ok(None) };
             Ok(Some(Self { convs, down }))
         }

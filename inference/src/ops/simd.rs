@@ -79,6 +79,7 @@ pub(crate) trait Simd: Copy {
     /// `a · b + c`, fused.
     unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self;
     unsafe fn add(a: Self, b: Self) -> Self;
+    unsafe fn sub(a: Self, b: Self) -> Self;
     unsafe fn max(a: Self, b: Self) -> Self;
     unsafe fn min(a: Self, b: Self) -> Self;
 }
@@ -128,6 +129,11 @@ impl Simd for Zmm {
     #[inline(always)]
     unsafe fn add(a: Self, b: Self) -> Self {
         Self(unsafe { _mm512_add_ps(a.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn sub(a: Self, b: Self) -> Self {
+        Self(unsafe { _mm512_sub_ps(a.0, b.0) })
     }
     #[inline(always)]
     unsafe fn max(a: Self, b: Self) -> Self {
@@ -186,6 +192,11 @@ impl Simd for Ymm {
     #[inline(always)]
     unsafe fn add(a: Self, b: Self) -> Self {
         Self(unsafe { _mm256_add_ps(a.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn sub(a: Self, b: Self) -> Self {
+        Self(unsafe { _mm256_sub_ps(a.0, b.0) })
     }
     #[inline(always)]
     unsafe fn max(a: Self, b: Self) -> Self {
