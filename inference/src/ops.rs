@@ -11,7 +11,9 @@
 //! - on CPUs with AVX-512F or AVX2, whole networks (ResNet, MobileNetV2,
 //!   EfficientNet-Lite) run channels-last instead: [`nhwc_conv`] (an
 //!   indirect GEMM) and [`nhwc_depthwise`], each written once over
-//!   [`simd::Simd`] and compiled for both.
+//!   [`simd::Simd`] and compiled for both; there, ResNet's 3×3 stride-1
+//!   convolutions switch to Winograd's F(2×2, 3×3) on large maps
+//!   ([`winograd`]).
 //!
 //! On other devices the same layer falls back to candle's own ops.
 
