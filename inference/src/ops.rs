@@ -373,7 +373,11 @@ impl ConvBnAct {
             let cin = direct.in_channels();
             let fused = act.fused();
             Box::new(move || {
-                let weight = weight.flatten_all().and_then(|w| w.to_vec1::<f32>()).ok()?;
+                let weight = weight
+                    .flatten_all()
+                    .and_then(|w| w.to_vec1::<f32>())
+                    .inspect_err(|e| tracing::warn!("3×3 layer stays on the direct kernel: {e}"))
+                    .ok()?;
                 winograd::Winograd::new(&weight, &bias, cin, fused)
             }) as winograd::Build
         });

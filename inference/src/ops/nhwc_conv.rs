@@ -289,7 +289,7 @@ impl Segments {
 /// Raw pointers shared by tasks that read the input and write disjoint
 /// parts of the output.
 #[derive(Clone, Copy)]
-struct Shared<T>(T);
+pub(super) struct Shared<T>(pub(super) T);
 // SAFETY: see the uses: inputs are only read, and tasks write disjoint
 // (pixel block × sliver) regions of the output.
 unsafe impl Send for Shared<*const f32> {}

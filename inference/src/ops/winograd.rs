@@ -27,7 +27,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::PadMode;
-use super::nhwc_conv::{Nhwc, NhwcConv};
+use super::nhwc_conv::{Nhwc, NhwcConv, Shared};
 use super::sgemm::Fused;
 use super::simd::{Isa, Simd, Ymm, Zmm, activate};
 
@@ -102,12 +102,9 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The output pointer, shared by chunks that write disjoint tiles.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: every chunk writes only the output pixels of its own tiles.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
+/// The output pointer, shared by chunks that write only the output pixels
+/// of their own tiles.
+type Out = Shared<*mut f32>;
 
 impl Winograd {
     /// From a folded weight `[cout, cin, 3, 3]` (flattened) and bias, or
@@ -143,7 +140,7 @@ impl Winograd {
         let tiles = n * h.div_ceil(2) * w.div_ceil(2);
         let mut data: Box<[MaybeUninit<f32>]> = Box::new_uninit_slice(n * h * w * cout);
         if tiles > 0 {
-            let out = Out(data.as_mut_ptr().cast::<f32>());
+            let out = Shared(data.as_mut_ptr().cast::<f32>());
             let per = self.chunk_tiles(tiles, rayon::current_num_threads());
             (0..tiles.div_ceil(per)).into_par_iter().for_each(|c| {
                 let tiles = c * per..((c + 1) * per).min(tiles);
