@@ -359,8 +359,8 @@ impl ConvBnAct {
         Ok(nhwc_conv::NhwcConv::new(&weight, &self.bias_act.bias, cin, self.kernel, self.stride, self.pad, act.fused()))
     }
 
-    /// [`Self::channels_last`], switching to Winograd's F(2×2, 3×3) on the
-    /// maps where that pays, for a 3×3, stride-1, padding-1 layer
+    /// [`Self::channels_last`], switching to Winograd's F(2×2, 3×3) or
+    /// F(4×4, 3×3) on the maps where that pays, for a 3×3, stride-1, padding-1 layer
     /// ([`winograd`]); the direct kernel only for any other.
     #[cfg(target_arch = "x86_64")]
     pub fn channels_last_switching(&self, act: Activation) -> Result<Option<winograd::Switching>> {
@@ -372,13 +372,13 @@ impl ConvBnAct {
             let (weight, bias) = (self.weight.clone(), self.bias_act.bias.clone());
             let cin = direct.in_channels();
             let fused = act.fused();
-            Box::new(move || {
+            Box::new(move |tile| {
                 let weight = weight
                     .flatten_all()
                     .and_then(|w| w.to_vec1::<f32>())
                     .inspect_err(|e| tracing::warn!("3×3 layer stays on the direct kernel: {e}"))
                     .ok()?;
-                winograd::Winograd::new(&weight, &bias, cin, fused)
+                winograd::Winograd::new(&weight, &bias, cin, fused, tile)
             }) as winograd::Build
         });
         Ok(Some(winograd::Switching::new(direct, build)))
