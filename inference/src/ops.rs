@@ -12,8 +12,8 @@
 //!   EfficientNet-Lite) run channels-last instead: [`nhwc_conv`] (an
 //!   indirect GEMM) and [`nhwc_depthwise`], each written once over
 //!   [`simd::Simd`] and compiled for both; there, ResNet's 3×3 stride-1
-//!   convolutions switch to Winograd's F(2×2, 3×3) on large maps
-//!   ([`winograd`]).
+//!   convolutions switch to Winograd's F(4×4, 3×3) or F(2×2, 3×3) on
+//!   large maps ([`winograd`]).
 //!
 //! On other devices the same layer falls back to candle's own ops.
 
