@@ -303,7 +303,7 @@ mod channels_last {
 
     /// A residual block: its convolutions in order, the last of which adds
     /// the shortcut before its ReLU. The 3×3 stride-1 ones switch to
-    /// Winograd's F(2×2, 3×3) on large maps.
+    /// Winograd's F(4×4, 3×3) or F(2×2, 3×3) on large maps.
     struct ClBlock {
         convs: Vec<Switching>,
         /// The shortcut's convolution, after a 2×2 average pool where set.

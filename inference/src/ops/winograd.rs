@@ -53,7 +53,7 @@ impl Tile {
     /// 36 transformed matrices (2.4 MB at 128 channels, 9.4 MB at 256) that
     /// every chunk of tiles streams cost more than F4 saves. A layer alone,
     /// its weights hot in L3, runs F4 at 1.2–2.9× the direct kernel up to
-    /// 256 channels and F2 faster from 384 (`winograd::tests::speed`); but
+    /// 256 channels and F2 faster at 384 and 512 (`winograd::tests::speed`); but
     /// a whole resnet18 at batch 8 ran at 138–149 img/s with F4 on its
     /// 256-channel 14² stage, 156–162 with F2 there (and F4 before it),
     /// and 132–142 with F2 everywhere.
@@ -63,7 +63,8 @@ impl Tile {
     /// for the direct kernel: that is, on maps under 7 (F4) or 8 (F2)
     /// pixels a side, where a tile's padding and the transformed weights'
     /// traffic cost more than the multiply-adds saved (512 channels on 7²:
-    /// F2 at 0.8–1.3×).
+    /// F2 at 0.8–1.9× over eight runs, about 1× in most). A layer's
+    /// channels are fixed, so it only ever gets one of the two tiles.
     pub fn for_map(x: &Nhwc, cout: usize) -> Option<Self> {
         let side = x.h.min(x.w);
         if x.c * cout <= Self::F4_MOST_WEIGHTS {
@@ -76,8 +77,8 @@ impl Tile {
     /// Output pixels per tile side.
     fn m(self) -> usize {
         match self {
-            Self::F2 => 2,
-            Self::F4 => 4,
+            Self::F2 => F2::M,
+            Self::F4 => F4::M,
         }
     }
 
@@ -118,20 +119,21 @@ pub type Build = Box<dyn Fn(Tile) -> Option<Winograd> + Send + Sync>;
 pub struct Switching {
     direct: NhwcConv,
     build: Option<Build>,
-    /// F2's form, then F4's.
-    winograd: [OnceLock<Option<Winograd>>; 2],
+    /// The Winograd form, for the tile that the first large enough map
+    /// chose: [`Tile::for_map`] picks one tile per layer.
+    winograd: OnceLock<Option<Winograd>>,
 }
 
 impl Switching {
     /// `direct`, and where `build` is given, its Winograd forms from it.
     pub fn new(direct: NhwcConv, build: Option<Build>) -> Self {
-        Self { direct, build, winograd: Default::default() }
+        Self { direct, build, winograd: OnceLock::new() }
     }
 
     /// `act(conv(x) + bias [+ residual])`, NHWC in and out.
     pub fn forward(&self, x: &Nhwc, residual: Option<&Nhwc>) -> Nhwc {
         let winograd = match (&self.build, Tile::for_map(x, self.direct.out_channels())) {
-            (Some(build), Some(tile)) => self.winograd[tile as usize].get_or_init(|| build(tile)).as_ref(),
+            (Some(build), Some(tile)) => self.winograd.get_or_init(|| build(tile)).as_ref(),
             _ => None,
         };
         match winograd {
@@ -155,24 +157,27 @@ impl Winograd {
     /// From a folded weight `[cout, cin, 3, 3]` (flattened) and bias, or
     /// `None` where the CPU has no channels-last kernel ([`NhwcConv::new`]).
     pub fn new(weight: &[f32], bias: &[f32], cin: usize, act: Fused, tile: Tile) -> Option<Self> {
+        Some(Self::for_isa(Isa::detect()?, weight, bias, cin, act, tile))
+    }
+
+    /// [`Self::new`] for `isa`, which the CPU must run (tests check each
+    /// set the CPU has).
+    pub(crate) fn for_isa(isa: Isa, weight: &[f32], bias: &[f32], cin: usize, act: Fused, tile: Tile) -> Self {
         let cout = bias.len();
         assert_eq!(weight.len(), cout * cin * 9, "a 3×3 weight");
         let mut u = vec![vec![0f32; cout * cin]; tile.points()];
         for o in 0..cout {
             for ci in 0..cin {
                 let g = &weight[(o * cin + ci) * 9..][..9];
-                for (p, v) in filter_transform(g, tile).into_iter().enumerate() {
+                for (p, v) in filter_transform(g, tile).into_iter().take(tile.points()).enumerate() {
                     u[p][o * cin + ci] = v;
                 }
             }
         }
         let zero = vec![0f32; cout];
-        let gemms = u
-            .iter()
-            .map(|w| NhwcConv::new(w, &zero, cin, 1, 1, PadMode::Symmetric(0), Fused::None))
-            .collect::<Option<Vec<_>>>()?;
-        let isa = Isa::detect()?;
-        Some(Self { tile, gemms, isa, bias: bias.to_vec(), act, cin, cout, zeros: vec![0f32; cin] })
+        let gemms =
+            u.iter().map(|w| NhwcConv::for_isa(isa, w, &zero, cin, 1, 1, PadMode::Symmetric(0), Fused::None)).collect();
+        Self { tile, gemms, isa, bias: bias.to_vec(), act, cin, cout, zeros: vec![0f32; cin] }
     }
 
     /// `act(conv(x) + bias [+ residual])`, NHWC in and out, the same size
@@ -248,7 +253,7 @@ impl Winograd {
     /// # Safety
     /// The CPU runs `S`; `x` (and `res`) has this layer's input (output)
     /// channels; `out` holds the whole output map, whose pixels under
-    /// `tiles` no other thread writes; `T` is `self.tile`.
+    /// `tiles` no other thread writes.
     #[inline(always)]
     unsafe fn chunk<S: Simd, T: Transform>(
         &self,
@@ -258,6 +263,7 @@ impl Winograd {
         scratch: &mut Vec<f32>,
         out: Out,
     ) {
+        debug_assert_eq!(T::M, self.tile.m(), "the transforms of this layer's tile");
         let (cin, cout, t, points) = (self.cin, self.cout, tiles.len(), T::SIDE * T::SIDE);
         let need = points * t * (cin + cout);
         if scratch.len() < need {
@@ -438,7 +444,7 @@ impl Transform for F4 {
 
 /// `G g Gᵀ` for a 3×3 filter `g` (row-major), row-major over the
 /// transformed tile.
-fn filter_transform(g: &[f32], tile: Tile) -> Vec<f32> {
+fn filter_transform(g: &[f32], tile: Tile) -> [f32; MAX_POINTS] {
     let side = |taps| match tile {
         Tile::F2 => F2::filter(taps),
         Tile::F4 => F4::filter(taps),
@@ -446,7 +452,7 @@ fn filter_transform(g: &[f32], tile: Tile) -> Vec<f32> {
     let n = tile.m() + 2;
     let g = |y: usize, x: usize| f64::from(g[y * 3 + x]);
     let cols = [0, 1, 2].map(|x| side([g(0, x), g(1, x), g(2, x)]));
-    let mut u = vec![0f32; n * n];
+    let mut u = [0f32; MAX_POINTS];
     for i in 0..n {
         for (j, v) in side([cols[0][i], cols[1][i], cols[2][i]]).into_iter().take(n).enumerate() {
             u[i * n + j] = v as f32;
@@ -570,15 +576,21 @@ mod tests {
         NhwcConv::new(wt, b, cin, 3, 1, PadMode::Symmetric(1), act).unwrap()
     }
 
-    /// The same maps as the direct kernel, up to rounding: odd and even
-    /// sides, channels that do not fill a vector, a residual, each
-    /// activation, more chunks than threads.
+    /// The same maps as the direct kernel, up to rounding, on every
+    /// instruction set this CPU runs: sides leaving each remainder after
+    /// the 2- and 4-pixel tiles, a map smaller than a tile, channels that
+    /// do not fill a vector, a residual, each activation, more chunks than
+    /// threads.
     #[test]
     fn matches_the_direct_convolution() {
-        if Isa::detect().is_none() {
-            eprintln!("no AVX-512F/AVX2: skipped");
-            return;
+        let sets = Isa::supported();
+        eprintln!("instruction sets: {sets:?}");
+        for isa in sets {
+            matches_the_direct_convolution_on(isa);
         }
+    }
+
+    fn matches_the_direct_convolution_on(isa: Isa) {
         for (n, cin, cout, h, w, act, res) in [
             (1, 3, 5, 7, 6, Fused::None, false),
             (2, 16, 24, 15, 14, Fused::Relu, true),
@@ -591,26 +603,43 @@ mod tests {
             let x = Nhwc { data: values(n * h * w * cin, 9), n, h, w, c: cin };
             let r = Nhwc { data: values(n * h * w * cout, 10), n, h, w, c: cout };
             let r = res.then_some(&r);
-            let want = direct(&wt, &b, cin, act).forward(&x, r);
+            let want = NhwcConv::for_isa(isa, &wt, &b, cin, 3, 1, PadMode::Symmetric(1), act).forward(&x, r);
             let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs()));
             for (tile, tol) in [(Tile::F2, 1e-5), (Tile::F4, 1e-4)] {
-                let got = Winograd::new(&wt, &b, cin, act, tile).unwrap().forward(&x, r);
+                let got = Winograd::for_isa(isa, &wt, &b, cin, act, tile).forward(&x, r);
                 assert_eq!((got.n, got.h, got.w, got.c), (n, h, w, cout));
                 let worst = got.data.iter().zip(&want.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(worst <= tol * scale, "{tile:?} {n}×{cin}→{cout} {h}×{w}: off by {worst} (scale {scale})");
+                assert!(worst <= tol * scale, "{isa:?} {tile:?} {n}×{cin}→{cout} {h}×{w}: off by {worst} (of {scale})");
             }
         }
     }
 
     /// F2 and F4 against the direct kernel on resnet18's 3×3 stride-1
-    /// layers and on 512 channels at 14² (wide_resnet50's) and 256 at 7²,
-    /// at batch 1 and 8, in nominal GFLOP/s of the direct convolution: `cargo test --release -p lineside-inference --lib
+    /// layers and on 384 and 512 channels at 14² (512: wide_resnet50's)
+    /// and 256 at 7², at batch 1 and 8, in nominal GFLOP/s of the direct
+    /// convolution: `cargo test --release -p lineside-inference --lib
     /// winograd::tests::speed -- --ignored --nocapture`.
+    /// The tile for each map and layer width, at the thresholds.
+    #[test]
+    fn picks_the_tile_by_side_and_weights() {
+        let map = |side: usize, c: usize| Nhwc { data: Vec::new(), n: 0, h: side, w: side + 3, c };
+        for (side, cin, cout, want) in [
+            (56, 64, 64, Some(Tile::F4)),
+            (7, 128, 128, Some(Tile::F4)),
+            (6, 128, 128, None),
+            (28, 128, 129, Some(Tile::F2)),
+            (8, 512, 512, Some(Tile::F2)),
+            (7, 512, 512, None),
+        ] {
+            assert_eq!(Tile::for_map(&map(side, cin), cout), want, "{side}² {cin}→{cout}");
+        }
+    }
+
     #[test]
     #[ignore]
     fn speed() {
         for n in [1, 8] {
-            for (c, h) in [(64, 56), (128, 28), (256, 14), (512, 14), (256, 7), (512, 7)] {
+            for (c, h) in [(64, 56), (128, 28), (256, 14), (384, 14), (512, 14), (256, 7), (512, 7)] {
                 let (wt, b) = (values(c * c * 9, 2), values(c, 3));
                 let x = Nhwc { data: values(n * h * h * c, 1), n, h, w: h, c };
                 let slow = direct(&wt, &b, c, Fused::Relu);
