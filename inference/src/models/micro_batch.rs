@@ -135,7 +135,8 @@ impl MicroBatched {
         let threads = rayon::current_num_threads();
         let k = shares(n, threads);
         if k < 2 {
-            return self.steps(x, f);
+            // The layers fork and join among all the threads: keep them awake.
+            return super::keep_warm::with_warm_workers(|| self.steps(x, f));
         }
         let bounds: Vec<(usize, usize)> = (0..k).map(|t| (t * n / k, (t + 1) * n / k - t * n / k)).collect();
         let parts = bounds

@@ -2,6 +2,7 @@
 
 pub mod convnext;
 pub mod efficientnet;
+mod keep_warm;
 mod micro_batch;
 pub mod resnet;
 
