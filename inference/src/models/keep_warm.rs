@@ -11,17 +11,22 @@
 //! threads ran it only 1.51× as fast as one, where ONNX Runtime, whose
 //! threads spin between its parallel loops, gained 1.86×.
 //!
-//! [`with_warm_workers`] runs a pass with one spinning task per other
+//! [`with_warm_workers`] runs a pass with a spinning task broadcast to each
 //! thread of the pool: each takes any work the pass forks the moment it is
 //! there ([`rayon::yield_now`]) and spins with the CPU's pause hint in
-//! between, until the pass ends. Three guards keep a spinner from holding
-//! up the pass it serves: the pass's own thread, should it pick a spinner
-//! up while it waits in a join, drops it at once; so does a thread already
-//! spinning (a spinner must sit at the bottom of its thread's stack, under
-//! nothing that waits for the pass); and a spinner that has found no work
-//! for [`MAX_IDLE`] leaves the thread to rayon's own idling.
+//! between, until the pass ends. A spinner must sit at the bottom of its
+//! thread's stack, under nothing that waits for the pass. A broadcast job
+//! stays in its own thread's queue, which an idle thread empties before it
+//! steals, so it starts before that thread can have taken any of the pass;
+//! the pass's own thread, which gets one too, drops it at once, as does a
+//! thread already spinning; and a spinner that has found no work for
+//! [`MAX_IDLE`] leaves its thread to rayon's own idling, which bounds any
+//! case these miss (two passes at once on one pool). A pool with more
+//! threads than the machine has CPUs does not spin: its spinners would
+//! take the CPUs its working threads need.
 
 use std::cell::Cell;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -30,7 +35,12 @@ use rayon::Yield;
 /// How long a spinner spins without finding work before it gives its
 /// thread back: longer than any gap between two layers' loops, short
 /// enough that a stray spinner costs little.
+#[cfg(not(test))]
 const MAX_IDLE: Duration = Duration::from_millis(2);
+/// Long in tests, so that a spinner holding up its pass shows as a slow
+/// pass.
+#[cfg(test)]
+const MAX_IDLE: Duration = Duration::from_secs(5);
 
 thread_local! {
     /// Whether this thread runs a pass under [`with_warm_workers`] or one
@@ -43,19 +53,23 @@ thread_local! {
 /// thread of that pool; elsewhere, or on one thread, it just runs `f`.
 pub fn with_warm_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let threads = rayon::current_num_threads();
-    if threads < 2 || rayon::current_thread_index().is_none() || BUSY.get() {
+    if threads < 2 || threads > cpus() || rayon::current_thread_index().is_none() || BUSY.get() {
         return f();
     }
     let done = AtomicBool::new(false);
     rayon::scope(|s| {
-        for _ in 1..threads {
-            s.spawn(|_| spin(&done));
-        }
+        s.spawn_broadcast(|_, _| spin(&done));
         let _busy = Busy::set();
-        let out = f();
-        done.store(true, Ordering::Release);
-        out
+        // Dropped first, and on a panic too: the spinners stop at once.
+        let _done = Done(&done);
+        f()
     })
+}
+
+/// The CPUs this process may run on.
+fn cpus() -> usize {
+    static CPUS: OnceLock<usize> = OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Takes the pool's work as it comes until `done`, or until none has come
@@ -74,9 +88,19 @@ fn spin(done: &AtomicBool) {
         if idle_since.elapsed() > MAX_IDLE {
             return;
         }
-        for _ in 0..32 {
+        // A few pauses, not more: each fork waits this long at worst.
+        for _ in 0..8 {
             std::hint::spin_loop();
         }
+    }
+}
+
+/// Ends the pass's spinners when dropped.
+struct Done<'a>(&'a AtomicBool);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 
@@ -101,22 +125,38 @@ mod tests {
     use rayon::prelude::*;
 
     /// A pass that forks many small loops gets every result right, on
-    /// pools of one to four threads, from inside and outside the pool, and
-    /// nested passes do not wait on each other's spinners.
+    /// pools of one to four threads (those with more threads than CPUs
+    /// run without spinners), from inside and outside the pool, nested,
+    /// and two at once; and none waits out a spinner's [`MAX_IDLE`] (5 s
+    /// here), which is how a spinner holding up a pass would show.
     #[test]
-    fn passes_finish_with_the_right_results() {
+    fn passes_finish_with_the_right_results_and_without_stalls() {
+        let pass = || (0..200).map(|layer| (0..64u64).into_par_iter().map(|i| i * layer).sum::<u64>()).sum::<u64>();
+        let want = 2016 * (0..200).sum::<u64>();
         for threads in 1..=4 {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            let pass = || (0..200).map(|layer| (0..64u64).into_par_iter().map(|i| i * layer).sum::<u64>()).sum::<u64>();
-            let want = 2016 * (0..200).sum::<u64>();
             for _ in 0..20 {
+                let start = Instant::now();
                 assert_eq!(pool.install(|| with_warm_workers(pass)), want);
                 assert_eq!(with_warm_workers(pass), want, "outside the pool");
                 let nested = pool.install(|| with_warm_workers(|| with_warm_workers(pass)));
                 assert_eq!(nested, want);
                 let side_by_side = pool.install(|| rayon::join(|| with_warm_workers(pass), || with_warm_workers(pass)));
                 assert_eq!(side_by_side, (want, want));
+                assert!(start.elapsed() < Duration::from_secs(2), "{threads} threads: {:?}", start.elapsed());
             }
         }
+    }
+
+    /// A pass that panics ends its spinners and passes the panic on.
+    #[test]
+    fn a_panicking_pass_ends_its_spinners() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let start = Instant::now();
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.install(|| with_warm_workers(|| (0..64).into_par_iter().for_each(|i| assert!(i < 63, "layer 63"))))
+        }));
+        assert!(caught.is_err());
+        assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
     }
 }
