@@ -461,6 +461,16 @@ fn filter_transform(g: &[f32], tile: Tile) -> [f32; MAX_POINTS] {
     u
 }
 
+/// Column `j` of a row-major `n`×`n` tile, in the first `n` entries.
+#[inline(always)]
+fn column<S: Copy>(tile: &[S; MAX_POINTS], n: usize, j: usize) -> [S; 6] {
+    let mut col = [tile[j]; 6];
+    for (i, c) in col.iter_mut().take(n).enumerate() {
+        *c = tile[i * n + j];
+    }
+    col
+}
+
 /// `Bᵀ d B` of one tile, for each channel of its input pixels `rows`
 /// (row-major over the window, `T::SIDE`² of them), written to `v +
 /// p·stride` for position `p`.
@@ -485,11 +495,7 @@ unsafe fn input_tile<S: Simd, T: Transform>(rows: &[*const f32; MAX_POINTS], c: 
             // Bᵀ down each column, then along each row.
             let mut r = [S::zero(); MAX_POINTS];
             for j in 0..n {
-                let mut col = [S::zero(); 6];
-                for i in 0..n {
-                    col[i] = d[i * n + j];
-                }
-                let col = T::input(col);
+                let col = T::input(column(&d, n, j));
                 for i in 0..n {
                     r[i * n + j] = col[i];
                 }
@@ -539,11 +545,7 @@ unsafe fn output_tile<S: Simd, T: Transform>(
             // Aᵀ down each column, then along each row.
             let mut s = [S::zero(); 24];
             for j in 0..n {
-                let mut col = [S::zero(); 6];
-                for i in 0..n {
-                    col[i] = e[i * n + j];
-                }
-                let col = T::output(col);
+                let col = T::output(column(&e, n, j));
                 for i in 0..k {
                     s[i * n + j] = col[i];
                 }
