@@ -131,11 +131,15 @@ mod tests {
     /// here), which is how a spinner holding up a pass would show.
     #[test]
     fn passes_finish_with_the_right_results_and_without_stalls() {
-        let pass = || (0..200).map(|layer| (0..64u64).into_par_iter().map(|i| i * layer).sum::<u64>()).sum::<u64>();
-        let want = 2016 * (0..200).sum::<u64>();
+        // Enough work per item that the other threads steal some, and the
+        // pass's thread then waits in its joins.
+        let item =
+            |layer: u64, i: u64| (0..4000u64).fold(layer * 64 + i, |a, b| a.wrapping_mul(31).wrapping_add(b)) % 1000;
+        let pass = || (0..40).map(|layer| (0..16u64).into_par_iter().map(|i| item(layer, i)).sum::<u64>()).sum::<u64>();
+        let want = (0..40).map(|layer| (0..16u64).map(|i| item(layer, i)).sum::<u64>()).sum::<u64>();
         for threads in 1..=4 {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            for _ in 0..20 {
+            for _ in 0..5 {
                 let start = Instant::now();
                 assert_eq!(pool.install(|| with_warm_workers(pass)), want);
                 assert_eq!(with_warm_workers(pass), want, "outside the pool");

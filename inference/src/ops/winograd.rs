@@ -125,7 +125,7 @@ pub struct Switching {
 }
 
 impl Switching {
-    /// `direct`, and where `build` is given, its Winograd forms from it.
+    /// `direct`, and where `build` is given, its Winograd form from it.
     pub fn new(direct: NhwcConv, build: Option<Build>) -> Self {
         Self { direct, build, winograd: OnceLock::new() }
     }
@@ -350,8 +350,8 @@ impl Grid {
 trait Transform {
     /// Output pixels per side.
     const M: usize;
-    /// Input pixels per side: `M + 2`.
-    const SIDE: usize;
+    /// Input pixels per side.
+    const SIDE: usize = Self::M + 2;
     /// `G g` of a 3-tap filter, in f64 so that the fractions round once.
     fn filter(g: [f64; 3]) -> [f64; 6];
     /// `Bᵀ d`.
@@ -367,7 +367,6 @@ struct F2;
 
 impl Transform for F2 {
     const M: usize = 2;
-    const SIDE: usize = 4;
 
     fn filter([a, b, c]: [f64; 3]) -> [f64; 6] {
         [a, (a + b + c) / 2.0, (a - b + c) / 2.0, c, 0.0, 0.0]
@@ -395,7 +394,6 @@ struct F4;
 
 impl Transform for F4 {
     const M: usize = 4;
-    const SIDE: usize = 6;
 
     fn filter([a, b, c]: [f64; 3]) -> [f64; 6] {
         [
