@@ -606,12 +606,15 @@ mod channels_last {
         use crate::ops::test_util::values;
 
         /// Milliseconds per layer for one 224² image on one thread (as each
-        /// share of a batch runs), median of alternating rounds:
+        /// share of a batch runs) and on two (as a batch-1 pass runs, under
+        /// the warm workers), median of alternating rounds, and what the
+        /// second thread gains per layer:
         /// `cargo test --release -p lineside-inference --lib
         /// channels_last::tests::layer_times -- --ignored --nocapture`.
         #[test]
         #[ignore]
         fn layer_times() {
+            use crate::models::keep_warm::with_warm_workers;
             for (arch, dir) in [
                 ("mobilenetv2_100", "mobilenetv2_100.imagenet"),
                 ("tf_efficientnet_lite0", "tf_efficientnet_lite0.imagenet"),
@@ -619,7 +622,8 @@ mod channels_last {
                 let Some(w) = imagenet_weights(arch, dir) else { continue };
                 let model = EfficientNet::load(arch, &w).unwrap();
                 let net = model.channels_last.as_ref().unwrap();
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+                let pools: Vec<_> =
+                    [1, 2].map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()).into();
                 // Each layer's input, then its timings.
                 let mut inputs = vec![Nhwc::from_nchw(&values(3 * 224 * 224, 1), 1, 3, 224, 224)];
                 type Layer<'a> = (&'static str, Box<dyn Fn(&Nhwc) -> Nhwc + Sync + 'a>);
@@ -633,36 +637,52 @@ mod channels_last {
                     let y = f(inputs.last().unwrap());
                     inputs.push(y);
                 }
-                let mut times = vec![Vec::new(); layers.len()];
-                pool.install(|| {
-                    for _ in 0..9 {
-                        for ((_, f), (x, t)) in layers.iter().zip(inputs.iter().zip(&mut times)) {
-                            let start = std::time::Instant::now();
-                            for _ in 0..10 {
-                                drop(f(x));
-                            }
-                            t.push(start.elapsed().as_secs_f64() * 100.0);
-                        }
+                // times[threads - 1][layer]
+                let mut times = vec![vec![Vec::new(); layers.len()]; pools.len()];
+                for _ in 0..9 {
+                    for (pool, times) in pools.iter().zip(&mut times) {
+                        pool.install(|| {
+                            with_warm_workers(|| {
+                                for ((_, f), (x, t)) in layers.iter().zip(inputs.iter().zip(times.iter_mut())) {
+                                    let start = std::time::Instant::now();
+                                    for _ in 0..10 {
+                                        drop(f(x));
+                                    }
+                                    t.push(start.elapsed().as_secs_f64() * 100.0);
+                                }
+                            })
+                        });
                     }
-                });
-                let medians: Vec<f64> = times
+                }
+                let medians: Vec<Vec<f64>> = times
                     .into_iter()
-                    .map(|mut t| {
-                        t.sort_by(f64::total_cmp);
-                        t[t.len() / 2]
+                    .map(|per_layer| {
+                        per_layer
+                            .into_iter()
+                            .map(|mut t| {
+                                t.sort_by(f64::total_cmp);
+                                t[t.len() / 2]
+                            })
+                            .collect()
                     })
                     .collect();
-                let total: f64 = medians.iter().sum();
-                println!("{arch}: {total:.2} ms per image on one thread");
-                for (i, ((name, _), ms)) in layers.iter().zip(&medians).enumerate() {
+                let (one, two) = (&medians[0], &medians[1]);
+                let (total1, total2): (f64, f64) = (one.iter().sum(), two.iter().sum());
+                println!(
+                    "{arch}: {total1:.2} ms per image on one thread, {total2:.2} on two ({:.2}x)",
+                    total1 / total2
+                );
+                for (i, ((name, _), (ms1, ms2))) in layers.iter().zip(one.iter().zip(two)).enumerate() {
                     let (x, y) = (&inputs[i], &inputs[i + 1]);
                     println!(
-                        "  {i:2} {name:5} {:3}²x{:<4} -> {:3}²x{:<4} {ms:6.3} ms {:4.1}%",
+                        "  {i:2} {name:5} {:3}²x{:<4} -> {:3}²x{:<4} {ms1:6.3} ms {:4.1}% | two threads {ms2:6.3} ms {:4.2}x, {:5.3} ms over half",
                         x.h,
                         x.c,
                         y.h,
                         y.c,
-                        100.0 * ms / total
+                        100.0 * ms1 / total1,
+                        ms1 / ms2,
+                        ms2 - ms1 / 2.0,
                     );
                 }
             }

@@ -2,7 +2,7 @@
 
 pub mod convnext;
 pub mod efficientnet;
-mod keep_warm;
+pub(crate) mod keep_warm;
 mod micro_batch;
 pub mod resnet;
 

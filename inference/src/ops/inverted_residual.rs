@@ -14,11 +14,24 @@
 //!
 //! The arithmetic is the unfused layers', in the same order, so the output
 //! is bit for bit theirs.
+//!
+//! With more threads than images on a small map, ranges of rows cost too
+//! much: on a 7×7 map two ranges expand 11 rows for 7 output rows, and a
+//! 5×5 kernel on 14×14 expands 22 for 14. There the block is cut by the
+//! channels of its expansion instead ([`InvertedResidual::forward_split`]):
+//! each part expands, filters and projects its own channels of the whole
+//! map, which repeats no work and reads only its part of the weights, and
+//! the parts' projections are summed. The sum is taken in another order
+//! than the whole projection's, so these outputs differ from the layers'
+//! in the last bits.
+
+use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
 use super::nhwc_conv::{Nhwc, NhwcConv};
 use super::nhwc_depthwise::NhwcDepthwise;
+use super::sgemm::Fused;
 
 /// Output pixels per band: enough for the projection's microkernel to run
 /// whole tiles, few enough that the ring of expanded rows (5 rows of
@@ -36,6 +49,34 @@ const FUSE_FROM_BYTES: usize = 1 << 20;
 /// Fewest output rows per range of rows.
 const MIN_RANGE_ROWS: usize = 4;
 
+/// Ranges of rows shorter than this make a block split by channels instead
+/// (where it can be): each range expands `k - stride` rows more than it
+/// projects, 2/7 more on a 14×14 map cut in two for a 3×3 kernel and 4/7
+/// for a 5×5. Two threads on one image, ms, ranges of rows → parts, median
+/// of 15 rounds in each of two runs (`tests::speed`): MobileNetV2's
+/// 64→384 14² block 0.090 → 0.083 and 0.127 → 0.117, its 96→576 14² block
+/// 0.134 → 0.126 and 0.142 → 0.132, its 7² block 0.106 → 0.099 and 0.107 →
+/// 0.088; tf_efficientnet_lite0's 14² block 0.251 → 0.226 and 0.272 →
+/// 0.247, its 7² block 0.202 → 0.156 and 0.181 → 0.142. On 28² maps (14
+/// rows a range) parts were slower: 0.116 → 0.126 and 0.138 → 0.148 for
+/// MobileNetV2's, 0.209 → 0.234 and 0.177 → 0.179 for lite0's.
+const SHORT_RANGE_ROWS: usize = 8;
+
+/// Ranges of rows per image for a batch of `n` on `threads` threads: one
+/// per thread (with one image, a range per thread), each of at least
+/// [`MIN_RANGE_ROWS`] of the `oh` output rows.
+fn ranges_of_rows(oh: usize, n: usize, threads: usize) -> usize {
+    threads.div_ceil(n.max(1)).clamp(1, oh.div_ceil(MIN_RANGE_ROWS).max(1))
+}
+
+/// Fewest expanded channels per part of a block split by channels: two
+/// AVX-512 registers, so that a part's microkernel still runs whole tiles.
+const MIN_PART_CHANNELS: usize = 32;
+
+/// Part boundaries fall on multiples of this many channels: one AVX2
+/// register (the depthwise kernel masks a tail of fewer on AVX-512).
+const PART_ALIGN: usize = 8;
+
 /// An inverted-residual block, run band by band where its expanded map is
 /// large (module docs).
 #[derive(Debug, Clone)]
@@ -44,6 +85,12 @@ pub struct InvertedResidual {
     dw: NhwcDepthwise,
     project: NhwcConv,
     skip: bool,
+    /// The block cut by expanded channels, built by the first pass that
+    /// needs it (a pool has one thread count, so one cut serves it): each
+    /// part a block of its own, on those channels' expansion and depthwise
+    /// filters and the projection's weights that read them, the first with
+    /// the projection's bias and the skip.
+    parts: OnceLock<Option<Vec<InvertedResidual>>>,
 }
 
 impl InvertedResidual {
@@ -64,7 +111,31 @@ impl InvertedResidual {
     /// Unless the layers [chain](Self::chains).
     pub fn new(expand: NhwcConv, dw: NhwcDepthwise, project: NhwcConv, skip: bool) -> Self {
         assert!(Self::chains(&expand, &dw, &project, skip), "layers that do not chain into a block");
-        Self { expand, dw, project, skip }
+        Self { expand, dw, project, skip, parts: OnceLock::new() }
+    }
+
+    /// The block cut into up to `parts` parts by expanded channels
+    /// ([`MIN_PART_CHANNELS`] or more each, on [`PART_ALIGN`] boundaries),
+    /// or `None` where that gives one part or the projection has an
+    /// activation, which a sum of parts cannot fuse.
+    fn cut(&self, parts: usize) -> Option<Vec<InvertedResidual>> {
+        let ce = self.dw.channels();
+        let parts = parts.min(ce / MIN_PART_CHANNELS);
+        if parts < 2 || self.project.fused() != Fused::None {
+            return None;
+        }
+        let bound = |p: usize| if p == parts { ce } else { (ce * p / parts).next_multiple_of(PART_ALIGN).min(ce) };
+        let (cin, cout) = (self.expand.in_channels(), self.project.out_channels());
+        let cut = (0..parts)
+            .map(|p| bound(p)..bound(p + 1))
+            .filter(|r| !r.is_empty())
+            .enumerate()
+            .map(|(p, r)| {
+                let (expand, dw) = (self.expand.slice(r.clone(), 0..cin, true), self.dw.slice(r.clone()));
+                Self::new(expand, dw, self.project.slice(0..cout, r, p == 0), self.skip && p == 0)
+            })
+            .collect::<Vec<_>>();
+        (cut.len() > 1).then_some(cut)
     }
 
     /// Floats in one image's expanded map for an `h`×`w` input: what the
@@ -76,17 +147,72 @@ impl InvertedResidual {
     /// `project(dw(expand(x))) [+ x]`, NHWC in and out, where the caller
     /// may count on `threads` threads (1 for one share of a batch where
     /// every thread has a share; see `models::micro_batch::threads_here`).
-    /// Band by band where one image's expanded map holds 1 MiB or more, or
-    /// where the threads outnumber the images; else layer by layer. With
+    /// Where the threads outnumber the images: split by channels where
+    /// ranges of rows would be short ([`SHORT_RANGE_ROWS`]), else band by
+    /// band in ranges of rows. Otherwise band by band where one image's
+    /// expanded map holds 1 MiB or more, else layer by layer. With
     /// two threads on one image, a range of rows each ran faster than
     /// splitting every layer even on small maps, whose layers would join
     /// the threads three times per block.
     pub fn forward(&self, x: &Nhwc, threads: usize) -> Nhwc {
-        if self.expanded_len(x.h, x.w) * size_of::<f32>() >= FUSE_FROM_BYTES || threads > x.n {
+        if threads > x.n {
+            match self.split_for(x, threads) {
+                Some(parts) => Self::forward_split(x, parts),
+                None => self.forward_banded(x, threads),
+            }
+        } else if self.expanded_len(x.h, x.w) * size_of::<f32>() >= FUSE_FROM_BYTES {
             self.forward_banded(x, threads)
         } else {
             self.forward_layers(x)
         }
+    }
+
+    /// The parts to split `x` into for `threads` threads, where ranges of
+    /// rows would be shorter than [`SHORT_RANGE_ROWS`] and the cut gives at
+    /// least as many parts as there would be ranges.
+    fn split_for(&self, x: &Nhwc, threads: usize) -> Option<&[InvertedResidual]> {
+        let (_, oh, _) = self.dw.output_geometry(x.h, x.w);
+        let ranges = ranges_of_rows(oh, x.n, threads);
+        if oh.div_ceil(ranges) >= SHORT_RANGE_ROWS {
+            return None;
+        }
+        let parts = self.parts.get_or_init(|| self.cut(threads.div_ceil(x.n.max(1)))).as_deref()?;
+        (parts.len() >= ranges).then_some(parts)
+    }
+
+    /// Split into `parts` by expanded channels (module docs): every image
+    /// by every part at once, each band by band on one thread, then the
+    /// parts summed.
+    fn forward_split(x: &Nhwc, parts: &[InvertedResidual]) -> Nhwc {
+        let first = &parts[0];
+        let (_, oh, ow) = first.dw.output_geometry(x.h, x.w);
+        let per_image = oh * ow * first.project.out_channels();
+        let band = (BAND_PIXELS / ow.max(1)).clamp(1, oh.max(1));
+        let mut data = vec![0f32; x.n * per_image];
+        if data.is_empty() {
+            return Nhwc { data, n: x.n, h: oh, w: ow, c: first.project.out_channels() };
+        }
+        // The first part writes the output, each other part a map of its own.
+        let mut rest = vec![0f32; (parts.len() - 1) * x.n * per_image];
+        let mut tasks: Vec<(usize, &InvertedResidual, &mut [f32])> = data
+            .chunks_mut(per_image)
+            .enumerate()
+            .map(|(img, out)| (img, first, out))
+            .chain(rest.chunks_mut(per_image).enumerate().map(|(i, out)| (i % x.n, &parts[1 + i / x.n], out)))
+            .collect();
+        tasks.par_iter_mut().for_each(|(img, part, out)| part.rows(x, *img, 0..oh, band, out));
+        // The sum, in a few pieces per thread: a fork costs less than the
+        // adds on one thread.
+        let total = data.len();
+        let piece = (total / (2 * rayon::current_num_threads())).max(4096);
+        data.par_chunks_mut(piece).enumerate().for_each(|(i, out)| {
+            for other in rest.chunks(total) {
+                for (o, r) in out.iter_mut().zip(&other[i * piece..]) {
+                    *o += r;
+                }
+            }
+        });
+        Nhwc { data, n: x.n, h: oh, w: ow, c: first.project.out_channels() }
     }
 
     /// Layer by layer, each layer over the whole batch.
@@ -105,11 +231,7 @@ impl InvertedResidual {
             assert_eq!((oh, ow), (x.h, x.w), "a skip around a depthwise pass that changes the map's size");
         }
         let mut data = vec![0f32; x.n * oh * ow * cout];
-        // Enough ranges of rows per image for every thread (one image per
-        // micro-batch: a range per thread), each of at least
-        // `MIN_RANGE_ROWS`: a range expands `k - stride` rows more than it
-        // projects.
-        let ranges = threads.div_ceil(x.n.max(1)).clamp(1, oh.div_ceil(MIN_RANGE_ROWS).max(1));
+        let ranges = ranges_of_rows(oh, x.n, threads);
         let per_range = oh.div_ceil(ranges).max(1);
         let band = (BAND_PIXELS / ow.max(1)).clamp(1, per_range);
         if !data.is_empty() {
@@ -223,6 +345,90 @@ mod tests {
         }
     }
 
+    /// Split by expanded channels equals layer by layer to float rounding
+    /// (the projection sums in another order): 3×3 and 5×5, strides 1 and
+    /// 2, both paddings, 2–4 parts (one not on a multiple of 16 channels),
+    /// with and without the skip, one image and several, on 1–3 threads.
+    /// Where a cut would leave one part, or the projection has an
+    /// activation, there is none.
+    #[test]
+    fn split_by_channels_matches_layers() {
+        if Isa::detect().is_none() {
+            eprintln!("no AVX-512F or AVX2: skipped");
+            return;
+        }
+        // (n, cin, expanded, cout, k, s, h, w, pad, skip, parts)
+        let cases = [
+            (1, 32, 192, 32, 3, 1, 7, 7, PadMode::Symmetric(1), true, 2),
+            (1, 64, 384, 96, 3, 1, 14, 14, PadMode::Symmetric(1), false, 3),
+            (2, 40, 240, 40, 5, 1, 9, 11, PadMode::TfSame, true, 2),
+            (1, 24, 144, 40, 5, 2, 15, 13, PadMode::TfSame, false, 4),
+            (3, 16, 72, 24, 3, 2, 8, 6, PadMode::Symmetric(1), false, 2),
+        ];
+        for (i, &(n, cin, ce, cout, k, s, h, w, pad, skip, parts)) in cases.iter().enumerate() {
+            let seed = 7 * i as u32;
+            let expand = pointwise(cin, ce, Fused::Relu6, seed);
+            let dw = NhwcDepthwise::new(&values(ce * k * k, seed + 2), &values(ce, seed + 3), k, s, pad, Fused::Relu6)
+                .unwrap();
+            let block = InvertedResidual::new(expand, dw, pointwise(ce, cout, Fused::None, seed + 4), skip);
+            let x = Nhwc::from_nchw(&values(n * cin * h * w, seed + 5), n, cin, h, w);
+            let want = block.forward_layers(&x);
+            let cut = block.cut(parts).expect("a block that splits");
+            assert_eq!(cut.len(), parts, "case {i}");
+            assert_eq!(cut.iter().map(|p| p.dw.channels()).sum::<usize>(), ce, "case {i}: every channel once");
+            let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for threads in 1..=3 {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let got = pool.install(|| InvertedResidual::forward_split(&x, &cut));
+                assert_eq!((got.n, got.h, got.w, got.c), (want.n, want.h, want.w, want.c), "case {i}");
+                let worst = got.data.iter().zip(&want.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(worst <= 1e-5 * scale, "case {i}, {threads} threads: off by {worst} of {scale}");
+            }
+        }
+        let dw = || NhwcDepthwise::new(&values(48 * 9, 1), &values(48, 2), 3, 1, PadMode::Symmetric(1), Fused::Relu6);
+        let narrow = InvertedResidual::new(
+            pointwise(8, 48, Fused::Relu6, 3),
+            dw().unwrap(),
+            pointwise(48, 8, Fused::None, 4),
+            true,
+        );
+        assert!(narrow.cut(2).is_none(), "48 channels make one part of 32 or more");
+        let activated = InvertedResidual::new(
+            pointwise(8, 48, Fused::Relu6, 3),
+            dw().unwrap(),
+            pointwise(48, 8, Fused::Relu, 4),
+            false,
+        );
+        assert!(activated.cut(1).is_none() && activated.cut(2).is_none());
+    }
+
+    /// A pass with more threads than images takes the split where ranges
+    /// of rows would be short (7² and 14² on two threads) and the bands
+    /// elsewhere, and both give the layers' output.
+    #[test]
+    fn forward_picks_split_or_bands() {
+        if Isa::detect().is_none() {
+            eprintln!("no AVX-512F or AVX2: skipped");
+            return;
+        }
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for (h, split) in [(7, true), (14, true), (28, false), (56, false)] {
+            let dw = NhwcDepthwise::new(&values(96 * 9, 1), &values(96, 2), 3, 1, PadMode::Symmetric(1), Fused::Relu6);
+            let block = InvertedResidual::new(
+                pointwise(16, 96, Fused::Relu6, 3),
+                dw.unwrap(),
+                pointwise(96, 16, Fused::None, 4),
+                true,
+            );
+            let x = Nhwc::from_nchw(&values(16 * h * h, 5), 1, 16, h, h);
+            let got = pool.install(|| block.forward(&x, 2));
+            assert_eq!(block.parts.get().is_some_and(|p| p.is_some()), split, "{h}²: split or not");
+            let want = block.forward_layers(&x);
+            let worst = got.data.iter().zip(&want.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst <= 1e-5, "{h}²: off by {worst}");
+        }
+    }
+
     /// Blocks whose layers do not chain are refused.
     #[test]
     fn refuses_layers_that_do_not_chain() {
@@ -239,30 +445,36 @@ mod tests {
         assert!(!InvertedResidual::chains(&strided.unwrap(), &dw(96, 1).unwrap(), &p, false), "a strided 1×1");
     }
 
-    /// Milliseconds per image of MobileNetV2's inverted-residual blocks,
-    /// layer by layer against band by band, on one thread (as each share of
-    /// a batch runs) and on two; rounds alternate and the figure is the
-    /// median round: `cargo test --release -p lineside-inference
+    /// Milliseconds per image of MobileNetV2's and tf_efficientnet_lite0's
+    /// inverted-residual blocks, layer by layer against band by band and,
+    /// on two threads, split by channels, on one thread (as each share of a
+    /// batch runs) and on two (under the warm workers, as a batch-1 pass
+    /// runs); rounds alternate and the figure is the median round: `cargo test --release -p lineside-inference
     /// --lib inverted_residual::tests::speed -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn speed() {
-        // (cin, expanded, cout, stride, input size, skip)
+        // (cin, expanded, cout, kernel, stride, input size, skip)
         let blocks = [
-            (16, 96, 24, 2, 112, false),
-            (24, 144, 24, 1, 56, true),
-            (24, 144, 32, 2, 56, false),
-            (32, 192, 32, 1, 28, true),
-            (64, 384, 64, 1, 14, true),
-            (160, 960, 160, 1, 7, true),
+            (16, 96, 24, 3, 2, 112, false),
+            (24, 144, 24, 3, 1, 56, true),
+            (24, 144, 32, 3, 2, 56, false),
+            (32, 192, 32, 3, 1, 28, true),
+            (64, 384, 64, 3, 1, 14, true),
+            (96, 576, 96, 3, 1, 14, true),
+            (160, 960, 160, 3, 1, 7, true),
+            (40, 240, 40, 5, 1, 28, true),
+            (112, 672, 112, 5, 1, 14, true),
+            (192, 1152, 192, 5, 1, 7, true),
         ];
         for threads in [1, 2] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            for (cin, ce, cout, s, h, skip) in blocks {
+            for (cin, ce, cout, k, s, h, skip) in blocks {
                 let expand = pointwise(cin, ce, Fused::Relu6, 1);
-                let dw =
-                    NhwcDepthwise::new(&values(ce * 9, 2), &values(ce, 3), 3, s, PadMode::Symmetric(1), Fused::Relu6);
+                let pad = PadMode::Symmetric(k / 2);
+                let dw = NhwcDepthwise::new(&values(ce * k * k, 2), &values(ce, 3), k, s, pad, Fused::Relu6);
                 let block = InvertedResidual::new(expand, dw.unwrap(), pointwise(ce, cout, Fused::None, 4), skip);
+                let cut = block.cut(threads);
                 let x = Nhwc::from_nchw(&values(cin * h * h, 5), 1, cin, h, h);
                 let time = |f: &dyn Fn() -> Nhwc| {
                     let t = std::time::Instant::now();
@@ -271,21 +483,27 @@ mod tests {
                     }
                     t.elapsed().as_secs_f64() * 1e3 / 20.0
                 };
-                let (mut layers, mut banded) = (Vec::new(), Vec::new());
+                let (mut layers, mut banded, mut split) = (Vec::new(), Vec::new(), Vec::new());
                 pool.install(|| {
-                    for _ in 0..15 {
-                        layers.push(time(&|| block.forward_layers(&x)));
-                        banded.push(time(&|| block.forward_banded(&x, threads)));
-                    }
+                    crate::models::keep_warm::with_warm_workers(|| {
+                        for _ in 0..15 {
+                            layers.push(time(&|| block.forward_layers(&x)));
+                            banded.push(time(&|| block.forward_banded(&x, threads)));
+                            if let Some(cut) = &cut {
+                                split.push(time(&|| InvertedResidual::forward_split(&x, cut)));
+                            }
+                        }
+                    })
                 });
                 let median = |v: &mut Vec<f64>| {
                     v.sort_by(f64::total_cmp);
-                    v[v.len() / 2]
+                    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
                 };
-                let (l, b) = (median(&mut layers), median(&mut banded));
+                let (l, b, c) = (median(&mut layers), median(&mut banded), median(&mut split));
                 println!(
-                    "{threads} thread(s), {cin}->{ce}->{cout} s{s} {h}²: layers {l:.3} ms, banded {b:.3} ms ({:+.0}%)",
-                    (l / b - 1.0) * 100.0
+                    "{threads} thread(s), {cin}->{ce}->{cout} {k}x{k} s{s} {h}²: layers {l:.3} ms, banded {b:.3} ms ({:+.0}%), split {c:.3} ms ({:+.0}%)",
+                    (l / b - 1.0) * 100.0,
+                    (l / c - 1.0) * 100.0
                 );
             }
         }

@@ -360,6 +360,34 @@ impl NhwcConv {
         self.cout
     }
 
+    /// The activation fused into the store.
+    pub fn fused(&self) -> Fused {
+        self.act
+    }
+
+    /// The layer cut down to output channels `outs` and input channels
+    /// `ins`, keeping its bias or with none: one part of a layer split by
+    /// channels ([`super::inverted_residual`]). The part's outputs are the
+    /// whole layer's, bit for bit, where `ins` is every input channel.
+    ///
+    /// # Panics
+    /// Where a range is empty or past the layer's channels.
+    pub fn slice(&self, outs: Range<usize>, ins: Range<usize>, keep_bias: bool) -> Self {
+        assert!(!outs.is_empty() && outs.end <= self.cout, "output channels {outs:?} of {}", self.cout);
+        assert!(!ins.is_empty() && ins.end <= self.cin, "input channels {ins:?} of {}", self.cin);
+        let (nr, taps) = (self.nr(), self.kernel * self.kernel);
+        let k = self.cin * taps;
+        // Back to `[cout, cin, k, k]` from `[sliver][(ky, kx, ci)][nr]`.
+        let mut weight = Vec::with_capacity(outs.len() * ins.len() * taps);
+        for o in outs.clone() {
+            for ci in ins.clone() {
+                weight.extend((0..taps).map(|t| self.filters[((o / nr) * k + t * self.cin + ci) * nr + o % nr]));
+            }
+        }
+        let bias = if keep_bias { self.bias[outs].to_vec() } else { vec![0.0; outs.len()] };
+        Self::for_isa(self.isa, &weight, &bias, ins.len(), self.kernel, self.stride, self.pad, self.act)
+    }
+
     /// Output channels per sliver.
     fn nr(&self) -> usize {
         self.vectors * lanes(self.isa)
@@ -1140,6 +1168,39 @@ mod tests {
 
     use super::*;
     use crate::ops::test_util::{gflops, values};
+
+    /// A layer cut down to some output channels gives the whole layer's
+    /// values on them bit for bit; cut by input channels, the parts sum to
+    /// the whole (with the bias in one part), on every ISA the CPU runs.
+    #[test]
+    fn slices_match_the_whole_layer() {
+        for isa in Isa::supported() {
+            let (cin, cout, k) = (24, 40, 3);
+            let whole = NhwcConv::for_isa(
+                isa,
+                &values(cout * cin * k * k, 1),
+                &values(cout, 2),
+                cin,
+                k,
+                1,
+                PadMode::Symmetric(1),
+                Fused::None,
+            );
+            let x = Nhwc::from_nchw(&values(cin * 9 * 7, 3), 1, cin, 9, 7);
+            let want = whole.forward(&x, None);
+            let outs = whole.slice(8..29, 0..cin, true).forward(&x, None);
+            for (px, got) in outs.data.chunks(21).enumerate() {
+                assert_eq!(got, &want.data[px * cout + 8..][..21], "{isa:?}: pixel {px}");
+            }
+            let (a, b) = (whole.slice(0..cout, 0..10, true), whole.slice(0..cout, 10..cin, false));
+            let xa = Nhwc::from_nchw(&values(10 * 9 * 7, 3), 1, 10, 9, 7);
+            let xb = Nhwc::from_nchw(&values(cin * 9 * 7, 3)[10 * 9 * 7..], 1, cin - 10, 9, 7);
+            let sum: Vec<f32> =
+                a.forward(&xa, None).data.iter().zip(&b.forward(&xb, None).data).map(|(p, q)| p + q).collect();
+            let worst = sum.iter().zip(&want.data).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(worst < 1e-4, "{isa:?}: parts off by {worst}");
+        }
+    }
 
     /// Slivers as wide as fit without waste.
     #[test]

@@ -74,6 +74,20 @@ impl NhwcDepthwise {
         self.bias.len()
     }
 
+    /// The layer on channels `range` only, whose outputs are the whole
+    /// layer's on those channels, bit for bit.
+    ///
+    /// # Panics
+    /// Where `range` is empty or past the layer's channels.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Self {
+        let c = self.channels();
+        assert!(!range.is_empty() && range.end <= c, "channels {range:?} of {c}");
+        let taps = self.kernel * self.kernel;
+        // Back to `[c, 1, k, k]` from `[k·k][c]`.
+        let weight: Vec<f32> = range.clone().flat_map(|ch| (0..taps).map(move |t| self.weights[t * c + ch])).collect();
+        Self::for_isa(self.isa, &weight, &self.bias[range], self.kernel, self.stride, self.pad, self.act)
+    }
+
     /// The padding and output size for an `h`×`w` input.
     pub fn output_geometry(&self, h: usize, w: usize) -> (Padding, usize, usize) {
         let (k, s) = (self.kernel, self.stride);
