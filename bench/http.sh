@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # End-to-end HTTP benchmark: a real lineside server under concurrent load from
 # wrk, next to the raw model throughput measured by `lineside bench` in the
-# same run; then open-loop load (bench/openloop.py) at 50% and 90% of the
-# saturation wrk found. Prints img/s, p50/p99 latency, the server's CPU time
+# same run, before and after each wrk run (this VM's speed drifts by tens of
+# percent within minutes, so the ratio takes the median of raw runs
+# interleaved with the HTTP runs); then open-loop load (bench/openloop.py) at
+# 50% and 90% of the saturation wrk found. Prints img/s, p50/p99 latency, the server's CPU time
 # per image, its RSS and the e2e/raw ratio.
 #
 #   bench/http.sh [--connections 16] [--duration 20] [--batch 8] [--image FILE] [--no-records]
@@ -55,9 +57,10 @@ RUST_LOG=warn "$BIN" serve --config "$CFG" --data-dir "$DATA" $RECORDS & SERVER=
 trap 'kill $SERVER 2>/dev/null; rm -rf "$CFG" "$DATA"' EXIT
 until curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null; do sleep 0.2; done
 
-echo "== raw model $MODEL (lineside bench, batch $BATCH)"
-RAW=$("$BIN" bench --model "$MODEL" --batch-sizes "$BATCH" --runs 3 --json | tail -1)
-echo "$RAW"
+raw() { "$BIN" bench --model "$MODEL" --batch-sizes "$BATCH" --runs 1 --json | tail -1; }
+echo "== raw model $MODEL (lineside bench, batch $BATCH), before and after each HTTP run"
+RAWS=("$(raw)")
+echo "raw: ${RAWS[0]}"
 echo "== end to end: wrk -c $CONNS -d ${DURATION}s, $RUNS runs, $(basename "$IMG"), jpeg_decode = $JPEG"
 IMG=$IMG wrk -t2 -c"$CONNS" -d2s -s bench/post_image.lua "http://127.0.0.1:$PORT/v1/inspect" >/dev/null # warm-up
 # The server's user + system CPU time in clock ticks (fields 14 and 15 of
@@ -73,6 +76,8 @@ for i in $(seq "$RUNS"); do
   R=$(python3 -c 'import json, sys; r = json.loads(sys.argv[1]); r["server_cpu_ms_per_image"] = round((int(sys.argv[3]) - int(sys.argv[2])) * 1000 / int(sys.argv[4]) / max(r["requests"], 1), 2); print(json.dumps(r))' "$R" "$T0" "$T1" "$(getconf CLK_TCK)")
   echo "run $i: $R"
   RESULTS+=("$R")
+  RAWS+=("$(raw)")
+  echo "raw: ${RAWS[-1]}"
 done
 SAT=$(printf '%s\n' "${RESULTS[@]}" | python3 -c 'import json,statistics,sys; print(statistics.median(json.loads(l)["images_per_second"] for l in sys.stdin))')
 echo "== open loop at 50% and 90% of saturation ($SAT img/s), ${DURATION}s each"
@@ -84,15 +89,18 @@ for pct in 50 90; do
   OPEN+=("$R")
 done
 RSS=$(awk '/VmHWM/ {print $2/1024}' /proc/$SERVER/status)
-python3 - "$RAW" "$RSS" "${OPEN[@]}" "${RESULTS[@]}" <<'PY'
+RAW_JSON=$(printf '%s\n' "${RAWS[@]}" | python3 -c 'import json, sys; print(json.dumps([json.loads(l) for l in sys.stdin]))')
+python3 - "$RAW_JSON" "$RSS" "${OPEN[@]}" "${RESULTS[@]}" <<'PY'
 import json, statistics, sys
-raw = json.loads(sys.argv[1]); rss = float(sys.argv[2])
+raws = json.loads(sys.argv[1]); rss = float(sys.argv[2])
 open50, open90 = json.loads(sys.argv[3]), json.loads(sys.argv[4])
 runs = [json.loads(r) for r in sys.argv[5:]]
 med = lambda k: statistics.median(r[k] for r in runs)
 e2e = med("images_per_second")
+raw = dict(raws[0], images_per_second=statistics.median(r["images_per_second"] for r in raws))
 print(f"== summary (medians of {len(runs)} runs)")
-print(f"raw model  batch {raw['batch']}: {raw['images_per_second']:.1f} img/s")
+print(f"raw model  batch {raw['batch']}: {raw['images_per_second']:.1f} img/s "
+      f"(median of {len(raws)} runs: {', '.join(format(r['images_per_second'], '.1f') for r in raws)})")
 print(f"end to end HTTP at saturation: {e2e:.1f} img/s, p50 {med('p50_ms'):.1f} ms, p99 {med('p99_ms'):.1f} ms, "
       f"non-2xx {sum(r['non_2xx'] for r in runs)}, server peak RSS {rss:.0f} MiB")
 print(f"server CPU per image at saturation: {med('server_cpu_ms_per_image'):.2f} ms "
