@@ -303,6 +303,28 @@ mod tests {
             .unwrap()
     }
 
+    /// A block of `cin → ce → cout` channels with a `k`×`k` stride-`s`
+    /// depthwise pass, its weights from `seed` on.
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        cin: usize,
+        ce: usize,
+        cout: usize,
+        k: usize,
+        s: usize,
+        pad: PadMode,
+        skip: bool,
+        seed: u32,
+    ) -> InvertedResidual {
+        let dw = NhwcDepthwise::new(&values(ce * k * k, seed + 2), &values(ce, seed + 3), k, s, pad, Fused::Relu6);
+        InvertedResidual::new(
+            pointwise(cin, ce, Fused::Relu6, seed),
+            dw.unwrap(),
+            pointwise(ce, cout, Fused::None, seed + 4),
+            skip,
+        )
+    }
+
     /// Band by band equals layer by layer, bit for bit: 3×3 and 5×5,
     /// strides 1 and 2, PyTorch and TF "SAME" padding, one band per range
     /// and many (the ring wrapping), ranges split across 1–3 threads, odd
@@ -328,11 +350,7 @@ mod tests {
         ];
         for (i, &(n, cin, ce, cout, k, s, h, w, pad, skip)) in cases.iter().enumerate() {
             let seed = 10 * i as u32;
-            let expand = pointwise(cin, ce, Fused::Relu6, seed);
-            let dw = NhwcDepthwise::new(&values(ce * k * k, seed + 2), &values(ce, seed + 3), k, s, pad, Fused::Relu6)
-                .unwrap();
-            let project = pointwise(ce, cout, Fused::None, seed + 4);
-            let block = InvertedResidual::new(expand, dw, project, skip);
+            let block = block(cin, ce, cout, k, s, pad, skip, seed);
             let x = Nhwc::from_nchw(&values(n * cin * h * w, seed + 5), n, cin, h, w);
             let want = block.forward_layers(&x);
             for threads in 1..=3 {
@@ -367,10 +385,7 @@ mod tests {
         ];
         for (i, &(n, cin, ce, cout, k, s, h, w, pad, skip, parts)) in cases.iter().enumerate() {
             let seed = 7 * i as u32;
-            let expand = pointwise(cin, ce, Fused::Relu6, seed);
-            let dw = NhwcDepthwise::new(&values(ce * k * k, seed + 2), &values(ce, seed + 3), k, s, pad, Fused::Relu6)
-                .unwrap();
-            let block = InvertedResidual::new(expand, dw, pointwise(ce, cout, Fused::None, seed + 4), skip);
+            let block = block(cin, ce, cout, k, s, pad, skip, seed);
             let x = Nhwc::from_nchw(&values(n * cin * h * w, seed + 5), n, cin, h, w);
             let want = block.forward_layers(&x);
             let cut = block.cut(parts).expect("a block that splits");
@@ -385,18 +400,13 @@ mod tests {
                 assert!(worst <= 1e-5 * scale, "case {i}, {threads} threads: off by {worst} of {scale}");
             }
         }
-        let dw = || NhwcDepthwise::new(&values(48 * 9, 1), &values(48, 2), 3, 1, PadMode::Symmetric(1), Fused::Relu6);
-        let narrow = InvertedResidual::new(
-            pointwise(8, 48, Fused::Relu6, 3),
-            dw().unwrap(),
-            pointwise(48, 8, Fused::None, 4),
-            true,
-        );
+        let narrow = block(8, 48, 8, 3, 1, PadMode::Symmetric(1), true, 3);
         assert!(narrow.cut(2).is_none(), "48 channels make one part of 32 or more");
+        let dw = NhwcDepthwise::new(&values(64 * 9, 1), &values(64, 2), 3, 1, PadMode::Symmetric(1), Fused::Relu6);
         let activated = InvertedResidual::new(
-            pointwise(8, 48, Fused::Relu6, 3),
-            dw().unwrap(),
-            pointwise(48, 8, Fused::Relu, 4),
+            pointwise(8, 64, Fused::Relu6, 3),
+            dw.unwrap(),
+            pointwise(64, 8, Fused::Relu, 4),
             false,
         );
         assert!(activated.cut(1).is_none() && activated.cut(2).is_none());
@@ -413,13 +423,7 @@ mod tests {
         }
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for (h, split) in [(7, true), (14, true), (28, false), (56, false)] {
-            let dw = NhwcDepthwise::new(&values(96 * 9, 1), &values(96, 2), 3, 1, PadMode::Symmetric(1), Fused::Relu6);
-            let block = InvertedResidual::new(
-                pointwise(16, 96, Fused::Relu6, 3),
-                dw.unwrap(),
-                pointwise(96, 16, Fused::None, 4),
-                true,
-            );
+            let block = block(16, 96, 16, 3, 1, PadMode::Symmetric(1), true, 3);
             let x = Nhwc::from_nchw(&values(16 * h * h, 5), 1, 16, h, h);
             let got = pool.install(|| block.forward(&x, 2));
             assert_eq!(block.parts.get().is_some_and(|p| p.is_some()), split, "{h}²: split or not");
@@ -470,10 +474,7 @@ mod tests {
         for threads in [1, 2] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             for (cin, ce, cout, k, s, h, skip) in blocks {
-                let expand = pointwise(cin, ce, Fused::Relu6, 1);
-                let pad = PadMode::Symmetric(k / 2);
-                let dw = NhwcDepthwise::new(&values(ce * k * k, 2), &values(ce, 3), k, s, pad, Fused::Relu6);
-                let block = InvertedResidual::new(expand, dw.unwrap(), pointwise(ce, cout, Fused::None, 4), skip);
+                let block = block(cin, ce, cout, k, s, PadMode::Symmetric(k / 2), skip, 1);
                 let cut = block.cut(threads);
                 let x = Nhwc::from_nchw(&values(cin * h * h, 5), 1, cin, h, h);
                 let time = |f: &dyn Fn() -> Nhwc| {
