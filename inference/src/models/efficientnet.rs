@@ -710,8 +710,8 @@ mod tests {
     /// The channels-last path gives the NCHW path's feature maps and logits
     /// (candle's convolutions where the NCHW GEMMs are dropped), on odd
     /// map sizes: MobileNetV2 (3×3, PyTorch padding) and
-    /// tf_efficientnet_lite0 (5×5, TF "SAME" padding). `forward` gives the
-    /// same logits without the maps.
+    /// tf_efficientnet_lite0 (5×5, TF "SAME" padding), two images and one
+    /// on two threads. `forward` gives the same logits without the maps.
     #[test]
     fn channels_last_matches_nchw() {
         use candle_core::Device;
@@ -726,6 +726,10 @@ mod tests {
             slow.channels_last = None;
             let x = Tensor::randn(0f32, 1.0, (2, 3, 83, 71), &Device::Cpu).unwrap();
             crate::models::test_util::assert_same_outputs(&fast, &slow, &x, 1, arch);
+            // One image on two threads: its small maps' blocks split by channels.
+            let x = Tensor::randn(0f32, 1.0, (1, 3, 83, 71), &Device::Cpu).unwrap();
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            pool.install(|| crate::models::test_util::assert_same_outputs(&fast, &slow, &x, 1, arch));
         }
     }
 

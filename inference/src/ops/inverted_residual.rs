@@ -12,8 +12,8 @@
 //! two bands share, so each input row is expanded once per range; only
 //! where two ranges meet are `k - stride` rows expanded twice.
 //!
-//! The arithmetic is the unfused layers', in the same order, so the output
-//! is bit for bit theirs.
+//! Band by band, the arithmetic is the unfused layers', in the same order,
+//! so the output is bit for bit theirs.
 //!
 //! With more threads than images on a small map, ranges of rows cost too
 //! much: on a 7×7 map two ranges expand 11 rows for 7 output rows, and a
@@ -73,6 +73,10 @@ fn ranges_of_rows(oh: usize, n: usize, threads: usize) -> usize {
 /// AVX-512 registers, so that a part's microkernel still runs whole tiles.
 const MIN_PART_CHANNELS: usize = 32;
 
+/// Most parts a block is cut into; more threads per image than this share
+/// the parts.
+const MAX_PARTS: usize = 8;
+
 /// Part boundaries fall on multiples of this many channels: one AVX2
 /// register (the depthwise kernel masks a tail of fewer on AVX-512).
 const PART_ALIGN: usize = 8;
@@ -85,12 +89,12 @@ pub struct InvertedResidual {
     dw: NhwcDepthwise,
     project: NhwcConv,
     skip: bool,
-    /// The block cut by expanded channels, built by the first pass that
-    /// needs it (a pool has one thread count, so one cut serves it): each
-    /// part a block of its own, on those channels' expansion and depthwise
-    /// filters and the projection's weights that read them, the first with
-    /// the projection's bias and the skip.
-    parts: OnceLock<Option<Vec<InvertedResidual>>>,
+    /// The block cut by expanded channels into 2, 3, … [`MAX_PARTS`]
+    /// parts, each cut built by the first pass that asks for that many:
+    /// each part a block of its own, on those channels' expansion and
+    /// depthwise filters and the projection's weights that read them, the
+    /// first with the projection's bias and the skip.
+    parts: [OnceLock<Option<Vec<InvertedResidual>>>; MAX_PARTS - 1],
 }
 
 impl InvertedResidual {
@@ -111,13 +115,14 @@ impl InvertedResidual {
     /// Unless the layers [chain](Self::chains).
     pub fn new(expand: NhwcConv, dw: NhwcDepthwise, project: NhwcConv, skip: bool) -> Self {
         assert!(Self::chains(&expand, &dw, &project, skip), "layers that do not chain into a block");
-        Self { expand, dw, project, skip, parts: OnceLock::new() }
+        Self { expand, dw, project, skip, parts: std::array::from_fn(|_| OnceLock::new()) }
     }
 
-    /// The block cut into up to `parts` parts by expanded channels
-    /// ([`MIN_PART_CHANNELS`] or more each, on [`PART_ALIGN`] boundaries),
-    /// or `None` where that gives one part or the projection has an
-    /// activation, which a sum of parts cannot fuse.
+    /// The block cut into up to `parts` parts by expanded channels, as
+    /// many as leave [`MIN_PART_CHANNELS`] to a part before the bounds are
+    /// rounded up to [`PART_ALIGN`] (so the last part may have a few
+    /// fewer), or `None` where that gives one part or the projection has
+    /// an activation, which a sum of parts cannot fuse.
     fn cut(&self, parts: usize) -> Option<Vec<InvertedResidual>> {
         let ce = self.dw.channels();
         let parts = parts.min(ce / MIN_PART_CHANNELS);
@@ -157,7 +162,7 @@ impl InvertedResidual {
     pub fn forward(&self, x: &Nhwc, threads: usize) -> Nhwc {
         if threads > x.n {
             match self.split_for(x, threads) {
-                Some(parts) => Self::forward_split(x, parts),
+                Some(parts) => self.forward_split(x, parts),
                 None => self.forward_banded(x, threads),
             }
         } else if self.expanded_len(x.h, x.w) * size_of::<f32>() >= FUSE_FROM_BYTES {
@@ -176,16 +181,17 @@ impl InvertedResidual {
         if oh.div_ceil(ranges) >= SHORT_RANGE_ROWS {
             return None;
         }
-        let parts = self.parts.get_or_init(|| self.cut(threads.div_ceil(x.n.max(1)))).as_deref()?;
+        let wanted = threads.div_ceil(x.n.max(1)).clamp(2, MAX_PARTS);
+        let parts = self.parts[wanted - 2].get_or_init(|| self.cut(wanted)).as_deref()?;
         (parts.len() >= ranges).then_some(parts)
     }
 
     /// Split into `parts` by expanded channels (module docs): every image
     /// by every part at once, each band by band on one thread, then the
     /// parts summed.
-    fn forward_split(x: &Nhwc, parts: &[InvertedResidual]) -> Nhwc {
+    fn forward_split(&self, x: &Nhwc, parts: &[InvertedResidual]) -> Nhwc {
+        let (oh, ow) = self.output_size(x);
         let first = &parts[0];
-        let (_, oh, ow) = first.dw.output_geometry(x.h, x.w);
         let per_image = oh * ow * first.project.out_channels();
         let band = (BAND_PIXELS / ow.max(1)).clamp(1, oh.max(1));
         let mut data = vec![0f32; x.n * per_image];
@@ -220,16 +226,26 @@ impl InvertedResidual {
         self.project.forward(&self.dw.forward(&self.expand.forward(x, None)), self.skip.then_some(x))
     }
 
-    /// Band by band, in ranges of rows for `threads` threads.
-    pub fn forward_banded(&self, x: &Nhwc, threads: usize) -> Nhwc {
-        let (cin, cout) = (self.expand.in_channels(), self.project.out_channels());
-        assert_eq!(x.c, cin, "input channels");
+    /// The output's height and width for `x`.
+    ///
+    /// # Panics
+    /// Where `x` has other channels than the block's input, or a skip
+    /// would be added to a map of another size.
+    fn output_size(&self, x: &Nhwc) -> (usize, usize) {
+        assert_eq!(x.c, self.expand.in_channels(), "input channels");
         let (_, oh, ow) = self.dw.output_geometry(x.h, x.w);
         if self.skip {
             // `chains` checked the stride and channels; padding that changes
             // the size would misplace the residual's rows.
             assert_eq!((oh, ow), (x.h, x.w), "a skip around a depthwise pass that changes the map's size");
         }
+        (oh, ow)
+    }
+
+    /// Band by band, in ranges of rows for `threads` threads.
+    pub fn forward_banded(&self, x: &Nhwc, threads: usize) -> Nhwc {
+        let cout = self.project.out_channels();
+        let (oh, ow) = self.output_size(x);
         let mut data = vec![0f32; x.n * oh * ow * cout];
         let ranges = ranges_of_rows(oh, x.n, threads);
         let per_range = oh.div_ceil(ranges).max(1);
@@ -394,7 +410,7 @@ mod tests {
             let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs()));
             for threads in 1..=3 {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                let got = pool.install(|| InvertedResidual::forward_split(&x, &cut));
+                let got = pool.install(|| block.forward_split(&x, &cut));
                 assert_eq!((got.n, got.h, got.w, got.c), (want.n, want.h, want.w, want.c), "case {i}");
                 let worst = got.data.iter().zip(&want.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
                 assert!(worst <= 1e-5 * scale, "case {i}, {threads} threads: off by {worst} of {scale}");
@@ -413,23 +429,29 @@ mod tests {
     }
 
     /// A pass with more threads than images takes the split where ranges
-    /// of rows would be short (7² and 14² on two threads) and the bands
-    /// elsewhere, and both give the layers' output.
+    /// of rows would be short (7² and 14² on two threads) and the cut has
+    /// as many parts as there would be ranges, and the bands elsewhere;
+    /// both give the layers' output.
     #[test]
     fn forward_picks_split_or_bands() {
         if Isa::detect().is_none() {
             eprintln!("no AVX-512F or AVX2: skipped");
             return;
         }
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        for (h, split) in [(7, true), (14, true), (28, false), (56, false)] {
+        // (threads, images, size, split): on 8 threads a 14² map has 4
+        // ranges of rows, and 96 channels only 3 parts.
+        let cases = [(2, 1, 7, true), (2, 1, 14, true), (2, 1, 28, false), (2, 1, 56, false), (4, 2, 14, true)];
+        for (threads, n, h, split) in cases.into_iter().chain([(8, 1, 14, false)]) {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let block = block(16, 96, 16, 3, 1, PadMode::Symmetric(1), true, 3);
-            let x = Nhwc::from_nchw(&values(16 * h * h, 5), 1, 16, h, h);
-            let got = pool.install(|| block.forward(&x, 2));
-            assert_eq!(block.parts.get().is_some_and(|p| p.is_some()), split, "{h}²: split or not");
+            let x = Nhwc::from_nchw(&values(n * 16 * h * h, 5), n, 16, h, h);
+            let what = format!("{n} × {h}² on {threads} threads");
+            assert_eq!(block.split_for(&x, threads).is_some(), split, "{what}: split or not");
+            let got = pool.install(|| block.forward(&x, threads));
             let want = block.forward_layers(&x);
+            let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs()));
             let worst = got.data.iter().zip(&want.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(worst <= 1e-5, "{h}²: off by {worst}");
+            assert!(worst <= 1e-5 * scale, "{what}: off by {worst} of {scale}");
         }
     }
 
@@ -491,7 +513,7 @@ mod tests {
                             layers.push(time(&|| block.forward_layers(&x)));
                             banded.push(time(&|| block.forward_banded(&x, threads)));
                             if let Some(cut) = &cut {
-                                split.push(time(&|| InvertedResidual::forward_split(&x, cut)));
+                                split.push(time(&|| block.forward_split(&x, cut)));
                             }
                         }
                     })
