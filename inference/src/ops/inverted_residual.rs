@@ -94,7 +94,7 @@ pub struct InvertedResidual {
     /// each part a block of its own, on those channels' expansion and
     /// depthwise filters and the projection's weights that read them, the
     /// first with the projection's bias and the skip.
-    parts: [OnceLock<Option<Vec<InvertedResidual>>>; MAX_PARTS - 1],
+    parts: Box<[OnceLock<Option<Vec<InvertedResidual>>>]>,
 }
 
 impl InvertedResidual {
@@ -115,7 +115,7 @@ impl InvertedResidual {
     /// Unless the layers [chain](Self::chains).
     pub fn new(expand: NhwcConv, dw: NhwcDepthwise, project: NhwcConv, skip: bool) -> Self {
         assert!(Self::chains(&expand, &dw, &project, skip), "layers that do not chain into a block");
-        Self { expand, dw, project, skip, parts: std::array::from_fn(|_| OnceLock::new()) }
+        Self { expand, dw, project, skip, parts: (2..=MAX_PARTS).map(|_| OnceLock::new()).collect() }
     }
 
     /// The block cut into up to `parts` parts by expanded channels, as
