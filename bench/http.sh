@@ -4,8 +4,8 @@
 # same run, before and after each wrk run (this VM's speed drifts by tens of
 # percent within minutes, so the ratio takes the median of raw runs
 # interleaved with the HTTP runs); then open-loop load (bench/openloop.py) at
-# 50% and 90% of the saturation wrk found. Prints img/s, p50/p99 latency, the server's CPU time
-# per image, its RSS and the e2e/raw ratio.
+# 50% and 90% of the saturation wrk found. Prints img/s, p50/p99 latency, the
+# server's CPU time per image, its RSS and the e2e/raw ratio.
 #
 #   bench/http.sh [--connections 16] [--duration 20] [--batch 8] [--image FILE] [--no-records]
 #                 [--jpeg-decode full|scaled] [--model SOURCE]

@@ -207,8 +207,7 @@ impl InvertedResidual {
             .chain(rest.chunks_mut(per_image).enumerate().map(|(i, out)| (i % x.n, &parts[1 + i / x.n], out)))
             .collect();
         tasks.par_iter_mut().for_each(|(img, part, out)| part.rows(x, *img, 0..oh, band, out));
-        // The sum, in a few pieces per thread: a fork costs less than the
-        // adds on one thread.
+        // The sum, shared over the threads like the parts were.
         let total = data.len();
         let piece = (total / (2 * rayon::current_num_threads())).max(4096);
         data.par_chunks_mut(piece).enumerate().for_each(|(i, out)| {
@@ -475,8 +474,9 @@ mod tests {
     /// inverted-residual blocks, layer by layer against band by band and,
     /// on two threads, split by channels, on one thread (as each share of a
     /// batch runs) and on two (under the warm workers, as a batch-1 pass
-    /// runs); rounds alternate and the figure is the median round: `cargo test --release -p lineside-inference
-    /// --lib inverted_residual::tests::speed -- --ignored --nocapture`.
+    /// runs); rounds alternate and the figure is the median round:
+    /// `cargo test --release -p lineside-inference --lib
+    /// inverted_residual::tests::speed -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn speed() {

@@ -269,6 +269,25 @@ mod tests {
     use super::*;
     use crate::ops::test_util::values;
 
+    /// A slice of the channels, starting off the register lanes, gives the
+    /// whole layer's values on them bit for bit, on every ISA the CPU runs.
+    #[test]
+    fn slice_matches_the_whole_layer() {
+        for isa in Isa::supported() {
+            let (c, k) = (72, 5);
+            let whole =
+                NhwcDepthwise::for_isa(isa, &values(c * k * k, 1), &values(c, 2), k, 2, PadMode::TfSame, Fused::Relu6);
+            let x = Nhwc::from_nchw(&values(c * 11 * 9, 3), 1, c, 11, 9);
+            let want = whole.forward(&x);
+            let part = whole.slice(20..61);
+            let xs = Nhwc::from_nchw(&values(c * 11 * 9, 3)[20 * 11 * 9..61 * 11 * 9], 1, 41, 11, 9);
+            let got = part.forward(&xs);
+            for (px, got) in got.data.chunks(41).enumerate() {
+                assert_eq!(got, &want.data[px * c + 20..][..41], "{isa:?}: pixel {px}");
+            }
+        }
+    }
+
     /// Against candle's grouped convolution: 3×3 and 5×5, strides 1 and 2,
     /// symmetric and TF "SAME" padding, channel counts off the 16 lanes,
     /// odd map sizes, each fused activation.
