@@ -2,10 +2,14 @@
 """lineside against PyTorch and ONNX Runtime, side by side, in one run.
 
 Every engine runs the same weights on the same input, with the same thread
-count, and each is timed the same way: `--runs` runs of at least
-`--min-run-ms` each per batch size; the figure is the median run. lineside
-runs as a subprocess (`lineside bench --json`), so it and the peers share the
-machine but not the process.
+count, and each is timed the same way: 3 warm-up batches, then a run of at
+least `--min-run-ms`. Runs are interleaved: each of the `--runs` rounds per
+batch size gives every engine one run, in an order that rotates from round
+to round, so a slow minute of a shared machine falls on all engines alike.
+The img/s figure is an engine's median run; the ratios are the medians of the
+ratios within each round. lineside runs as a subprocess (`lineside bench
+--runs 1 --json`, one per run), so it and the peers share the machine but
+not the process.
 
 Setup (not in CI: torch is a 5 GB install):
     python3 -m venv bench/.venv
@@ -87,44 +91,38 @@ def load_torch(folder, arch):
     return model.eval(), tuple(cfg["pretrained_cfg"]["input_size"])
 
 
-def timed(step, batch, runs, min_run_ms):
-    """Median img/s over runs, and p50/p99 per-batch latency in ms."""
+def timed(step, batch, min_run_ms):
+    """One run after 3 warm-up batches: img/s and p50/p99 per-batch latency in ms."""
     for _ in range(3):
         step()
-    rates, lat = [], []
-    for _ in range(runs):
-        n, start = 0, time.perf_counter()
-        while True:
-            t = time.perf_counter()
-            step()
-            lat.append((time.perf_counter() - t) * 1000)
-            n += 1
-            if (time.perf_counter() - start) * 1000 >= min_run_ms:
-                break
-        rates.append(n * batch / (time.perf_counter() - start))
+    lat, start = [], time.perf_counter()
+    while True:
+        t = time.perf_counter()
+        step()
+        lat.append((time.perf_counter() - t) * 1000)
+        if (time.perf_counter() - start) * 1000 >= min_run_ms:
+            break
+    rate = len(lat) * batch / (time.perf_counter() - start)
     lat.sort()
-    return {
-        "images_per_second": statistics.median(rates),
-        "images_per_second_min": min(rates),
-        "images_per_second_max": max(rates),
-        "p50_ms": lat[len(lat) // 2],
-        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
-    }
+    return {"images_per_second": rate, "p50_ms": lat[len(lat) // 2],
+            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))]}
 
 
-def bench_torch(model, shape, batches, a):
+def torch_runner(model, shape, a):
+    """A function that times one run of PyTorch eager at a batch size."""
     import torch
 
     torch.set_num_threads(a.threads)
-    out = {}
-    with torch.inference_mode():
-        for b in batches:
-            x = torch.randn(b, *shape)
-            out[b] = timed(lambda: model(x), b, a.runs, a.min_run_ms)
-    return out
+
+    def run(b):
+        x = torch.randn(b, *shape)
+        with torch.inference_mode():
+            return timed(lambda: model(x), b, a.min_run_ms)
+    return run
 
 
-def bench_ort(model, shape, batches, a, workdir, name):
+def ort_runner(model, shape, a, workdir, name):
+    """A function that times one run of ONNX Runtime (CPU EP) at a batch size."""
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -139,21 +137,46 @@ def bench_ort(model, shape, batches, a, workdir, name):
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    out = {}
-    for b in batches:
+
+    def run(b):
         x = np.random.randn(b, *shape).astype(np.float32)
-        out[b] = timed(lambda: sess.run(None, {"x": x}), b, a.runs, a.min_run_ms)
-    return out
+        return timed(lambda: sess.run(None, {"x": x}), b, a.min_run_ms)
+    return run
 
 
-def bench_lineside(folder, batches, a):
-    cmd = [a.lineside, "bench", "--model", str(folder), "--batch-sizes", ",".join(map(str, batches)),
-           "--threads", str(a.threads), "--runs", str(a.runs), "--min-run-ms", str(a.min_run_ms), "--json"]
-    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    out = {}
-    for line in res.stdout.splitlines():
-        r = json.loads(line)
-        out[r["batch"]] = r
+def lineside_runner(folder, a):
+    """A function that times one run of `lineside bench` (its own process) at a batch size."""
+    def run(b):
+        cmd = [a.lineside, "bench", "--model", str(folder), "--batch-sizes", str(b), "--threads", str(a.threads),
+               "--runs", "1", "--min-run-ms", str(a.min_run_ms), "--json"]
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        return {k: r[k] for k in ("images_per_second", "p50_ms", "p99_ms")}
+    return run
+
+
+def interleaved(runners, batches, runs):
+    """Per batch size and engine: median img/s with its spread, median p50/p99, and per peer the
+    median over rounds of lineside's img/s over the peer's in the same round."""
+    out = {e: {} for e in runners}
+    engines = list(runners)
+    for b in batches:
+        per_run = {e: [] for e in engines}
+        for r in range(runs):
+            for e in engines[r % len(engines):] + engines[:r % len(engines)]:
+                per_run[e].append(runners[e](b))
+        for e, rs in per_run.items():
+            rates = [x["images_per_second"] for x in rs]
+            out[e][b] = {
+                "images_per_second": statistics.median(rates),
+                "images_per_second_min": min(rates),
+                "images_per_second_max": max(rates),
+                "p50_ms": statistics.median(x["p50_ms"] for x in rs),
+                "p99_ms": statistics.median(x["p99_ms"] for x in rs),
+            }
+            if "lineside" in per_run and e != "lineside":
+                out[e][b]["lineside_ratio"] = statistics.median(
+                    mine["images_per_second"] / theirs["images_per_second"]
+                    for mine, theirs in zip(per_run["lineside"], rs))
     return out
 
 
@@ -171,17 +194,19 @@ def main():
         for spec in a.models:
             folder, arch = materialize(spec, work)
             model, shape = load_torch(folder, arch)
-            results = {}
+            runners = {}
             if "lineside" in engines:
-                results["lineside"] = bench_lineside(folder, batches, a)
+                runners["lineside"] = lineside_runner(folder, a)
             if "onnxruntime" in engines:
-                results["onnxruntime"] = bench_ort(model, shape, batches, a, work, arch)
+                runners["onnxruntime"] = ort_runner(model, shape, a, work, arch)
             if "torch" in engines:
-                results["torch"] = bench_torch(model, shape, batches, a)
+                runners["torch"] = torch_runner(model, shape, a)
+            results = interleaved(runners, batches, a.runs)
             for b in batches:
                 for e, r in results.items():
                     rows.append({"model": arch, "batch": b, "engine": e, "threads": a.threads, **{
-                        k: r[b][k] for k in ("images_per_second", "images_per_second_min", "images_per_second_max", "p50_ms", "p99_ms")}})
+                        k: r[b][k] for k in ("images_per_second", "images_per_second_min", "images_per_second_max", "p50_ms", "p99_ms",
+                                             "lineside_ratio") if k in r[b]}})
             if not a.json:
                 print_table(arch, shape, batches, results)
                 sys.stdout.flush()
@@ -189,7 +214,8 @@ def main():
         for r in rows:
             print(json.dumps(r))
     else:
-        print(f"\n{a.threads} threads; median of {a.runs} runs of >= {a.min_run_ms} ms each; {versions}")
+        print(f"\n{a.threads} threads; median of {a.runs} interleaved runs of >= {a.min_run_ms} ms each; "
+              f"ratios: median of the per-round ratios; {versions}")
 
 
 def print_table(arch, shape, batches, results):
@@ -201,7 +227,7 @@ def print_table(arch, shape, batches, results):
         for e in engines:
             r = results[e][b]
             cells.append(f"{r['images_per_second']:8.1f} ({r['images_per_second_min']:.0f}-{r['images_per_second_max']:.0f}) {r['p50_ms']:7.1f}ms")
-        ratio = lambda peer: (f"{results['lineside'][b]['images_per_second'] / results[peer][b]['images_per_second']:12.2f}x"
+        ratio = lambda peer: (f"{results[peer][b]['lineside_ratio']:12.2f}x"
                               if "lineside" in results and peer in results else f"{'-':>13}")
         print(f"{b:>5}  " + "  ".join(f"{c:>28}" for c in cells) + f"  {ratio('onnxruntime')}  {ratio('torch'):>14}")
 

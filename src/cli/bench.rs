@@ -82,7 +82,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     for batch in a.batch_sizes.iter().map(|&b| b as usize) {
         let x = Tensor::randn(0f32, 1.0, (batch, c, h, w), &device)?;
-        forward(&x)?; // warm-up
+        // Three warm-up batches, as `bench/peers.py` gives every peer: the
+        // first passes build per-shape state (layer cuts, buffers).
+        for _ in 0..3 {
+            forward(&x)?;
+        }
         let mut rates = Vec::new();
         let mut latencies = Vec::new();
         for _ in 0..a.runs {
