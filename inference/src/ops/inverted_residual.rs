@@ -46,6 +46,16 @@ const BAND_PIXELS: usize = 128;
 /// (`tests::speed`, docs/performance.md).
 const FUSE_FROM_BYTES: usize = 1 << 20;
 
+thread_local! {
+    /// Each thread's ring of expanded rows and band of depthwise output,
+    /// kept from one range to the next: allocated and zeroed afresh for
+    /// every range they were 2.5% of a batch-1 MobileNetV2 pass on two
+    /// threads (`perf`, docs/performance.md). A call that finds it taken
+    /// (none does: a range runs on one thread, and nothing in it forks)
+    /// would just start an empty one.
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Fewest output rows per range of rows.
 const MIN_RANGE_ROWS: usize = 4;
 
@@ -273,8 +283,14 @@ impl InvertedResidual {
         // Input row `iy` is expanded into slot `iy % slots`: a band's input
         // rows are at most `slots` consecutive rows, so they never share one.
         let slots = (band - 1) * s + k;
-        let mut ring = vec![0f32; slots * ex_row];
-        let mut depthwise = vec![0f32; band * ow * ce];
+        let (ring_len, band_len) = (slots * ex_row, band * ow * ce);
+        // Every value is written before it is read: the kept buffer's old
+        // contents never show.
+        let mut scratch = SCRATCH.take();
+        if scratch.len() < ring_len + band_len {
+            scratch.resize(ring_len + band_len, 0.0);
+        }
+        let (ring, depthwise) = scratch[..ring_len + band_len].split_at_mut(ring_len);
         let zeros = vec![0f32; ce];
         let mut expanded_to = 0;
         for o0 in rows.clone().step_by(band) {
@@ -302,6 +318,7 @@ impl InvertedResidual {
             let dst = &mut out[(o0 - rows.start) * ow * cout..][..px * cout];
             self.project.pointwise_into(&depthwise[..px * ce], dst, residual);
         }
+        SCRATCH.set(scratch);
     }
 }
 
