@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::models::{FeatureInfo, ImageModel};
+use crate::models::{FeatureInfo, ImageModel, LinearHead, PooledHead};
 use crate::ops::{Activation, ConvBnAct, PadMode};
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -254,8 +254,7 @@ pub struct EfficientNet {
     stem: ConvBnAct,
     stages: Vec<Vec<Block>>,
     head: ConvBnAct,
-    classifier_w: Tensor,
-    classifier_b: Tensor,
+    classifier: LinearHead,
     /// Indices of the stages whose output timm's `features_only` returns.
     feature_stages: Vec<usize>,
     feature_info: Vec<FeatureInfo>,
@@ -349,8 +348,7 @@ impl EfficientNet {
         }
         let head = conv("conv_head", "bn2", 1, 1, act)?;
         check_channels(&head, spec.num_features, "conv_head")?;
-        let classifier_w = w.get("classifier.weight")?.t()?.contiguous()?;
-        let classifier_b = w.get("classifier.bias")?.clone();
+        let classifier = LinearHead::new(w.get("classifier.weight")?, w.get("classifier.bias")?)?;
 
         // timm's feature_info: the last block of every stage followed by a stride change, and the last stage.
         let n = stages.len();
@@ -388,8 +386,7 @@ impl EfficientNet {
             stem,
             stages,
             head,
-            classifier_w,
-            classifier_b,
+            classifier,
             feature_stages,
             feature_info,
             #[cfg(target_arch = "x86_64")]
@@ -403,9 +400,42 @@ impl EfficientNet {
         self.channels_last.as_ref().filter(|_| x.device().is_cpu() && x.dtype() == DType::F32)
     }
 
-    /// Logits from the pooled features `[N, C]`.
-    fn classify(&self, pooled: &Tensor) -> Result<Tensor> {
-        Ok(pooled.matmul(&self.classifier_w)?.broadcast_add(&self.classifier_b)?)
+    /// The maps of `feature_stages` (up to the `last`-th; none when `last`
+    /// is `None`) and, with `pooled`, the head's globally pooled output
+    /// `[N, C]`.
+    fn run(&self, x: &Tensor, last: Option<usize>, pooled: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(net) = self.channels_last_for(x) {
+            return net.run(x, &self.feature_stages, last, pooled);
+        }
+        let mut x = self.stem.forward(x)?;
+        let mut features = Vec::with_capacity(self.feature_stages.len());
+        for (i, stage) in self.stages.iter().enumerate() {
+            if !pooled && last.is_none_or(|l| features.len() > l) {
+                break;
+            }
+            for b in stage {
+                x = b.forward(&x)?;
+            }
+            if self.feature_stages.contains(&i) && last.is_some_and(|l| features.len() <= l) {
+                features.push(x.clone());
+            }
+        }
+        if !pooled {
+            return Ok((features, None));
+        }
+        Ok((features, Some(self.head.forward(&x)?.mean((2, 3))?)))
+    }
+}
+
+impl PooledHead for EfficientNet {
+    /// On the channels-last path no feature map is turned back into NCHW.
+    fn forward_pooled(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.run(x, None, true)?.1.expect("run pools when asked"))
+    }
+
+    fn head(&self) -> &LinearHead {
+        &self.classifier
     }
 }
 
@@ -419,40 +449,17 @@ fn check_channels(layer: &ConvBnAct, want: usize, name: &str) -> Result<()> {
 impl ImageModel for EfficientNet {
     fn forward_maps(&self, x: &Tensor, last: Option<usize>, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
         let last = if logits { usize::MAX } else { last.unwrap_or(usize::MAX) };
-        #[cfg(target_arch = "x86_64")]
-        if let Some(net) = self.channels_last_for(x) {
-            let (features, pooled) = net.run(x, &self.feature_stages, Some(last), logits)?;
-            return Ok((features, pooled.map(|p| self.classify(&p)).transpose()?));
-        }
-        let mut x = self.stem.forward(x)?;
-        let mut features = Vec::with_capacity(self.feature_stages.len());
-        for (i, stage) in self.stages.iter().enumerate() {
-            if features.len() > last {
-                break;
-            }
-            for b in stage {
-                x = b.forward(&x)?;
-            }
-            if self.feature_stages.contains(&i) {
-                features.push(x.clone());
-            }
-        }
-        if !logits {
-            return Ok((features, None));
-        }
-        let pooled = self.head.forward(&x)?.mean((2, 3))?;
-        Ok((features, Some(self.classify(&pooled)?)))
+        let (features, pooled) = self.run(x, Some(last), logits)?;
+        Ok((features, pooled.map(|p| self.classifier.forward(&p)).transpose()?))
     }
 
-    /// Logits only: on the channels-last path no feature map is turned back
-    /// into NCHW.
+    /// Logits only: no feature map is kept.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(net) = self.channels_last_for(x) {
-            let (_, pooled) = net.run(x, &self.feature_stages, None, true)?;
-            return self.classify(&pooled.expect("asked for the pooled features"));
-        }
-        Ok(self.forward_maps(x, None, true)?.1.expect("forward_maps returns logits when asked"))
+        self.classifier.forward(&self.forward_pooled(x)?)
+    }
+
+    fn pooled_head(&self) -> Option<&dyn PooledHead> {
+        Some(self)
     }
 
     /// One image per step on the channels-last path (see `micro_batch`).
@@ -469,7 +476,7 @@ impl ImageModel for EfficientNet {
     }
 
     fn num_classes(&self) -> usize {
-        self.classifier_b.dims()[0]
+        self.classifier.classes()
     }
 }
 

@@ -112,7 +112,7 @@ type Outputs = (Vec<Tensor>, Option<Tensor>);
 
 impl MicroBatched {
     /// `f` over the batch in consecutive steps of at most `size` images.
-    fn steps(&self, x: &Tensor, f: &(dyn Fn(&Tensor) -> Result<Outputs> + Sync)) -> Result<Outputs> {
+    fn steps(&self, x: &Tensor, f: &StepFn<'_>) -> Result<Outputs> {
         let n = x.dim(0)?;
         if n <= self.size {
             return f(x);
@@ -125,18 +125,19 @@ impl MicroBatched {
     }
 
     /// `f` over the batch, shared out over the threads, each share in steps,
-    /// on a thread of the current rayon pool ([`on_pool`]).
-    fn split(&self, x: &Tensor, f: &(dyn Fn(&Tensor) -> Result<Outputs> + Sync)) -> Result<Outputs> {
-        on_pool(|| self.split_here(x, f))
+    /// then `then` over the whole batch's outputs, on a thread of the
+    /// current rayon pool ([`on_pool`]).
+    fn split(&self, x: &Tensor, f: &StepFn<'_>, then: &ThenFn<'_>) -> Result<Outputs> {
+        on_pool(|| self.split_here(x, f, then))
     }
 
-    fn split_here(&self, x: &Tensor, f: &(dyn Fn(&Tensor) -> Result<Outputs> + Sync)) -> Result<Outputs> {
+    fn split_here(&self, x: &Tensor, f: &StepFn<'_>, then: &ThenFn<'_>) -> Result<Outputs> {
         let n = x.dim(0)?;
         let threads = rayon::current_num_threads();
         let k = shares(n, threads);
         if k < 2 {
             // The layers fork and join among all the threads: keep them awake.
-            return super::keep_warm::with_warm_workers(|| self.steps(x, f));
+            return super::keep_warm::with_warm_workers(|| then(self.steps(x, f)?));
         }
         let bounds: Vec<(usize, usize)> = (0..k).map(|t| (t * n / k, (t + 1) * n / k - t * n / k)).collect();
         let parts = bounds
@@ -146,9 +147,15 @@ impl MicroBatched {
                 self.steps(&x.narrow(0, start, len)?, f)
             })
             .collect::<Result<Vec<_>>>()?;
-        concat(parts)
+        then(concat(parts)?)
     }
 }
+
+/// What runs on each step of a batch.
+type StepFn<'a> = dyn Fn(&Tensor) -> Result<Outputs> + Sync + 'a;
+
+/// What runs on the whole batch's outputs, after its steps.
+type ThenFn<'a> = dyn Fn(Outputs) -> Result<Outputs> + Sync + 'a;
 
 /// Runs `f` on a thread of the current rayon pool (in place where it is on one).
 ///
@@ -190,13 +197,21 @@ fn concat(parts: Vec<Outputs>) -> Result<Outputs> {
 
 impl ImageModel for MicroBatched {
     fn forward_maps(&self, x: &Tensor, last: Option<usize>, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
-        self.split(x, &|x| self.inner.forward_maps(x, last, logits))
+        self.split(x, &|x| self.inner.forward_maps(x, last, logits), &Ok)
     }
 
     /// The inner network's own logits-only path (which may skip work the
-    /// feature maps would need).
+    /// feature maps would need). Where its head is a linear layer over
+    /// pooled features ([`super::PooledHead`]), every step stops at the pool and
+    /// the head runs once over the whole batch: its weights (2–5 MB for
+    /// 1000 classes) are read once per batch, not once per image.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, logits) = self.split(x, &|x| Ok((Vec::new(), Some(self.inner.forward(x)?))))?;
+        let (_, logits) = match self.inner.pooled_head() {
+            Some(net) => self.split(x, &|x| Ok((Vec::new(), Some(net.forward_pooled(x)?))), &|(maps, pooled)| {
+                Ok((maps, pooled.map(|p| net.head().forward(&p)).transpose()?))
+            })?,
+            None => self.split(x, &|x| Ok((Vec::new(), Some(self.inner.forward(x)?))), &Ok)?,
+        };
         Ok(logits.expect("every part has logits"))
     }
 
@@ -236,7 +251,7 @@ mod tests {
             assert_eq!(SHARE_THREADS.get(), None, "the pass inherited a share setting");
             Ok((Vec::new(), None))
         };
-        net.split(&x, &on_a_pool_thread).unwrap();
+        net.split(&x, &on_a_pool_thread, &Ok).unwrap();
         // Already on a pool thread: in place, on the same thread, and the
         // thread's share setting is back afterwards.
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
@@ -244,7 +259,7 @@ mod tests {
             let _share = ShareThreads::set(1);
             let here = std::thread::current().id();
             assert_eq!(on_pool(|| std::thread::current().id()), here);
-            net.split(&x, &on_a_pool_thread).unwrap();
+            net.split(&x, &on_a_pool_thread, &Ok).unwrap();
             assert_eq!(SHARE_THREADS.get(), Some(1));
         });
     }

@@ -3,9 +3,11 @@
 pub mod convnext;
 pub mod efficientnet;
 pub(crate) mod keep_warm;
+pub mod linear_head;
 mod micro_batch;
 pub mod resnet;
 
+pub use linear_head::LinearHead;
 pub use micro_batch::{CHANNELS_LAST_MICRO_BATCH, CPU_MICRO_BATCH, MicroBatched};
 
 use std::borrow::Cow;
@@ -59,6 +61,12 @@ pub trait ImageModel: Send + Sync {
         CPU_MICRO_BATCH
     }
 
+    /// The network split at its global pool, where its logits are one
+    /// linear layer over the pooled features ([`PooledHead`]).
+    fn pooled_head(&self) -> Option<&dyn PooledHead> {
+        None
+    }
+
     /// Feature maps only; skips the head.
     fn forward_features(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         Ok(self.forward_all(x, false)?.0)
@@ -71,6 +79,18 @@ pub trait ImageModel: Send + Sync {
         f.truncate(last + 1);
         Ok(f)
     }
+}
+
+/// A network whose logits are one linear layer over its globally pooled
+/// features, taken apart there: a batch run in steps ([`MicroBatched`])
+/// pools every step and then runs the head once for the whole batch,
+/// reading its weights once rather than once per step.
+pub trait PooledHead: Send + Sync {
+    /// The globally pooled features `[N, C]` that [`Self::head`] takes.
+    fn forward_pooled(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// The layer from pooled features to logits.
+    fn head(&self) -> &LinearHead;
 }
 
 /// Architectures lineside can build, for error messages and `--help`.

@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::models::{FeatureInfo, ImageModel};
+use crate::models::{FeatureInfo, ImageModel, LinearHead, PooledHead};
 use crate::ops::{Activation, ConvBnAct, MaxPool, PadMode};
 use crate::weights::Weights;
 use crate::{Error, Kernels, Result};
@@ -99,9 +99,7 @@ impl Block {
 pub struct ResNet {
     stem: Vec<ConvBnAct>,
     stages: Vec<Vec<Block>>,
-    /// `[features, classes]`.
-    fc_w: Tensor,
-    fc_b: Tensor,
+    fc: LinearHead,
     feature_info: Vec<FeatureInfo>,
     /// What the layers run on; the max pool follows it too.
     kernels: Kernels,
@@ -157,8 +155,7 @@ impl ResNet {
             feature_info.push(FeatureInfo { module: format!("layer{s}"), channels, reduction: 4 << (s - 1) });
             stages.push(blocks);
         }
-        let fc_w = w.get("fc.weight")?.t()?.contiguous()?;
-        let fc_b = w.get("fc.bias")?.clone();
+        let fc = LinearHead::new(w.get("fc.weight")?, w.get("fc.bias")?)?;
         #[cfg(target_arch = "x86_64")]
         // Only a CPU model on lineside's kernels (`Weights::kernels`).
         let channels_last =
@@ -176,8 +173,7 @@ impl ResNet {
         Ok(Self {
             stem,
             stages,
-            fc_w,
-            fc_b,
+            fc,
             feature_info,
             kernels: w.kernels(),
             #[cfg(target_arch = "x86_64")]
@@ -220,13 +216,16 @@ fn load_block(w: &Weights, p: &str, stride: usize) -> Result<Block> {
 }
 
 impl ResNet {
-    fn run(&self, x: &Tensor, last: Option<usize>, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
-        let last = if logits { usize::MAX } else { last.unwrap_or(usize::MAX) };
+    /// The feature maps (up to the `last`-th; none when `last` is `None`)
+    /// and, with `pooled`, the globally pooled output `[N, C]`.
+    fn run(&self, x: &Tensor, last: Option<usize>, pooled: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
         #[cfg(target_arch = "x86_64")]
         if let Some(net) = self.channels_last.as_ref().filter(|_| x.device().is_cpu() && x.dtype() == DType::F32) {
-            let (features, pooled) = net.run(x, Some(last), logits)?;
-            return Ok((features, pooled.map(|p| self.head(&p)).transpose()?));
+            return net.run(x, last, pooled);
         }
+        // The maps it passes are clones of tensors it holds anyway; with no
+        // `last` they are dropped at the end.
+        let (keep, last) = (last.is_some(), last.unwrap_or(usize::MAX));
         let mut x = x.clone();
         for conv in &self.stem {
             x = conv.forward(&x)?;
@@ -242,32 +241,38 @@ impl ResNet {
             }
             features.push(x.clone());
         }
-        if !logits {
-            return Ok((features, None));
+        if !keep {
+            features.clear();
         }
-        Ok((features, Some(self.head(&x.mean((2, 3))?)?)))
+        Ok((features, pooled.then(|| x.mean((2, 3))).transpose()?))
+    }
+}
+
+impl PooledHead for ResNet {
+    /// On the channels-last path no feature map is turned back into NCHW.
+    fn forward_pooled(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.run(x, None, true)?.1.expect("run pools when asked"))
     }
 
-    /// Logits from the pooled features `[N, C]`.
-    fn head(&self, pooled: &Tensor) -> Result<Tensor> {
-        Ok(pooled.matmul(&self.fc_w)?.broadcast_add(&self.fc_b)?)
+    fn head(&self) -> &LinearHead {
+        &self.fc
     }
 }
 
 impl ImageModel for ResNet {
     fn forward_maps(&self, x: &Tensor, last: Option<usize>, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
-        self.run(x, last, logits)
+        let last = if logits { usize::MAX } else { last.unwrap_or(usize::MAX) };
+        let (features, pooled) = self.run(x, Some(last), logits)?;
+        Ok((features, pooled.map(|p| self.fc.forward(&p)).transpose()?))
     }
 
-    /// Logits only: on the channels-last path no feature map is turned back
-    /// into NCHW.
+    /// Logits only: no feature map is kept.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(net) = self.channels_last.as_ref().filter(|_| x.device().is_cpu() && x.dtype() == DType::F32) {
-            let (_, pooled) = net.run(x, None, true)?;
-            return self.head(&pooled.expect("asked for the pooled features"));
-        }
-        Ok(self.run(x, None, true)?.1.expect("run returns logits when asked"))
+        self.fc.forward(&self.forward_pooled(x)?)
+    }
+
+    fn pooled_head(&self) -> Option<&dyn PooledHead> {
+        Some(self)
     }
 
     /// One image per step on the channels-last path (see `micro_batch`).
@@ -284,7 +289,7 @@ impl ImageModel for ResNet {
     }
 
     fn num_classes(&self) -> usize {
-        self.fc_b.dims()[0]
+        self.fc.classes()
     }
 }
 
