@@ -152,6 +152,79 @@ mod tests {
         }
     }
 
+    /// What a layer's fork and join costs a pass under warm workers,
+    /// against a bare handoff between two spinning threads (an atomic
+    /// store each way), as threads running one pass each with a spinning
+    /// barrier between layers would pay: two tasks of about 3 µs each (a
+    /// small-map layer's halves), timed on two threads against one thread
+    /// running both; the cost is the two-thread time over half the
+    /// one-thread time. Median of 15 rounds of 2,000 layers:
+    /// `cargo test --release -p lineside-inference --lib
+    /// keep_warm::tests::join_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "measurement: prints figures"]
+    fn join_cost() {
+        use std::sync::atomic::AtomicUsize;
+        const LAYERS: usize = 2_000;
+        let median = |mut t: Vec<f64>| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        };
+        let task = |seed: usize| (0..4_000usize).fold(seed, |a, b| std::hint::black_box(a.wrapping_mul(31) ^ b));
+        let per_layer = |start: Instant| start.elapsed().as_secs_f64() * 1e6 / LAYERS as f64;
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let (mut alone, mut joins, mut handoffs) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..15 {
+            let start = Instant::now();
+            for i in 0..LAYERS {
+                std::hint::black_box(task(i) ^ task(i + 1));
+            }
+            alone.push(per_layer(start));
+            let start = Instant::now();
+            pool.install(|| {
+                with_warm_workers(|| {
+                    for i in 0..LAYERS {
+                        (0..2usize).into_par_iter().for_each(|t| {
+                            std::hint::black_box(task(i + t));
+                        });
+                    }
+                })
+            });
+            joins.push(per_layer(start));
+            // Even epochs are the main thread's to publish, odd ones the
+            // helper's answer.
+            let epoch = AtomicUsize::new(0);
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    for i in 0..LAYERS {
+                        while epoch.load(Ordering::Acquire) != 2 * i + 1 {
+                            std::hint::spin_loop();
+                        }
+                        std::hint::black_box(task(i + 1));
+                        epoch.store(2 * i + 2, Ordering::Release);
+                    }
+                });
+                for i in 0..LAYERS {
+                    epoch.store(2 * i + 1, Ordering::Release);
+                    std::hint::black_box(task(i));
+                    while epoch.load(Ordering::Acquire) != 2 * i + 2 {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+            handoffs.push(per_layer(start));
+        }
+        let half = median(alone) / 2.0;
+        let (join, handoff) = (median(joins), median(handoffs));
+        println!(
+            "per layer of two {half:.2} µs tasks on two threads: fork and join under warm workers {join:.2} µs \
+             ({:+.2} over half), bare handoff {handoff:.2} µs ({:+.2})",
+            join - half,
+            handoff - half
+        );
+    }
+
     /// A pass that panics ends its spinners and passes the panic on.
     #[test]
     fn a_panicking_pass_ends_its_spinners() {
