@@ -684,9 +684,6 @@ impl Geometry<'_> {
         Tiles { ptrs, pixels, calls: Call::cover(px.len()) }
     }
 
-    /// The classes of the `out` output rows (or columns) by which kernel
-    /// rows (columns) read inside an input of `size` with `before` padding
-    /// (merged segments read a padded copy: all of them).
     /// [`Self::tiles`] where no tap reads padding (a stem's merged rows read
     /// a padded copy): every pixel in raster order, each segment a fixed
     /// offset from the pixel's first. On MobileNetV2's stem the general
@@ -694,8 +691,11 @@ impl Geometry<'_> {
     /// as much as the microkernel.
     fn tiles_unpadded(&self, px: Range<usize>) -> Tiles {
         let src = self.src;
-        let (rows, cols) = if self.segs.merged { (self.segs.count, 1) } else { (self.kernel, self.kernel) };
-        let offsets: Vec<usize> = (0..rows).flat_map(|ky| (0..cols).map(move |kx| (ky * src.w + kx) * src.c)).collect();
+        // Each segment's offset in floats from the pixel's first, in
+        // `taps`' order: those of the first pixel, which starts the input.
+        let base = src.data.as_ptr() as usize;
+        let mut offsets = Vec::with_capacity(self.segs.count);
+        self.taps((0, 0, 0), |_, ptr| offsets.push((ptr as usize - base) / size_of::<f32>()));
         let nseg = offsets.len();
         let count = px.len().div_ceil(MR);
         let mut ptrs = vec![self.zeros.as_ptr(); count * nseg * MR];
@@ -716,6 +716,9 @@ impl Geometry<'_> {
         Tiles { ptrs, pixels, calls: Call::cover(px.len()) }
     }
 
+    /// The classes of the `out` output rows (or columns) by which kernel
+    /// rows (columns) read inside an input of `size` with `before` padding
+    /// (merged segments read a padded copy: all of them).
     fn classes(&self, out: usize, before: usize, size: usize) -> Classes {
         let k = self.kernel as isize;
         let span = |o: usize| {
