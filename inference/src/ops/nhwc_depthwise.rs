@@ -224,24 +224,49 @@ mod kernels {
     /// The CPU runs `S`; `op.kernel == K`; each row holds `g.w × c` floats
     /// with `c = op.channels()`; `g.zeros` holds `c` floats; `out` holds
     /// `g.ow × c`.
+    /// Output pixels at a time in a row's interior: independent
+    /// accumulators, so that the FMAs of neighbouring pixels overlap
+    /// instead of each pixel waiting on its own chain of `K × K`. A 5×5
+    /// kernel's 25 weight registers leave AVX-512 room for two.
+    const fn group(k: usize) -> usize {
+        if k == 3 { 4 } else { 2 }
+    }
+
     #[inline(always)]
     unsafe fn row<S: Simd, const K: usize>(op: &NhwcDepthwise, rows: [Option<&[f32]>; K], g: &Geometry, out: *mut f32) {
         let (c, s) = (op.channels(), op.stride);
+        // The interior `lo..hi`: output pixels all of whose taps fall
+        // inside the input row, taken `group(K)` at a time without bounds
+        // checks at strides 1 and 2 (every model's); the rest pixel by pixel.
+        let lo = g.left.div_ceil(s).min(g.ow);
+        let hi = match (g.w + g.left).checked_sub(K) {
+            Some(last) if matches!(s, 1 | 2) => (last / s + 1).clamp(lo, g.ow),
+            _ => lo,
+        };
         for cb in (0..c).step_by(S::LANES) {
             let n = c - cb;
             // SAFETY (all loads and stores below): masked to the `n` lanes
             // from `cb`, inside a pixel's `c` channels of the input row, of
-            // `zeros`, of the weights' tap row, or of the output pixel.
+            // `zeros`, of the weights' tap row, or of the output pixel; the
+            // interior's taps are inside their rows by the bounds above.
             unsafe {
                 let m = S::first(n);
                 // Whole vectors take plain loads and stores: AVX2's masked
                 // ones are slow on AMD, the store microcoded.
                 let load = |p: *const f32| if n >= S::LANES { S::load(p) } else { S::load_masked(m, p) };
+                let store = |to: *mut f32, v: S| {
+                    if n >= S::LANES { S::store(to, v) } else { S::store_masked(m, to, v) }
+                };
                 let w: [[S; K]; K] = std::array::from_fn(|ky| {
                     std::array::from_fn(|kx| load(op.weights.as_ptr().add((ky * K + kx) * c + cb)))
                 });
                 let bias = load(op.bias.as_ptr().add(cb));
-                for ox in 0..g.ow {
+                let group = group(K);
+                let end = lo + (hi - lo) / group * group;
+                // The edges, pixel by pixel, in one loop written out here: a
+                // closure called twice stays a call, compiled without
+                // AVX-512, where the intrinsics inside stay calls too.
+                for ox in (0..lo).chain(end..g.ow) {
                     let mut acc = bias;
                     for (row, w) in rows.iter().zip(&w) {
                         for (kx, &w) in w.iter().enumerate() {
@@ -253,11 +278,57 @@ mod kernels {
                             acc = S::mul_add(load(tap), w, acc);
                         }
                     }
-                    acc = activate(acc, op.act);
-                    let to = out.add(ox * c + cb);
-                    if n >= S::LANES { S::store(to, acc) } else { S::store_masked(m, to, acc) }
+                    store(out.add(ox * c + cb), activate(acc, op.act));
+                }
+                let starts = rows.map(|row| row.map(|row| row.as_ptr().add(cb)));
+                for ox in (lo..end).step_by(group) {
+                    let put = |i: usize, acc: S| store(out.add((ox + i) * c + cb), activate(acc, op.act));
+                    let first = ox * s - g.left;
+                    match (s, group) {
+                        (1, 4) => interior::<S, K, 4, 1>(&starts, &w, bias, c, first, load, put),
+                        (1, _) => interior::<S, K, 2, 1>(&starts, &w, bias, c, first, load, put),
+                        (_, 4) => interior::<S, K, 4, 2>(&starts, &w, bias, c, first, load, put),
+                        _ => interior::<S, K, 2, 2>(&starts, &w, bias, c, first, load, put),
+                    }
                 }
             }
+        }
+    }
+
+    /// `G` neighbouring interior output pixels at stride `ST`, handed to
+    /// `put` with their index before their activation, the first reading
+    /// input pixel `first` of each row (`rows`: each row's pointer at the
+    /// block's channels, `None` for rows of padding). Each pixel sums its
+    /// taps in the edge path's order; a row of padding, which there adds
+    /// `0 × w`, is skipped.
+    ///
+    /// # Safety
+    /// Every row holds the `(G - 1) × ST + K` pixels of `c` floats from
+    /// `first`, and `load` reads one block of channels.
+    #[inline(always)]
+    unsafe fn interior<S: Simd, const K: usize, const G: usize, const ST: usize>(
+        rows: &[Option<*const f32>; K],
+        w: &[[S; K]; K],
+        bias: S,
+        c: usize,
+        first: usize,
+        load: impl Fn(*const f32) -> S,
+        put: impl Fn(usize, S),
+    ) {
+        let mut acc = [bias; G];
+        for (row, w) in rows.iter().zip(w) {
+            let Some(row) = row else { continue };
+            // SAFETY: inside the row (the caller's promise).
+            let row = unsafe { row.add(first * c) };
+            for (kx, &w) in w.iter().enumerate() {
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: as above; the CPU runs `S` (the caller's).
+                    *acc = unsafe { S::mul_add(load(row.add((i * ST + kx) * c)), w, *acc) };
+                }
+            }
+        }
+        for (i, acc) in acc.into_iter().enumerate() {
+            put(i, acc);
         }
     }
 }
@@ -307,6 +378,12 @@ mod tests {
             (3, 16, 10, 10, 5, 2, PadMode::TfSame, Fused::Relu),
             (1, 40, 7, 9, 5, 1, PadMode::Symmetric(2), Fused::Relu6),
             (1, 7, 4, 5, 3, 2, PadMode::TfSame, Fused::None),
+            // Rows wide enough for several groups of interior pixels, with
+            // a masked tail of channels; rows narrower than the kernel.
+            (1, 20, 5, 23, 3, 1, PadMode::Symmetric(1), Fused::Relu6),
+            (1, 20, 6, 27, 5, 2, PadMode::TfSame, Fused::None),
+            (1, 8, 4, 1, 5, 1, PadMode::Symmetric(2), Fused::None),
+            (1, 8, 3, 2, 3, 1, PadMode::Symmetric(1), Fused::Relu),
         ];
         for (i, &(n, c, h, w, k, s, pad, act)) in cases.iter().enumerate() {
             let x = values(n * c * h * w, 3 + i as u32);
