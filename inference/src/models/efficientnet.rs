@@ -499,11 +499,12 @@ mod channels_last {
 
     /// `[expand →] depthwise → project [+ input]`.
     enum ClBlock {
-        /// Layer by layer: a depthwise-separable block, or an inverted
-        /// residual whose layers do not chain into [`InvertedResidual`].
+        /// Layer by layer: a block whose layers do not chain into
+        /// [`InvertedResidual`].
         Layers { expand: Option<NhwcConv>, dw: NhwcDepthwise, project: NhwcConv, skip: bool },
-        /// Fused by bands of rows where its expanded map is large.
-        InvertedResidual(InvertedResidual),
+        /// An inverted-residual or depthwise-separable block, fused by
+        /// bands of rows where its expanded map is large.
+        Fused(InvertedResidual),
     }
 
     impl ClBlock {
@@ -529,11 +530,10 @@ mod channels_last {
             let (Some(dw), Some(project)) = (dw.channels_last_depthwise()?, with_own_act(project)?) else {
                 return Ok(None);
             };
-            Ok(Some(match expand {
-                Some(e) if InvertedResidual::chains(&e, &dw, &project, skip) => {
-                    Self::InvertedResidual(InvertedResidual::new(e, dw, project, skip))
-                }
-                expand => Self::Layers { expand, dw, project, skip },
+            Ok(Some(if InvertedResidual::chains(expand.as_ref(), &dw, &project, skip) {
+                Self::Fused(InvertedResidual::new(expand, dw, project, skip))
+            } else {
+                Self::Layers { expand, dw, project, skip }
             }))
         }
 
@@ -546,7 +546,7 @@ mod channels_last {
                     };
                     project.forward(&y, skip.then_some(x))
                 }
-                Self::InvertedResidual(block) => block.forward(x, threads_here()),
+                Self::Fused(block) => block.forward(x, threads_here()),
             }
         }
     }
@@ -636,7 +636,10 @@ mod channels_last {
                 type Layer<'a> = (&'static str, Box<dyn Fn(&Nhwc) -> Nhwc + Sync + 'a>);
                 let mut layers: Vec<Layer> = vec![("stem", Box::new(|x: &Nhwc| net.stem.forward(x, None)))];
                 for b in net.stages.iter().flatten() {
-                    let name = if matches!(b, super::ClBlock::InvertedResidual(_)) { "ir" } else { "ds" };
+                    let name = match b {
+                        super::ClBlock::Fused(_) => "fused",
+                        super::ClBlock::Layers { .. } => "layers",
+                    };
                     layers.push((name, Box::new(move |x: &Nhwc| b.forward(x))));
                 }
                 layers.push(("head", Box::new(|x: &Nhwc| net.head.forward(x, None))));

@@ -1,5 +1,6 @@
 //! Inverted-residual blocks (`expand 1×1 → depthwise → project 1×1 [+ x]`)
-//! fused over bands of rows, channels-last.
+//! and depthwise-separable ones (the same without the expansion) fused
+//! over bands of rows, channels-last.
 //!
 //! Layer by layer, MobileNetV2's first blocks write their expanded map
 //! (112×112×96 floats, 4.8 MB for one image) past the 2 MB L2 before the
@@ -11,6 +12,11 @@
 //! it straight away, so neither map leaves L2. The ring carries the rows
 //! two bands share, so each input row is expanded once per range; only
 //! where two ranges meet are `k - stride` rows expanded twice.
+//!
+//! A depthwise-separable block (MobileNetV2's and EfficientNet-Lite's
+//! first, on 112×112×32 maps) has no expansion: its depthwise pass reads
+//! the input's rows in place, and only its output (1.6 MB layer by layer)
+//! is kept to a band.
 //!
 //! Band by band, the arithmetic is the unfused layers', in the same order,
 //! so the output is bit for bit theirs.
@@ -91,11 +97,11 @@ const MAX_PARTS: usize = 8;
 /// register (the depthwise kernel masks a tail of fewer on AVX-512).
 const PART_ALIGN: usize = 8;
 
-/// An inverted-residual block, run band by band where its expanded map is
-/// large (module docs).
+/// An inverted-residual or (without `expand`) depthwise-separable block,
+/// run band by band where its expanded map is large (module docs).
 #[derive(Debug, Clone)]
 pub struct InvertedResidual {
-    expand: NhwcConv,
+    expand: Option<NhwcConv>,
     dw: NhwcDepthwise,
     project: NhwcConv,
     skip: bool,
@@ -108,53 +114,57 @@ pub struct InvertedResidual {
 }
 
 impl InvertedResidual {
-    /// Whether the layers chain into a block: both 1×1 layers pointwise
+    /// Whether the layers chain into a block: the 1×1 layers pointwise
     /// ([`NhwcConv::is_pointwise`]), channels matching, and with `skip` a
     /// projection back to the input's channels at stride 1.
-    pub fn chains(expand: &NhwcConv, dw: &NhwcDepthwise, project: &NhwcConv, skip: bool) -> bool {
-        let chained = expand.is_pointwise()
-            && project.is_pointwise()
-            && expand.out_channels() == dw.channels()
-            && project.in_channels() == dw.channels();
-        chained && (!skip || (dw.stride() == 1 && project.out_channels() == expand.in_channels()))
+    pub fn chains(expand: Option<&NhwcConv>, dw: &NhwcDepthwise, project: &NhwcConv, skip: bool) -> bool {
+        let expands = expand.is_none_or(|e| e.is_pointwise() && e.out_channels() == dw.channels());
+        let chained = expands && project.is_pointwise() && project.in_channels() == dw.channels();
+        let cin = expand.map_or(dw.channels(), NhwcConv::in_channels);
+        chained && (!skip || (dw.stride() == 1 && project.out_channels() == cin))
     }
 
     /// The block.
     ///
     /// # Panics
     /// Unless the layers [chain](Self::chains).
-    pub fn new(expand: NhwcConv, dw: NhwcDepthwise, project: NhwcConv, skip: bool) -> Self {
-        assert!(Self::chains(&expand, &dw, &project, skip), "layers that do not chain into a block");
+    pub fn new(expand: Option<NhwcConv>, dw: NhwcDepthwise, project: NhwcConv, skip: bool) -> Self {
+        assert!(Self::chains(expand.as_ref(), &dw, &project, skip), "layers that do not chain into a block");
         Self { expand, dw, project, skip, parts: (2..=MAX_PARTS).map(|_| OnceLock::new()).collect() }
     }
 
     /// The block cut into up to `parts` parts by expanded channels, as
     /// many as leave [`MIN_PART_CHANNELS`] to a part before the bounds are
     /// rounded up to [`PART_ALIGN`] (so the last part may have a few
-    /// fewer), or `None` where that gives one part or the projection has
-    /// an activation, which a sum of parts cannot fuse.
+    /// fewer), or `None` where that gives one part, the projection has
+    /// an activation, which a sum of parts cannot fuse, or the block has
+    /// no expansion: a part would filter a slice of every input pixel's
+    /// channels, which no kernel reads in place (and those blocks run on
+    /// 112² maps, long ranges of rows).
     fn cut(&self, parts: usize) -> Option<Vec<InvertedResidual>> {
         let ce = self.dw.channels();
         let parts = parts.min(ce / MIN_PART_CHANNELS);
+        let expand = self.expand.as_ref()?;
         if parts < 2 || self.project.fused() != Fused::None {
             return None;
         }
         let bound = |p: usize| if p == parts { ce } else { (ce * p / parts).next_multiple_of(PART_ALIGN).min(ce) };
-        let (cin, cout) = (self.expand.in_channels(), self.project.out_channels());
+        let (cin, cout) = (expand.in_channels(), self.project.out_channels());
         let cut = (0..parts)
             .map(|p| bound(p)..bound(p + 1))
             .filter(|r| !r.is_empty())
             .enumerate()
             .map(|(p, r)| {
-                let (expand, dw) = (self.expand.slice(r.clone(), 0..cin, true), self.dw.slice(r.clone()));
-                Self::new(expand, dw, self.project.slice(0..cout, r, p == 0), self.skip && p == 0)
+                let (expand, dw) = (expand.slice(r.clone(), 0..cin, true), self.dw.slice(r.clone()));
+                Self::new(Some(expand), dw, self.project.slice(0..cout, r, p == 0), self.skip && p == 0)
             })
             .collect::<Vec<_>>();
         (cut.len() > 1).then_some(cut)
     }
 
-    /// Floats in one image's expanded map for an `h`×`w` input: what the
-    /// unfused layers would send through the caches.
+    /// Floats in one image's expanded map (the depthwise pass's input) for
+    /// an `h`×`w` input: what the unfused layers would send through the
+    /// caches.
     pub fn expanded_len(&self, h: usize, w: usize) -> usize {
         h * w * self.dw.channels()
     }
@@ -232,7 +242,16 @@ impl InvertedResidual {
 
     /// Layer by layer, each layer over the whole batch.
     pub fn forward_layers(&self, x: &Nhwc) -> Nhwc {
-        self.project.forward(&self.dw.forward(&self.expand.forward(x, None)), self.skip.then_some(x))
+        let filtered = match &self.expand {
+            Some(e) => self.dw.forward(&e.forward(x, None)),
+            None => self.dw.forward(x),
+        };
+        self.project.forward(&filtered, self.skip.then_some(x))
+    }
+
+    /// The block's input channels.
+    fn in_channels(&self) -> usize {
+        self.expand.as_ref().map_or(self.dw.channels(), NhwcConv::in_channels)
     }
 
     /// The output's height and width for `x`.
@@ -241,7 +260,7 @@ impl InvertedResidual {
     /// Where `x` has other channels than the block's input, or a skip
     /// would be added to a map of another size.
     fn output_size(&self, x: &Nhwc) -> (usize, usize) {
-        assert_eq!(x.c, self.expand.in_channels(), "input channels");
+        assert_eq!(x.c, self.in_channels(), "input channels");
         let (_, oh, ow) = self.dw.output_geometry(x.h, x.w);
         if self.skip {
             // `chains` checked the stride and channels; padding that changes
@@ -283,7 +302,8 @@ impl InvertedResidual {
         // Input row `iy` is expanded into slot `iy % slots`: a band's input
         // rows are at most `slots` consecutive rows, so they never share one.
         let slots = (band - 1) * s + k;
-        let (ring_len, band_len) = (slots * ex_row, band * ow * ce);
+        let ring_len = if self.expand.is_some() { slots * ex_row } else { 0 };
+        let band_len = band * ow * ce;
         // Every value is written before it is read: the kept buffer's old
         // contents never show.
         let mut scratch = SCRATCH.take();
@@ -296,20 +316,25 @@ impl InvertedResidual {
         for o0 in rows.clone().step_by(band) {
             let o1 = (o0 + band).min(rows.end);
             let need = under(o0, o1);
-            let mut iy = expanded_to.max(need.start);
-            while iy < need.end {
-                // Up to the ring's end; the rest wraps to its start.
-                let slot = iy % slots;
-                let n = (need.end - iy).min(slots - slot);
-                let src = &image[iy * in_row..][..n * in_row];
-                self.expand.pointwise_into(src, &mut ring[slot * ex_row..][..n * ex_row], None);
-                iy += n;
+            if let Some(expand) = &self.expand {
+                let mut iy = expanded_to.max(need.start);
+                while iy < need.end {
+                    // Up to the ring's end; the rest wraps to its start.
+                    let slot = iy % slots;
+                    let n = (need.end - iy).min(slots - slot);
+                    let src = &image[iy * in_row..][..n * in_row];
+                    expand.pointwise_into(src, &mut ring[slot * ex_row..][..n * ex_row], None);
+                    iy += n;
+                }
+                expanded_to = need.end;
             }
-            expanded_to = need.end;
+            // Without an expansion the depthwise pass reads the input's own
+            // rows (`ex_row == in_row` then).
+            let (source, slots) = if self.expand.is_some() { (&*ring, slots) } else { (image, usize::MAX) };
             for (oy, dst) in (o0..o1).zip(depthwise.chunks_exact_mut(ow * ce)) {
                 let row = |iy: usize| {
                     debug_assert!(iy >= x.h || need.contains(&iy), "row {iy} outside the band's {need:?}");
-                    (iy < x.h).then(|| &ring[(iy % slots) * ex_row..][..ex_row])
+                    (iy < x.h).then(|| &source[(iy % slots) * ex_row..][..ex_row])
                 };
                 self.dw.row_into(oy, row, (x.h, x.w), &zeros, dst);
             }
@@ -350,17 +375,25 @@ mod tests {
     ) -> InvertedResidual {
         let dw = NhwcDepthwise::new(&values(ce * k * k, seed + 2), &values(ce, seed + 3), k, s, pad, Fused::Relu6);
         InvertedResidual::new(
-            pointwise(cin, ce, Fused::Relu6, seed),
+            Some(pointwise(cin, ce, Fused::Relu6, seed)),
             dw.unwrap(),
             pointwise(ce, cout, Fused::None, seed + 4),
             skip,
         )
     }
 
+    /// A depthwise-separable block of `c → cout` channels: [`block`]'s
+    /// layers without the expansion.
+    fn separable(c: usize, cout: usize, k: usize, s: usize, pad: PadMode, skip: bool, seed: u32) -> InvertedResidual {
+        let InvertedResidual { dw, project, .. } = block(c, c, cout, k, s, pad, skip, seed);
+        InvertedResidual::new(None, dw, project, skip)
+    }
+
     /// Band by band equals layer by layer, bit for bit: 3×3 and 5×5,
     /// strides 1 and 2, PyTorch and TF "SAME" padding, one band per range
     /// and many (the ring wrapping), ranges split across 1–3 threads, odd
-    /// sizes, channel counts off the 16 lanes, with and without the skip.
+    /// sizes, channel counts off the 16 lanes, with and without the skip,
+    /// with and without the expansion.
     #[test]
     fn banded_equals_layers() {
         if Isa::detect().is_none() {
@@ -382,15 +415,21 @@ mod tests {
         ];
         for (i, &(n, cin, ce, cout, k, s, h, w, pad, skip)) in cases.iter().enumerate() {
             let seed = 10 * i as u32;
-            let block = block(cin, ce, cout, k, s, pad, skip, seed);
-            let x = Nhwc::from_nchw(&values(n * cin * h * w, seed + 5), n, cin, h, w);
-            let want = block.forward_layers(&x);
-            for threads in 1..=3 {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                let got = pool.install(|| block.forward_banded(&x, threads));
-                assert_eq!((got.n, got.h, got.w, got.c), (want.n, want.h, want.w, want.c), "case {i}");
-                let diff = got.data.iter().zip(&want.data).filter(|(a, b)| a != b).count();
-                assert_eq!(diff, 0, "case {i}, {threads} threads: {diff} values differ");
+            // The separable block reads the expanded channels as its input;
+            // its skip needs `cout == ce`.
+            let separable = separable(ce, cout, k, s, pad, skip && cout == ce, seed);
+            for (kind, block, c) in
+                [("inverted", block(cin, ce, cout, k, s, pad, skip, seed), cin), ("separable", separable, ce)]
+            {
+                let x = Nhwc::from_nchw(&values(n * c * h * w, seed + 5), n, c, h, w);
+                let want = block.forward_layers(&x);
+                for threads in 1..=3 {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    let got = pool.install(|| block.forward_banded(&x, threads));
+                    assert_eq!((got.n, got.h, got.w, got.c), (want.n, want.h, want.w, want.c), "{kind} case {i}");
+                    let diff = got.data.iter().zip(&want.data).filter(|(a, b)| a != b).count();
+                    assert_eq!(diff, 0, "{kind} case {i}, {threads} threads: {diff} values differ");
+                }
             }
         }
     }
@@ -434,9 +473,11 @@ mod tests {
         }
         let narrow = block(8, 48, 8, 3, 1, PadMode::Symmetric(1), true, 3);
         assert!(narrow.cut(2).is_none(), "48 channels make one part of 32 or more");
+        let separable = separable(64, 16, 3, 1, PadMode::Symmetric(1), false, 3);
+        assert!(separable.cut(2).is_none(), "no expansion to cut");
         let dw = NhwcDepthwise::new(&values(64 * 9, 1), &values(64, 2), 3, 1, PadMode::Symmetric(1), Fused::Relu6);
         let activated = InvertedResidual::new(
-            pointwise(8, 64, Fused::Relu6, 3),
+            Some(pointwise(8, 64, Fused::Relu6, 3)),
             dw.unwrap(),
             pointwise(64, 8, Fused::Relu, 4),
             false,
@@ -480,11 +521,16 @@ mod tests {
         }
         let dw = |c, s| NhwcDepthwise::new(&values(c * 9, 1), &values(c, 2), 3, s, PadMode::Symmetric(1), Fused::Relu6);
         let (e, p) = (pointwise(16, 96, Fused::Relu6, 3), pointwise(96, 16, Fused::None, 4));
-        assert!(InvertedResidual::chains(&e, &dw(96, 1).unwrap(), &p, true));
-        assert!(!InvertedResidual::chains(&e, &dw(96, 2).unwrap(), &p, true), "a skip at stride 2");
-        assert!(!InvertedResidual::chains(&e, &dw(64, 1).unwrap(), &p, false), "expanded channels");
+        assert!(InvertedResidual::chains(Some(&e), &dw(96, 1).unwrap(), &p, true));
+        assert!(!InvertedResidual::chains(Some(&e), &dw(96, 2).unwrap(), &p, true), "a skip at stride 2");
+        assert!(!InvertedResidual::chains(Some(&e), &dw(64, 1).unwrap(), &p, false), "expanded channels");
         let strided = NhwcConv::new(&values(96 * 16, 5), &values(96, 6), 16, 1, 2, PadMode::Symmetric(0), Fused::Relu6);
-        assert!(!InvertedResidual::chains(&strided.unwrap(), &dw(96, 1).unwrap(), &p, false), "a strided 1×1");
+        assert!(!InvertedResidual::chains(Some(&strided.unwrap()), &dw(96, 1).unwrap(), &p, false), "a strided 1×1");
+        // Without the expansion the depthwise pass takes the input's channels.
+        assert!(InvertedResidual::chains(None, &dw(96, 1).unwrap(), &p, false));
+        assert!(!InvertedResidual::chains(None, &dw(96, 1).unwrap(), &p, true), "a skip from 96 to 16 channels");
+        assert!(InvertedResidual::chains(None, &dw(16, 1).unwrap(), &pointwise(16, 16, Fused::None, 5), true));
+        assert!(!InvertedResidual::chains(None, &dw(64, 1).unwrap(), &p, false), "projected channels");
     }
 
     /// Milliseconds per image of MobileNetV2's and tf_efficientnet_lite0's
@@ -497,8 +543,10 @@ mod tests {
     #[test]
     #[ignore]
     fn speed() {
-        // (cin, expanded, cout, kernel, stride, input size, skip)
+        // (cin, expanded, cout, kernel, stride, input size, skip); `cin ==
+        // expanded`: the depthwise-separable block, without an expansion.
         let blocks = [
+            (32, 32, 16, 3, 1, 112, false),
             (16, 96, 24, 3, 2, 112, false),
             (24, 144, 24, 3, 1, 56, true),
             (24, 144, 32, 3, 2, 56, false),
@@ -513,7 +561,12 @@ mod tests {
         for threads in [1, 2] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             for (cin, ce, cout, k, s, h, skip) in blocks {
-                let block = block(cin, ce, cout, k, s, PadMode::Symmetric(k / 2), skip, 1);
+                let pad = PadMode::Symmetric(k / 2);
+                let block = if cin == ce {
+                    separable(ce, cout, k, s, pad, skip, 1)
+                } else {
+                    block(cin, ce, cout, k, s, pad, skip, 1)
+                };
                 let cut = block.cut(threads);
                 let x = Nhwc::from_nchw(&values(cin * h * h, 5), 1, cin, h, h);
                 let time = |f: &dyn Fn() -> Nhwc| {
