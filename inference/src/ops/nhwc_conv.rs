@@ -70,32 +70,41 @@ pub struct Nhwc {
 }
 
 impl Nhwc {
-    /// Transposes an NCHW batch.
+    /// Transposes an NCHW batch, row by row over the threads: at batch 1
+    /// a network's input would otherwise be turned on one thread while the
+    /// other waits.
     pub fn from_nchw(src: &[f32], n: usize, c: usize, h: usize, w: usize) -> Self {
         assert_eq!(src.len(), n * c * h * w);
         let mut data = vec![0f32; src.len()];
         let plane = h * w;
-        data.par_chunks_mut(plane * c).zip(src.par_chunks(plane * c)).for_each(|(dst, src)| {
-            for (p, px) in dst.chunks_exact_mut(c).enumerate() {
-                for (ch, v) in px.iter_mut().enumerate() {
-                    *v = src[ch * plane + p];
+        if w * c > 0 {
+            data.par_chunks_mut(w * c).enumerate().for_each(|(r, dst)| {
+                let (img, y) = (r / h, r % h);
+                let src = &src[img * c * plane + y * w..];
+                for (x, px) in dst.chunks_exact_mut(c).enumerate() {
+                    for (ch, v) in px.iter_mut().enumerate() {
+                        *v = src[ch * plane + x];
+                    }
                 }
-            }
-        });
+            });
+        }
         Self { data, n, h, w, c }
     }
 
-    /// The same maps as NCHW.
+    /// The same maps as NCHW, channel plane by channel plane over the
+    /// threads.
     pub fn to_nchw(&self) -> Vec<f32> {
         let (plane, c) = (self.h * self.w, self.c);
         let mut out = vec![0f32; self.data.len()];
-        out.par_chunks_mut(plane * c).zip(self.data.par_chunks(plane * c)).for_each(|(dst, src)| {
-            for (p, px) in src.chunks_exact(c).enumerate() {
-                for (ch, v) in px.iter().enumerate() {
-                    dst[ch * plane + p] = *v;
+        if plane > 0 {
+            out.par_chunks_mut(plane).enumerate().for_each(|(i, dst)| {
+                let (img, ch) = (i / c, i % c);
+                let src = &self.data[img * plane * c..][..plane * c];
+                for (v, px) in dst.iter_mut().zip(src.chunks_exact(c)) {
+                    *v = px[ch];
                 }
-            }
-        });
+            });
+        }
         out
     }
 
@@ -164,14 +173,19 @@ impl Nhwc {
         self.n * self.h * self.w
     }
 
-    /// A zero-padded copy.
+    /// A zero-padded copy, row by row over the threads (a stem's input at
+    /// batch 1 is one image).
     fn padded(&self, p: Padding) -> Self {
         let (hp, wp, c) = (self.h + p.top + p.bottom, self.w + p.left + p.right, self.c);
         let mut data = vec![0f32; self.n * hp * wp * c];
-        for (dst, src) in data.chunks_mut(hp * wp * c).zip(self.data.chunks(self.h * self.w * c)) {
-            for (y, row) in src.chunks(self.w * c).enumerate() {
-                dst[((y + p.top) * wp + p.left) * c..][..row.len()].copy_from_slice(row);
-            }
+        if wp * c > 0 {
+            data.par_chunks_mut(wp * c).enumerate().for_each(|(r, dst)| {
+                let (img, y) = (r / hp, (r % hp).wrapping_sub(p.top));
+                if y < self.h {
+                    let src = &self.data[(img * self.h + y) * self.w * c..][..self.w * c];
+                    dst[p.left * c..][..src.len()].copy_from_slice(src);
+                }
+            });
         }
         Self { data, n: self.n, h: hp, w: wp, c }
     }
