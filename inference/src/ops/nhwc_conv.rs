@@ -177,16 +177,28 @@ impl Nhwc {
     /// batch 1 is one image).
     fn padded(&self, p: Padding) -> Self {
         let (hp, wp, c) = (self.h + p.top + p.bottom, self.w + p.left + p.right, self.c);
-        let mut data = vec![0f32; self.n * hp * wp * c];
+        // Each row written whole, zeros and all, rather than a zeroed
+        // buffer filled afterwards: the zeroing was a serial `memset` of
+        // the whole map.
+        let mut data: Box<[MaybeUninit<f32>]> = Box::new_uninit_slice(self.n * hp * wp * c);
         if wp * c > 0 {
+            let zero = MaybeUninit::new(0f32);
             data.par_chunks_mut(wp * c).enumerate().for_each(|(r, dst)| {
                 let (img, y) = (r / hp, (r % hp).wrapping_sub(p.top));
                 if y < self.h {
                     let src = &self.data[(img * self.h + y) * self.w * c..][..self.w * c];
-                    dst[p.left * c..][..src.len()].copy_from_slice(src);
+                    let (left, rest) = dst.split_at_mut(p.left * c);
+                    let (middle, right) = rest.split_at_mut(src.len());
+                    left.fill(zero);
+                    middle.write_copy_of_slice(src);
+                    right.fill(zero);
+                } else {
+                    dst.fill(zero);
                 }
             });
         }
+        // SAFETY: every row was written whole above.
+        let data = unsafe { data.assume_init() }.into_vec();
         Self { data, n: self.n, h: hp, w: wp, c }
     }
 }
