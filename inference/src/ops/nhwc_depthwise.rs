@@ -217,13 +217,6 @@ mod kernels {
         unsafe { row::<Ymm, K>(op, rows, g, out) }
     }
 
-    /// One output row into `out` from the input row under each kernel row
-    /// (`None` in the padding).
-    ///
-    /// # Safety
-    /// The CPU runs `S`; `op.kernel == K`; each row holds `g.w × c` floats
-    /// with `c = op.channels()`; `g.zeros` holds `c` floats; `out` holds
-    /// `g.ow × c`.
     /// Output pixels at a time in a row's interior: independent
     /// accumulators, so that the FMAs of neighbouring pixels overlap
     /// instead of each pixel waiting on its own chain of `K × K`. A 5×5
@@ -232,6 +225,13 @@ mod kernels {
         if k == 3 { 4 } else { 2 }
     }
 
+    /// One output row into `out` from the input row under each kernel row
+    /// (`None` in the padding).
+    ///
+    /// # Safety
+    /// The CPU runs `S`; `op.kernel == K`; each row holds `g.w × c` floats
+    /// with `c = op.channels()`; `g.zeros` holds `c` floats; `out` holds
+    /// `g.ow × c`.
     #[inline(always)]
     unsafe fn row<S: Simd, const K: usize>(op: &NhwcDepthwise, rows: [Option<&[f32]>; K], g: &Geometry, out: *mut f32) {
         let (c, s) = (op.channels(), op.stride);
@@ -284,11 +284,13 @@ mod kernels {
                 for ox in (lo..end).step_by(group) {
                     let put = |i: usize, acc: S| store(out.add((ox + i) * c + cb), activate(acc, op.act));
                     let first = ox * s - g.left;
+                    // Other strides have no interior (`hi == lo` above).
                     match (s, group) {
                         (1, 4) => interior::<S, K, 4, 1>(&starts, &w, bias, c, first, load, put),
                         (1, _) => interior::<S, K, 2, 1>(&starts, &w, bias, c, first, load, put),
-                        (_, 4) => interior::<S, K, 4, 2>(&starts, &w, bias, c, first, load, put),
-                        _ => interior::<S, K, 2, 2>(&starts, &w, bias, c, first, load, put),
+                        (2, 4) => interior::<S, K, 4, 2>(&starts, &w, bias, c, first, load, put),
+                        (2, _) => interior::<S, K, 2, 2>(&starts, &w, bias, c, first, load, put),
+                        _ => unreachable!("an interior at stride {s}"),
                     }
                 }
             }
