@@ -172,6 +172,20 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::
     }
 }
 
+/// Runs `f` on a 4-d f32 CPU tensor's values (NCHW) and its dims, borrowed
+/// where the tensor is contiguous: a channels-last network's input is
+/// transposed straight from candle's storage, not from a copy of it.
+pub(crate) fn with_nchw_f32<R>(
+    x: &Tensor,
+    f: impl FnOnce(&[f32], (usize, usize, usize, usize)) -> R,
+) -> candle_core::Result<R> {
+    let dims = x.dims4()?;
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("lineside kernels take CPU tensors") };
+    Ok(f(contiguous_f32(cpu, layout)?, dims))
+}
+
 /// `act(x + bias[c])` over an `[N, C, ...]` tensor in one pass (f32, CPU).
 #[derive(Debug, Clone)]
 pub struct BiasAct {

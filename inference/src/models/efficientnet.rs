@@ -492,10 +492,10 @@ mod channels_last {
     use super::Block;
     use crate::Result;
     use crate::models::micro_batch::threads_here;
-    use crate::ops::ConvBnAct;
     use crate::ops::inverted_residual::InvertedResidual;
     use crate::ops::nhwc_conv::{Nhwc, NhwcConv};
     use crate::ops::nhwc_depthwise::NhwcDepthwise;
+    use crate::ops::{ConvBnAct, with_nchw_f32};
 
     /// `[expand →] depthwise → project [+ input]`.
     enum ClBlock {
@@ -582,9 +582,8 @@ mod channels_last {
             last: Option<usize>,
             pooled: bool,
         ) -> Result<(Vec<Tensor>, Option<Tensor>)> {
-            let (n, c, h, w) = x.dims4()?;
             let dev = x.device();
-            let mut x = self.stem.forward(&Nhwc::from_nchw(&x.flatten_all()?.to_vec1::<f32>()?, n, c, h, w), None);
+            let mut x = with_nchw_f32(x, |src, (n, c, h, w)| self.stem.forward_nchw(src, n, c, h, w))?;
             let mut features = Vec::new();
             for (i, stage) in self.stages.iter().enumerate() {
                 if !pooled && last.is_none_or(|l| features.len() > l) {
@@ -631,10 +630,13 @@ mod channels_last {
                 let net = model.channels_last.as_ref().unwrap();
                 let pools: Vec<_> =
                     [1, 2].map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()).into();
-                // Each layer's input, then its timings.
-                let mut inputs = vec![Nhwc::from_nchw(&values(3 * 224 * 224, 1), 1, 3, 224, 224)];
+                // Each layer's input, then its timings. The stem's counts
+                // the network's transpose from NCHW, as a pass runs it.
+                let image = values(3 * 224 * 224, 1);
+                let mut inputs = vec![Nhwc::from_nchw(&image, 1, 3, 224, 224)];
                 type Layer<'a> = (&'static str, Box<dyn Fn(&Nhwc) -> Nhwc + Sync + 'a>);
-                let mut layers: Vec<Layer> = vec![("stem", Box::new(|x: &Nhwc| net.stem.forward(x, None)))];
+                let mut layers: Vec<Layer> =
+                    vec![("stem", Box::new(|_: &Nhwc| net.stem.forward_nchw(&image, 1, 3, 224, 224)))];
                 for b in net.stages.iter().flatten() {
                     let name = match b {
                         super::ClBlock::Fused(_) => "fused",

@@ -304,7 +304,7 @@ mod channels_last {
     use crate::Result;
     use crate::ops::nhwc_conv::{Nhwc, NhwcConv};
     use crate::ops::winograd::Switching;
-    use crate::ops::{Activation, ConvBnAct};
+    use crate::ops::{Activation, ConvBnAct, with_nchw_f32};
 
     /// A residual block: its convolutions in order, the last of which adds
     /// the shortcut before its ReLU. The 3×3 stride-1 ones switch to
@@ -366,9 +366,9 @@ mod channels_last {
         /// Feature maps (NCHW, up to stage `last`; none when `last` is
         /// `None`) and, with `pooled`, the globally pooled last map `[N, C]`.
         pub fn run(&self, x: &Tensor, last: Option<usize>, pooled: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
-            let (n, c, h, w) = x.dims4()?;
             let dev = x.device();
-            let mut x = Nhwc::from_nchw(&x.flatten_all()?.to_vec1::<f32>()?, n, c, h, w);
+            let (first, rest) = self.stem.split_first().expect("a stem has convolutions");
+            let mut x = with_nchw_f32(x, |src, (n, c, h, w)| first.forward_nchw(src, n, c, h, w))?;
             let mut features = Vec::new();
             let keep = |m: &Nhwc, features: &mut Vec<Tensor>| -> Result<()> {
                 if last.is_some_and(|l| features.len() <= l) {
@@ -376,7 +376,7 @@ mod channels_last {
                 }
                 Ok(())
             };
-            for conv in &self.stem {
+            for conv in rest {
                 x = conv.forward(&x, None);
             }
             keep(&x, &mut features)?;

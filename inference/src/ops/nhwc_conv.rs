@@ -74,21 +74,41 @@ impl Nhwc {
     /// a network's input would otherwise be turned on one thread while the
     /// other waits.
     pub fn from_nchw(src: &[f32], n: usize, c: usize, h: usize, w: usize) -> Self {
+        Self::from_nchw_padded(src, n, c, h, w, Padding::default())
+    }
+
+    /// [`Self::from_nchw`] with `p` zeros around each image, in the same
+    /// pass: a stem reads a padded copy of the network's input
+    /// ([`NhwcConv::forward_nchw`]), which would otherwise be a second pass
+    /// over it. Each row is written whole, so the buffer is never zeroed
+    /// first.
+    pub fn from_nchw_padded(src: &[f32], n: usize, c: usize, h: usize, w: usize, p: Padding) -> Self {
         assert_eq!(src.len(), n * c * h * w);
-        let mut data = vec![0f32; src.len()];
-        let plane = h * w;
-        if w * c > 0 {
-            data.par_chunks_mut(w * c).enumerate().for_each(|(r, dst)| {
-                let (img, y) = (r / h, r % h);
-                let src = &src[img * c * plane + y * w..];
-                for (x, px) in dst.chunks_exact_mut(c).enumerate() {
-                    for (ch, v) in px.iter_mut().enumerate() {
-                        *v = src[ch * plane + x];
+        let (hp, wp, plane) = (h + p.top + p.bottom, w + p.left + p.right, h * w);
+        let mut data: Box<[MaybeUninit<f32>]> = Box::new_uninit_slice(n * hp * wp * c);
+        if wp * c > 0 {
+            let zero = MaybeUninit::new(0f32);
+            data.par_chunks_mut(wp * c).enumerate().for_each(|(r, dst)| {
+                let (img, y) = (r / hp, (r % hp).wrapping_sub(p.top));
+                if y < h {
+                    let src = &src[img * c * plane + y * w..];
+                    let (left, rest) = dst.split_at_mut(p.left * c);
+                    let (middle, right) = rest.split_at_mut(w * c);
+                    left.fill(zero);
+                    for (x, px) in middle.chunks_exact_mut(c).enumerate() {
+                        for (ch, v) in px.iter_mut().enumerate() {
+                            v.write(src[ch * plane + x]);
+                        }
                     }
+                    right.fill(zero);
+                } else {
+                    dst.fill(zero);
                 }
             });
         }
-        Self { data, n, h, w, c }
+        // SAFETY: every row was written whole above.
+        let data = unsafe { data.assume_init() }.into_vec();
+        Self { data, n, h: hp, w: wp, c }
     }
 
     /// The same maps as NCHW, channel plane by channel plane over the
@@ -439,21 +459,38 @@ impl NhwcConv {
     /// ([`Geometry::tiles`]), to measure what each gains.
     fn forward_with(&self, x: &Nhwc, residual: Option<&Nhwc>, ahead: usize, grouped: bool) -> Nhwc {
         assert_eq!(x.c, self.cin, "input channels");
+        let p = self.pad.resolve(x.h, x.w, self.kernel, self.stride);
+        if self.segments().merged {
+            self.run(&x.padded(p), Padding::default(), residual, ahead, grouped)
+        } else {
+            self.run(x, p, residual, ahead, grouped)
+        }
+    }
+
+    /// [`Self::forward`] on an NCHW batch, without a residual: a network's
+    /// first layer. A stem whose kernel rows are merged takes its padded
+    /// input straight from the transpose ([`Nhwc::from_nchw_padded`]).
+    pub fn forward_nchw(&self, src: &[f32], n: usize, c: usize, h: usize, w: usize) -> Nhwc {
+        assert_eq!(c, self.cin, "input channels");
+        if self.segments().merged {
+            let p = self.pad.resolve(h, w, self.kernel, self.stride);
+            let x = Nhwc::from_nchw_padded(src, n, c, h, w, p);
+            self.run(&x, Padding::default(), None, PREFETCH_AHEAD, true)
+        } else {
+            self.forward(&Nhwc::from_nchw(src, n, c, h, w), None)
+        }
+    }
+
+    /// The convolution of `src` with `p` padding still to apply (none once
+    /// merged segments read a padded copy).
+    fn run(&self, src: &Nhwc, p: Padding, residual: Option<&Nhwc>, ahead: usize, grouped: bool) -> Nhwc {
         let (k, s) = (self.kernel, self.stride);
-        let p = self.pad.resolve(x.h, x.w, k, s);
-        let (oh, ow) = (out_size(x.h, k, s, p.top, p.bottom), out_size(x.w, k, s, p.left, p.right));
-        let out = Nhwc { data: Vec::new(), n: x.n, h: oh, w: ow, c: self.cout };
+        let (oh, ow) = (out_size(src.h, k, s, p.top, p.bottom), out_size(src.w, k, s, p.left, p.right));
+        let out = Nhwc { data: Vec::new(), n: src.n, h: oh, w: ow, c: self.cout };
         if let Some(r) = residual {
             assert_eq!((r.n, r.h, r.w, r.c), (out.n, out.h, out.w, out.c), "residual shape");
         }
         let segs = self.segments();
-        let padded;
-        let (src, p) = if segs.merged {
-            padded = x.padded(p);
-            (&padded, Padding::default())
-        } else {
-            (x, p)
-        };
         if out.pixels() == 0 {
             return Nhwc { data: Vec::new(), ..out };
         }
@@ -1263,6 +1300,24 @@ mod tests {
         }
     }
 
+    /// The transpose that pads gives the transpose, then the padded copy.
+    #[test]
+    fn padded_transpose_matches_transpose_then_padding() {
+        for (n, c, h, w) in [(1, 3, 7, 5), (2, 3, 4, 9), (3, 1, 1, 1), (1, 5, 6, 6)] {
+            let x = values(n * c * h * w, 7);
+            for p in [
+                Padding::default(),
+                Padding { top: 1, bottom: 1, left: 1, right: 1 },
+                Padding { top: 3, bottom: 2, left: 0, right: 3 },
+            ] {
+                let want = Nhwc::from_nchw(&x, n, c, h, w).padded(p);
+                let got = Nhwc::from_nchw_padded(&x, n, c, h, w, p);
+                assert_eq!((got.n, got.h, got.w, got.c), (want.n, want.h, want.w, want.c), "{n}x{c}x{h}x{w} {p:?}");
+                assert_eq!(got.data, want.data, "{n}x{c}x{h}x{w} {p:?}");
+            }
+        }
+    }
+
     /// Slivers as wide as fit without waste.
     #[test]
     fn sliver_widths() {
@@ -1532,6 +1587,10 @@ mod tests {
             let rn = res.then(|| Nhwc::from_nchw(&r, n, cout, oh, ow));
             let got = conv.forward(&Nhwc::from_nchw(&x, n, cin, h, w), rn.as_ref());
             assert_eq!((got.n, got.h, got.w, got.c), (n, oh, ow, cout), "{case}");
+            if !res {
+                // A network's first layer, padded in the transpose where merged.
+                assert_eq!(conv.forward_nchw(&x, n, cin, h, w).data, got.data, "{case}: from NCHW");
+            }
             let got = got.to_nchw();
             let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(err < 1e-3, "{case}: max err {err}");
