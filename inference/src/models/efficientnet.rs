@@ -493,62 +493,38 @@ mod channels_last {
     use crate::Result;
     use crate::models::micro_batch::threads_here;
     use crate::ops::inverted_residual::InvertedResidual;
-    use crate::ops::nhwc_conv::{Nhwc, NhwcConv};
-    use crate::ops::nhwc_depthwise::NhwcDepthwise;
+    use crate::ops::nhwc_conv::NhwcConv;
     use crate::ops::{ConvBnAct, with_nchw_f32};
 
-    /// `[expand →] depthwise → project [+ input]`.
-    enum ClBlock {
-        /// Layer by layer: a block whose layers do not chain into
-        /// [`InvertedResidual`].
-        Layers { expand: Option<NhwcConv>, dw: NhwcDepthwise, project: NhwcConv, skip: bool },
-        /// An inverted-residual or depthwise-separable block, fused by
-        /// bands of rows where its expanded map is large.
-        Fused(InvertedResidual),
-    }
-
-    impl ClBlock {
-        /// `None` for a block kind or layer without a channels-last kernel.
-        fn new(b: &Block) -> Result<Option<Self>> {
-            let (expand, dw, project, skip) = match b {
-                Block::DepthwiseSeparable { dw, se: None, pw, skip } => (None, dw, pw, *skip),
-                Block::InvertedResidual { pw, dw, se: None, pwl, skip } => (Some(pw), dw, pwl, *skip),
-                _ => return Ok(None),
-            };
-            // The skip is added after the projection's activation on the
-            // NCHW path and before it here: the same only for Identity.
-            if skip && project.activation() != crate::ops::Activation::Identity {
-                return Ok(None);
-            }
-            let expand = match expand {
-                Some(conv) => match with_own_act(conv)? {
-                    Some(e) => Some(e),
-                    None => return Ok(None),
-                },
-                None => None,
-            };
-            let (Some(dw), Some(project)) = (dw.channels_last_depthwise()?, with_own_act(project)?) else {
-                return Ok(None);
-            };
-            Ok(Some(if InvertedResidual::chains(expand.as_ref(), &dw, &project, skip) {
-                Self::Fused(InvertedResidual::new(expand, dw, project, skip))
-            } else {
-                Self::Layers { expand, dw, project, skip }
-            }))
+    /// A block on the channels-last kernels: `[expand →] depthwise →
+    /// project [+ input]`, fused by bands of rows where its expanded map is
+    /// large. `None` for a block kind or layer without a channels-last
+    /// kernel, and for layers that do not chain into one
+    /// ([`InvertedResidual::chains`]: channel counts that do not match, which
+    /// no timm network has), which leaves the network on candle's ops.
+    fn block(b: &Block) -> Result<Option<InvertedResidual>> {
+        let (expand, dw, project, skip) = match b {
+            Block::DepthwiseSeparable { dw, se: None, pw, skip } => (None, dw, pw, *skip),
+            Block::InvertedResidual { pw, dw, se: None, pwl, skip } => (Some(pw), dw, pwl, *skip),
+            _ => return Ok(None),
+        };
+        // The skip is added after the projection's activation on the
+        // NCHW path and before it here: the same only for Identity.
+        if skip && project.activation() != crate::ops::Activation::Identity {
+            return Ok(None);
         }
-
-        fn forward(&self, x: &Nhwc) -> Nhwc {
-            match self {
-                Self::Layers { expand, dw, project, skip } => {
-                    let y = match expand {
-                        Some(e) => dw.forward(&e.forward(x, None)),
-                        None => dw.forward(x),
-                    };
-                    project.forward(&y, skip.then_some(x))
-                }
-                Self::Fused(block) => block.forward(x, threads_here()),
-            }
-        }
+        let expand = match expand {
+            Some(conv) => match with_own_act(conv)? {
+                Some(e) => Some(e),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        let (Some(dw), Some(project)) = (dw.channels_last_depthwise()?, with_own_act(project)?) else {
+            return Ok(None);
+        };
+        Ok(InvertedResidual::chains(expand.as_ref(), &dw, &project, skip)
+            .then(|| InvertedResidual::new(expand, dw, project, skip)))
     }
 
     /// A groups=1 layer (1×1, or the stem) with its own activation, channels-last.
@@ -559,7 +535,7 @@ mod channels_last {
     /// The whole network but its classifier, channels-last.
     pub struct Network {
         stem: NhwcConv,
-        stages: Vec<Vec<ClBlock>>,
+        stages: Vec<Vec<InvertedResidual>>,
         head: NhwcConv,
     }
 
@@ -567,7 +543,7 @@ mod channels_last {
         /// `None` where a layer has no channels-last kernel.
         pub fn new(stem: &ConvBnAct, stages: &[Vec<Block>], head: &ConvBnAct) -> Result<Option<Self>> {
             let (Some(stem), Some(head)) = (with_own_act(stem)?, with_own_act(head)?) else { return Ok(None) };
-            let stages = stages.iter().map(|s| s.iter().map(ClBlock::new).collect::<Result<Option<Vec<_>>>>());
+            let stages = stages.iter().map(|s| s.iter().map(block).collect::<Result<Option<Vec<_>>>>());
             let Some(stages) = stages.collect::<Result<Option<Vec<_>>>>()? else { return Ok(None) };
             Ok(Some(Self { stem, stages, head }))
         }
@@ -590,7 +566,7 @@ mod channels_last {
                     break;
                 }
                 for b in stage {
-                    x = b.forward(&x);
+                    x = b.forward(&x, threads_here());
                 }
                 if feature_stages.contains(&i) && last.is_some_and(|l| features.len() <= l) {
                     features.push(Tensor::from_vec(x.to_nchw(), (x.n, x.c, x.h, x.w), dev)?);
@@ -608,6 +584,7 @@ mod channels_last {
     mod tests {
         use super::super::EfficientNet;
         use super::super::tests::imagenet_weights;
+        use crate::models::micro_batch::threads_here;
         use crate::ops::nhwc_conv::Nhwc;
         use crate::ops::test_util::values;
 
@@ -638,11 +615,7 @@ mod channels_last {
                 let mut layers: Vec<Layer> =
                     vec![("stem", Box::new(|_: &Nhwc| net.stem.forward_nchw(&image, 1, 3, 224, 224)))];
                 for b in net.stages.iter().flatten() {
-                    let name = match b {
-                        super::ClBlock::Fused(_) => "fused",
-                        super::ClBlock::Layers { .. } => "layers",
-                    };
-                    layers.push((name, Box::new(move |x: &Nhwc| b.forward(x))));
+                    layers.push(("block", Box::new(move |x: &Nhwc| b.forward(x, threads_here()))));
                 }
                 layers.push(("head", Box::new(|x: &Nhwc| net.head.forward(x, None))));
                 for (_, f) in &layers {
