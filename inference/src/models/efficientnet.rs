@@ -500,8 +500,8 @@ mod channels_last {
     /// project [+ input]`, fused by bands of rows where its expanded map is
     /// large. `None` for a block kind or layer without a channels-last
     /// kernel, and for layers that do not chain into one
-    /// ([`InvertedResidual::chains`]: channel counts that do not match, which
-    /// no timm network has), which leaves the network on candle's ops.
+    /// ([`InvertedResidual::chains`], which no timm network has), which
+    /// leaves the network on candle's ops.
     fn block(b: &Block) -> Result<Option<InvertedResidual>> {
         let (expand, dw, project, skip) = match b {
             Block::DepthwiseSeparable { dw, se: None, pw, skip } => (None, dw, pw, *skip),
@@ -540,7 +540,8 @@ mod channels_last {
     }
 
     impl Network {
-        /// `None` where a layer has no channels-last kernel.
+        /// `None` where a layer has no channels-last kernel or a block's
+        /// layers do not chain (`block`).
         pub fn new(stem: &ConvBnAct, stages: &[Vec<Block>], head: &ConvBnAct) -> Result<Option<Self>> {
             let (Some(stem), Some(head)) = (with_own_act(stem)?, with_own_act(head)?) else { return Ok(None) };
             let stages = stages.iter().map(|s| s.iter().map(block).collect::<Result<Option<Vec<_>>>>());

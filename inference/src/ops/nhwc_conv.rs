@@ -1303,7 +1303,9 @@ mod tests {
     /// The transpose that pads gives the transpose, then the padded copy.
     #[test]
     fn padded_transpose_matches_transpose_then_padding() {
-        for (n, c, h, w) in [(1, 3, 7, 5), (2, 3, 4, 9), (3, 1, 1, 1), (1, 5, 6, 6)] {
+        for (n, c, h, w) in
+            [(1, 3, 7, 5), (2, 3, 4, 9), (3, 1, 1, 1), (1, 5, 6, 6), (1, 3, 0, 0), (0, 3, 4, 4), (2, 0, 3, 3)]
+        {
             let x = values(n * c * h * w, 7);
             for p in [
                 Padding::default(),
@@ -1558,6 +1560,10 @@ mod tests {
             // Unpadded 3×3 taps (nine segments, no merging), images and
             // tiles running across rows.
             (2, 40, 24, 3, 2, 11, 12, PadMode::Symmetric(0), true),
+            // Merged stems without a residual, so that `forward_nchw` runs
+            // them too: MobileNetV2's padding and EfficientNet-Lite's TF one.
+            (2, 3, 32, 3, 2, 17, 15, PadMode::Symmetric(1), false),
+            (1, 3, 32, 3, 2, 16, 16, PadMode::TfSame, false),
         ]
         .iter()
         .zip([Fused::Relu, Fused::Relu6, Fused::None].iter().cycle())
