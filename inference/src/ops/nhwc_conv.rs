@@ -84,29 +84,55 @@ impl Nhwc {
     /// first.
     pub fn from_nchw_padded(src: &[f32], n: usize, c: usize, h: usize, w: usize, p: Padding) -> Self {
         assert_eq!(src.len(), n * c * h * w);
-        let (hp, wp, plane) = (h + p.top + p.bottom, w + p.left + p.right, h * w);
+        let plane = h * w;
+        // SAFETY: the closure writes every pixel's every channel of its row.
+        unsafe {
+            Self::padded_with(n, h, w, c, p, |img, y, middle| {
+                let src = &src[img * c * plane + y * w..];
+                for (x, px) in middle.chunks_exact_mut(c).enumerate() {
+                    for (ch, v) in px.iter_mut().enumerate() {
+                        v.write(src[ch * plane + x]);
+                    }
+                }
+            })
+        }
+    }
+
+    /// An `n`×`h`×`w`×`c` map with `p` zeros around each image, its rows
+    /// made over the threads: `row(img, y, middle)` writes row `y` of image
+    /// `img` into `middle`, and the padding is written around it. Each row
+    /// is written whole rather than into a zeroed buffer, whose zeroing was
+    /// a serial `memset` of the whole map.
+    ///
+    /// # Safety
+    /// `row` must write every element of `middle`.
+    unsafe fn padded_with(
+        n: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        p: Padding,
+        row: impl Fn(usize, usize, &mut [MaybeUninit<f32>]) + Sync,
+    ) -> Self {
+        let (hp, wp) = (h + p.top + p.bottom, w + p.left + p.right);
         let mut data: Box<[MaybeUninit<f32>]> = Box::new_uninit_slice(n * hp * wp * c);
         if wp * c > 0 {
             let zero = MaybeUninit::new(0f32);
             data.par_chunks_mut(wp * c).enumerate().for_each(|(r, dst)| {
                 let (img, y) = (r / hp, (r % hp).wrapping_sub(p.top));
                 if y < h {
-                    let src = &src[img * c * plane + y * w..];
                     let (left, rest) = dst.split_at_mut(p.left * c);
                     let (middle, right) = rest.split_at_mut(w * c);
                     left.fill(zero);
-                    for (x, px) in middle.chunks_exact_mut(c).enumerate() {
-                        for (ch, v) in px.iter_mut().enumerate() {
-                            v.write(src[ch * plane + x]);
-                        }
-                    }
+                    row(img, y, middle);
                     right.fill(zero);
                 } else {
                     dst.fill(zero);
                 }
             });
         }
-        // SAFETY: every row was written whole above.
+        // SAFETY: the padding is written above and the rest by `row`, which
+        // the caller promises writes all of it.
         let data = unsafe { data.assume_init() }.into_vec();
         Self { data, n, h: hp, w: wp, c }
     }
@@ -196,30 +222,13 @@ impl Nhwc {
     /// A zero-padded copy, row by row over the threads (a stem's input at
     /// batch 1 is one image).
     fn padded(&self, p: Padding) -> Self {
-        let (hp, wp, c) = (self.h + p.top + p.bottom, self.w + p.left + p.right, self.c);
-        // Each row written whole, zeros and all, rather than a zeroed
-        // buffer filled afterwards: the zeroing was a serial `memset` of
-        // the whole map.
-        let mut data: Box<[MaybeUninit<f32>]> = Box::new_uninit_slice(self.n * hp * wp * c);
-        if wp * c > 0 {
-            let zero = MaybeUninit::new(0f32);
-            data.par_chunks_mut(wp * c).enumerate().for_each(|(r, dst)| {
-                let (img, y) = (r / hp, (r % hp).wrapping_sub(p.top));
-                if y < self.h {
-                    let src = &self.data[(img * self.h + y) * self.w * c..][..self.w * c];
-                    let (left, rest) = dst.split_at_mut(p.left * c);
-                    let (middle, right) = rest.split_at_mut(src.len());
-                    left.fill(zero);
-                    middle.write_copy_of_slice(src);
-                    right.fill(zero);
-                } else {
-                    dst.fill(zero);
-                }
-            });
+        let (h, w, c) = (self.h, self.w, self.c);
+        // SAFETY: the closure copies a whole row into `middle`.
+        unsafe {
+            Self::padded_with(self.n, h, w, c, p, |img, y, middle| {
+                middle.write_copy_of_slice(&self.data[(img * h + y) * w * c..][..w * c]);
+            })
         }
-        // SAFETY: every row was written whole above.
-        let data = unsafe { data.assume_init() }.into_vec();
-        Self { data, n: self.n, h: hp, w: wp, c }
     }
 }
 
