@@ -312,7 +312,7 @@ pub struct ModelConfig {
     pub queue_capacity: usize,
     /// Threads of this model's own compute pool (default: all cores). Wide convolution
     /// GEMMs run on `matrixmultiply`'s process-wide pool instead, sized by
-    /// MATMUL_NUM_THREADS (default: the cores, at most 4).
+    /// MATMUL_NUM_THREADS (default: the physical cores, at most 4).
     #[serde(default)]
     pub threads: Option<usize>,
     /// `cpu` (the default), `cuda` or `cuda:N`: a GPU needs a build with the
@@ -400,6 +400,9 @@ impl Default for Config {
     }
 }
 
+/// The sections that `LINESIDE_SECTION__KEY` variables may set.
+const ENV_SECTIONS: [&str; 7] = ["server", "records", "auth", "tls", "hub", "plugins", "integrity"];
+
 impl Config {
     /// Defaults, then `file` (if any), then `LINESIDE_SECTION__KEY` variables
     /// (`LINESIDE_SERVER__ADDR=127.0.0.1:9000`).
@@ -409,11 +412,12 @@ impl Config {
             anyhow::ensure!(f.is_file(), "config file {} not found", f.display());
             fig = fig.merge(Toml::file(f));
         }
-        // Only LINESIDE_{SERVER,RECORDS,AUTH,TLS}__* are settings; LINESIDE_CONFIG and LINESIDE_SHARED are not.
+        // Only LINESIDE_{SECTION}__* names a setting: LINESIDE_CONFIG, LINESIDE_DATABASE_URL (flags' variables)
+        // and LINESIDE_SHARED are not. The arrays of tables ([[models]], [[factories]]) have no keys to set.
         let env = Env::prefixed("LINESIDE_")
             .filter(|k| {
                 let k = k.as_str().to_ascii_lowercase();
-                ["server__", "records__", "auth__", "tls__"].iter().any(|p| k.starts_with(p))
+                ENV_SECTIONS.iter().any(|s| k.strip_prefix(s).is_some_and(|rest| rest.starts_with("__")))
             })
             .split("__");
         let cfg: Config = fig.merge(env).extract()?;
@@ -557,17 +561,24 @@ mod tests {
     }
 
     #[test]
-    fn env_overrides_server_settings_only() {
+    fn env_overrides_settings_but_not_flags_variables() {
+        let vars = [
+            ("LINESIDE_SERVER__TOP_K", "3"),
+            ("LINESIDE_HUB__OFFLINE", "true"),
+            ("LINESIDE_PLUGINS__WATCH_INTERVAL_MS", "250"),
+            ("LINESIDE_INTEGRITY__REQUIRE_SIGNATURES", "true"),
+            ("LINESIDE_CONFIG", "/nonexistent.toml"),
+            ("LINESIDE_DATABASE_URL", "postgres://nowhere/x"),
+        ];
         // SAFETY: this test is the only one in the crate that touches these variables.
-        unsafe {
-            std::env::set_var("LINESIDE_SERVER__TOP_K", "3");
-            std::env::set_var("LINESIDE_CONFIG", "/nonexistent.toml");
-        }
-        let c = Config::load(None).unwrap();
+        unsafe { vars.iter().for_each(|(k, v)| std::env::set_var(k, v)) };
+        let c = Config::load(None);
+        unsafe { vars.iter().for_each(|(k, _)| std::env::remove_var(k)) };
+        let c = c.unwrap();
         assert_eq!(c.server.top_k, 3);
-        unsafe {
-            std::env::remove_var("LINESIDE_SERVER__TOP_K");
-            std::env::remove_var("LINESIDE_CONFIG");
-        }
+        assert_eq!(c.hub.offline, Some(true));
+        assert_eq!(c.plugins.watch_interval_ms, 250);
+        assert!(c.integrity.require_signatures);
+        assert_eq!(c.records.database_url, None);
     }
 }
