@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::models::{FeatureInfo, ImageModel, LinearHead, PooledHead};
+use crate::models::{FeatureInfo, GlobalPoolNet, LinearHead};
 use crate::ops::{Activation, ConvBnAct, PadMode};
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -399,7 +399,9 @@ impl EfficientNet {
     fn channels_last_for(&self, x: &Tensor) -> Option<&channels_last::Network> {
         self.channels_last.as_ref().filter(|_| x.device().is_cpu() && x.dtype() == DType::F32)
     }
+}
 
+impl GlobalPoolNet for EfficientNet {
     /// The maps of `feature_stages` (up to the `last`-th; none when `last`
     /// is `None`) and, with `pooled`, the head's globally pooled output
     /// `[N, C]`.
@@ -426,16 +428,20 @@ impl EfficientNet {
         }
         Ok((features, Some(self.head.forward(&x)?.mean((2, 3))?)))
     }
-}
 
-impl PooledHead for EfficientNet {
-    /// On the channels-last path no feature map is turned back into NCHW.
-    fn forward_pooled(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.run(x, None, true)?.1.expect("run pools when asked"))
+    fn classifier(&self) -> &LinearHead {
+        &self.classifier
     }
 
-    fn head(&self) -> &LinearHead {
-        &self.classifier
+    fn maps_info(&self) -> &[FeatureInfo] {
+        &self.feature_info
+    }
+
+    fn on_channels_last(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return self.channels_last.is_some();
+        #[cfg(not(target_arch = "x86_64"))]
+        false
     }
 }
 
@@ -444,40 +450,6 @@ fn check_channels(layer: &ConvBnAct, want: usize, name: &str) -> Result<()> {
         return Err(Error::config(name, format!("has {} channels, architecture expects {want}", layer.out_channels())));
     }
     Ok(())
-}
-
-impl ImageModel for EfficientNet {
-    fn forward_maps(&self, x: &Tensor, last: Option<usize>, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
-        let last = if logits { usize::MAX } else { last.unwrap_or(usize::MAX) };
-        let (features, pooled) = self.run(x, Some(last), logits)?;
-        Ok((features, pooled.map(|p| self.classifier.forward(&p)).transpose()?))
-    }
-
-    /// Logits only: no feature map is kept.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.classifier.forward(&self.forward_pooled(x)?)
-    }
-
-    fn pooled_head(&self) -> Option<&dyn PooledHead> {
-        Some(self)
-    }
-
-    /// One image per step on the channels-last path (see `micro_batch`).
-    fn cpu_micro_batch(&self) -> usize {
-        #[cfg(target_arch = "x86_64")]
-        if self.channels_last.is_some() {
-            return super::CHANNELS_LAST_MICRO_BATCH;
-        }
-        super::CPU_MICRO_BATCH
-    }
-
-    fn feature_info(&self) -> &[FeatureInfo] {
-        &self.feature_info
-    }
-
-    fn num_classes(&self) -> usize {
-        self.classifier.classes()
-    }
 }
 
 /// MobileNetV2 and EfficientNet-Lite on the channels-last kernels

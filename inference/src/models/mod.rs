@@ -93,6 +93,65 @@ pub trait PooledHead: Send + Sync {
     fn head(&self) -> &LinearHead;
 }
 
+/// A network whose logits are one linear layer over its global pool, from
+/// the parts that differ between such networks (resnet, mobilenetv2,
+/// efficientnet): [`ImageModel`] and [`PooledHead`] follow from them.
+pub(crate) trait GlobalPoolNet: Send + Sync {
+    /// The feature maps (up to the `last`-th; none when `last` is `None`)
+    /// and, with `pooled`, the globally pooled features `[N, C]`.
+    fn run(&self, x: &Tensor, last: Option<usize>, pooled: bool) -> Result<(Vec<Tensor>, Option<Tensor>)>;
+
+    /// The layer from pooled features to logits.
+    fn classifier(&self) -> &LinearHead;
+
+    /// timm's `feature_info` for every map [`Self::run`] can give.
+    fn maps_info(&self) -> &[FeatureInfo];
+
+    /// Whether a CPU batch runs on the channels-last kernels, one image per
+    /// step ([`CHANNELS_LAST_MICRO_BATCH`]).
+    fn on_channels_last(&self) -> bool;
+}
+
+impl<T: GlobalPoolNet> PooledHead for T {
+    /// On the channels-last path no feature map is turned back into NCHW.
+    fn forward_pooled(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.run(x, None, true)?.1.expect("run pools when asked"))
+    }
+
+    fn head(&self) -> &LinearHead {
+        self.classifier()
+    }
+}
+
+impl<T: GlobalPoolNet> ImageModel for T {
+    fn forward_maps(&self, x: &Tensor, last: Option<usize>, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+        let last = if logits { usize::MAX } else { last.unwrap_or(usize::MAX) };
+        let (features, pooled) = self.run(x, Some(last), logits)?;
+        Ok((features, pooled.map(|p| self.classifier().forward(&p)).transpose()?))
+    }
+
+    /// Logits only: no feature map is kept.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.classifier().forward(&self.forward_pooled(x)?)
+    }
+
+    fn pooled_head(&self) -> Option<&dyn PooledHead> {
+        Some(self)
+    }
+
+    fn cpu_micro_batch(&self) -> usize {
+        if self.on_channels_last() { CHANNELS_LAST_MICRO_BATCH } else { CPU_MICRO_BATCH }
+    }
+
+    fn feature_info(&self) -> &[FeatureInfo] {
+        self.maps_info()
+    }
+
+    fn num_classes(&self) -> usize {
+        self.classifier().classes()
+    }
+}
+
 /// Architectures lineside can build, for error messages and `--help`.
 pub fn supported_architectures() -> Vec<&'static str> {
     efficientnet::SUPPORTED.iter().chain(resnet::SUPPORTED).chain(convnext::SUPPORTED).copied().collect()

@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::models::{FeatureInfo, ImageModel, LinearHead, PooledHead};
+use crate::models::{FeatureInfo, GlobalPoolNet, LinearHead};
 use crate::ops::{Activation, ConvBnAct, MaxPool, PadMode};
 use crate::weights::Weights;
 use crate::{Error, Kernels, Result};
@@ -215,7 +215,7 @@ fn load_block(w: &Weights, p: &str, stride: usize) -> Result<Block> {
     })
 }
 
-impl ResNet {
+impl GlobalPoolNet for ResNet {
     /// The feature maps (up to the `last`-th; none when `last` is `None`)
     /// and, with `pooled`, the globally pooled output `[N, C]`.
     fn run(&self, x: &Tensor, last: Option<usize>, pooled: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
@@ -246,50 +246,20 @@ impl ResNet {
         }
         Ok((features, pooled.then(|| x.mean((2, 3))).transpose()?))
     }
-}
 
-impl PooledHead for ResNet {
-    /// On the channels-last path no feature map is turned back into NCHW.
-    fn forward_pooled(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.run(x, None, true)?.1.expect("run pools when asked"))
-    }
-
-    fn head(&self) -> &LinearHead {
+    fn classifier(&self) -> &LinearHead {
         &self.fc
     }
-}
 
-impl ImageModel for ResNet {
-    fn forward_maps(&self, x: &Tensor, last: Option<usize>, logits: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
-        let last = if logits { usize::MAX } else { last.unwrap_or(usize::MAX) };
-        let (features, pooled) = self.run(x, Some(last), logits)?;
-        Ok((features, pooled.map(|p| self.fc.forward(&p)).transpose()?))
-    }
-
-    /// Logits only: no feature map is kept.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc.forward(&self.forward_pooled(x)?)
-    }
-
-    fn pooled_head(&self) -> Option<&dyn PooledHead> {
-        Some(self)
-    }
-
-    /// One image per step on the channels-last path (see `micro_batch`).
-    fn cpu_micro_batch(&self) -> usize {
-        #[cfg(target_arch = "x86_64")]
-        if self.channels_last.is_some() {
-            return super::CHANNELS_LAST_MICRO_BATCH;
-        }
-        super::CPU_MICRO_BATCH
-    }
-
-    fn feature_info(&self) -> &[FeatureInfo] {
+    fn maps_info(&self) -> &[FeatureInfo] {
         &self.feature_info
     }
 
-    fn num_classes(&self) -> usize {
-        self.fc.classes()
+    fn on_channels_last(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return self.channels_last.is_some();
+        #[cfg(not(target_arch = "x86_64"))]
+        false
     }
 }
 
