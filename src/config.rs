@@ -565,19 +565,19 @@ mod tests {
         let vars = [
             ("LINESIDE_SERVER__TOP_K", "3"),
             ("LINESIDE_HUB__OFFLINE", "true"),
-            ("LINESIDE_PLUGINS__WATCH_INTERVAL_MS", "250"),
+            ("LINESIDE_PLUGINS__WATCH_INTERVAL_MS", "1234"),
             ("LINESIDE_INTEGRITY__REQUIRE_SIGNATURES", "true"),
             ("LINESIDE_CONFIG", "/nonexistent.toml"),
             ("LINESIDE_DATABASE_URL", "postgres://nowhere/x"),
         ];
-        // SAFETY: this test is the only one in the crate that touches these variables.
+        // SAFETY: no other test in this crate sets environment variables, and none reads these.
         unsafe { vars.iter().for_each(|(k, v)| std::env::set_var(k, v)) };
         let c = Config::load(None);
         unsafe { vars.iter().for_each(|(k, _)| std::env::remove_var(k)) };
         let c = c.unwrap();
         assert_eq!(c.server.top_k, 3);
         assert_eq!(c.hub.offline, Some(true));
-        assert_eq!(c.plugins.watch_interval_ms, 250);
+        assert_eq!(c.plugins.watch_interval_ms, 1234);
         assert!(c.integrity.require_signatures);
         assert_eq!(c.records.database_url, None);
     }

@@ -1311,20 +1311,34 @@ mod tests {
 
     /// The transpose that pads gives the transpose, then the padded copy.
     #[test]
-    fn padded_transpose_matches_transpose_then_padding() {
-        for (n, c, h, w) in
-            [(1, 3, 7, 5), (2, 3, 4, 9), (3, 1, 1, 1), (1, 5, 6, 6), (1, 3, 0, 0), (0, 3, 4, 4), (2, 0, 3, 3)]
-        {
+    fn padded_transposes_match_an_index_by_index_copy() {
+        for (n, c, h, w) in [
+            (1, 3, 7, 5),
+            (2, 3, 4, 9),
+            (3, 1, 1, 1),
+            (1, 5, 6, 6),
+            (1, 3, 0, 0),
+            (1, 3, 4, 0),
+            (0, 3, 4, 4),
+            (2, 0, 3, 3),
+        ] {
             let x = values(n * c * h * w, 7);
             for p in [
                 Padding::default(),
                 Padding { top: 1, bottom: 1, left: 1, right: 1 },
                 Padding { top: 3, bottom: 2, left: 0, right: 3 },
             ] {
-                let want = Nhwc::from_nchw(&x, n, c, h, w).padded(p);
-                let got = Nhwc::from_nchw_padded(&x, n, c, h, w, p);
-                assert_eq!((got.n, got.h, got.w, got.c), (want.n, want.h, want.w, want.c), "{n}x{c}x{h}x{w} {p:?}");
-                assert_eq!(got.data, want.data, "{n}x{c}x{h}x{w} {p:?}");
+                let (hp, wp) = (h + p.top + p.bottom, w + p.left + p.right);
+                let mut want = vec![0f32; n * hp * wp * c];
+                for (i, v) in x.iter().enumerate() {
+                    let (img, ch, y, xx) = (i / (c * h * w), i / (h * w) % c, i / w % h, i % w);
+                    want[((img * hp + y + p.top) * wp + xx + p.left) * c + ch] = *v;
+                }
+                let case = format!("{n}x{c}x{h}x{w} {p:?}");
+                for got in [Nhwc::from_nchw_padded(&x, n, c, h, w, p), Nhwc::from_nchw(&x, n, c, h, w).padded(p)] {
+                    assert_eq!((got.n, got.h, got.w, got.c), (n, hp, wp, c), "{case}");
+                    assert_eq!(got.data, want, "{case}");
+                }
             }
         }
     }
