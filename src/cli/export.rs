@@ -11,7 +11,7 @@ use lineside::config::Config;
 use lineside::inspections::{format_time, parse_time, record_json};
 use lineside_store::{Filter, Record, Store};
 
-/// Export inspection records (oldest first).
+/// Export inspection records (oldest first)
 ///
 /// Examples:
 ///   lineside export --since 24h --format csv > last-day.csv

@@ -13,7 +13,7 @@ use lineside::source::{LocalModel, ModelSource};
 use lineside_inference::models::{LoadedModel, supported_architectures};
 use lineside_inference::{ComputeDevice, Kernels, parity};
 
-/// Fetch, list and check models.
+/// Fetch, list and check models
 ///
 /// Hub sources are `hf://owner/name[@revision]` (a branch, tag or commit; default main).
 /// The hub client honours HF_ENDPOINT, HF_TOKEN, HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE,

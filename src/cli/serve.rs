@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 use lineside::config::Config;
 
-/// Serve the inspection API.
+/// Serve the inspection API
 ///
 /// With no flags, serves the built-in `steel-surface` model on 0.0.0.0:8080,
 /// with no network access and no files needed.
