@@ -1,7 +1,8 @@
 """Times a pass over 80 MB of memory, warm and after the process has slept.
 
 On some virtual machines memory is slow for a while after the guest has
-been idle (the hypervisor's doing: the process takes no page faults), which
+been idle (most likely the hypervisor's doing: the process takes no page
+faults), which
 makes the first request after a pause slow for any engine
 (docs/performance.md, Method). Needs numpy (bench/requirements-peers.txt).
 

@@ -400,9 +400,6 @@ impl Default for Config {
     }
 }
 
-/// The sections that `LINESIDE_SECTION__KEY` variables may set.
-const ENV_SECTIONS: [&str; 7] = ["server", "records", "auth", "tls", "hub", "plugins", "integrity"];
-
 impl Config {
     /// Defaults, then `file` (if any), then `LINESIDE_SECTION__KEY` variables
     /// (`LINESIDE_SERVER__ADDR=127.0.0.1:9000`).
@@ -412,14 +409,10 @@ impl Config {
             anyhow::ensure!(f.is_file(), "config file {} not found", f.display());
             fig = fig.merge(Toml::file(f));
         }
-        // Only LINESIDE_{SECTION}__* names a setting: LINESIDE_CONFIG, LINESIDE_DATABASE_URL (flags' variables)
-        // and LINESIDE_SHARED are not. The arrays of tables ([[models]], [[factories]]) have no keys to set.
-        let env = Env::prefixed("LINESIDE_")
-            .filter(|k| {
-                let k = k.as_str().to_ascii_lowercase();
-                ENV_SECTIONS.iter().any(|s| k.strip_prefix(s).is_some_and(|rest| rest.starts_with("__")))
-            })
-            .split("__");
+        // A name with a double underscore is a setting, whatever its section, so that a misspelt one is
+        // refused (`deny_unknown_fields`) rather than ignored; LINESIDE_CONFIG, LINESIDE_DATABASE_URL (flags'
+        // variables) and LINESIDE_SHARED have none.
+        let env = Env::prefixed("LINESIDE_").filter(|k| k.as_str().contains("__")).split("__");
         let cfg: Config = fig.merge(env).extract()?;
         cfg.validate()?;
         Ok(cfg)
@@ -561,7 +554,7 @@ mod tests {
     }
 
     #[test]
-    fn env_overrides_settings_but_not_flags_variables() {
+    fn env_overrides_settings_and_refuses_unknown_sections() {
         let vars = [
             ("LINESIDE_SERVER__TOP_K", "3"),
             ("LINESIDE_HUB__OFFLINE", "true"),
@@ -580,5 +573,11 @@ mod tests {
         assert_eq!(c.plugins.watch_interval_ms, 1234);
         assert!(c.integrity.require_signatures);
         assert_eq!(c.records.database_url, None);
+
+        unsafe { std::env::set_var("LINESIDE_SERVR__ADDR", "127.0.0.1:9000") };
+        let misspelt = Config::load(None);
+        unsafe { std::env::remove_var("LINESIDE_SERVR__ADDR") };
+        let err = format!("{:#}", misspelt.expect_err("an unknown section is refused"));
+        assert!(err.contains("servr"), "{err}");
     }
 }
