@@ -13,7 +13,7 @@ use image::DynamicImage;
 use lineside_inference::anomaly::{AnomalyMap, Region, regions as anomaly_regions, render};
 use lineside_inference::batcher::Incoming;
 use lineside_inference::models::Output;
-use lineside_inference::preprocess::{DecodeLimits, Decoded, JpegDecode};
+use lineside_inference::preprocess::{DecodeLimits, Decoded, JpegDecode, decode};
 use lineside_plugins::{
     AnomalyMap as WitAnomalyMap, Decision, Failure, Image as PluginImage, LabelScore, Metadata, ModelOutput,
     PixelFormat, Plugin, PluginError,
@@ -293,26 +293,26 @@ async fn run(
         return Err(ApiError::InvalidImage("the request body is empty; send the image bytes".into()));
     }
     let pre = model.preprocessor.clone();
-    let limits = opts.limits;
+    let (limits, jpeg) = (opts.limits, opts.jpeg_decode);
     // Only an anomaly heatmap needs the picture again after inference.
     let keep_image = (opts.heatmap || opts.retain_heatmap) && model.kind == ModelKind::Anomaly;
     // A preprocess plugin crops in the coordinates of the image as sent, and
     // a heatmap is drawn over it: both need every pixel.
     let plugin_first = call.as_ref().is_some_and(|c| c.factory.preprocess.is_some());
-    let jpeg = if plugin_first || keep_image { JpegDecode::Full } else { opts.jpeg_decode };
+    let whole = plugin_first || keep_image;
     // Decoding, plugins and resizing are CPU work: off the async workers, on
     // the preprocessing threads, overlapped with the batcher.
     let prepared = crate::preprocess_pool::run(deadline, move || {
         let t0 = Instant::now();
-        let Decoded { image: mut img, source_size: size, window } =
-            pre.decode(&body, limits, jpeg).map_err(ApiError::from_image)?;
+        let decoded = if whole { decode(&body, limits).map(Decoded::whole) } else { pre.decode(&body, limits, jpeg) };
+        let Decoded { image: mut img, source_size: size, window } = decoded.map_err(ApiError::from_image)?;
         let t1 = Instant::now();
         let decoded_width = window.map_or(img.width(), |w| w.frame().0);
         metrics::histogram!("lineside_decode_seconds", "scale" => decode_scale(size.0, decoded_width))
             .record((t1 - t0).as_secs_f64());
         let mut trace = Trace::default();
         if let Some(c) = &call {
-            // A plugin gets every pixel: `plugin_first` decoded in full, without a window.
+            // A plugin gets every pixel: `plugin_first` decoded whole, without a window.
             debug_assert!(window.is_none() || c.factory.preprocess.is_none(), "a preprocess plugin on part of a frame");
             img = run_preprocess(c, img, &mut trace)?;
         }

@@ -12,11 +12,11 @@ pub mod batcher;
 pub mod device;
 pub mod error;
 pub mod hub_config;
+mod libjpeg;
 pub mod models;
 pub mod ops;
 pub mod parity;
 pub mod preprocess;
-mod scaled_jpeg;
 pub mod weights;
 
 pub use device::{ComputeDevice, Kernels};

@@ -12,6 +12,7 @@ use fast_image_resize::{self as fr, FilterType, ResizeAlg, ResizeOptions};
 use image::{DynamicImage, ImageFormat, RgbImage};
 
 use crate::hub_config::{Interpolation, PretrainedCfg};
+use crate::libjpeg::JpegRegion;
 use crate::{Error, Result};
 
 /// Limits applied while decoding untrusted images.
@@ -33,9 +34,35 @@ impl Default for DecodeLimits {
 pub const ACCEPTED_FORMATS: &[ImageFormat] =
     &[ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::Bmp, ImageFormat::Tiff, ImageFormat::WebP];
 
-/// Decodes an encoded image. Dimensions are checked against `limits` from the
-/// header, before any pixel buffer is allocated, so a decompression bomb costs nothing.
+/// Decodes an encoded image, every pixel. Dimensions are checked against
+/// `limits` from the header, before any pixel buffer is allocated, so a
+/// decompression bomb costs nothing. JPEGs go through libjpeg-turbo (PIL's
+/// decoder, so PIL's pixels, and faster) and come out as RGB, grey ones
+/// too; the rest, and JPEGs libjpeg refuses or does not take, through
+/// `image` (zune-jpeg for JPEGs).
 pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<DynamicImage> {
+    match libjpeg(bytes, limits, |w, h| (w, h), |w, h| (0..w, 0..h))? {
+        Some(jpeg) => Ok(DynamicImage::ImageRgb8(jpeg.image)),
+        None => decode_with_image(bytes, limits),
+    }
+}
+
+/// [`crate::libjpeg::decode`], with `Ok(None)` also for data libjpeg finds
+/// corrupt: zune-jpeg then accepts it or gives the error.
+fn libjpeg(
+    bytes: &[u8],
+    limits: DecodeLimits,
+    target: impl Fn(u32, u32) -> (u32, u32),
+    region: impl Fn(u32, u32) -> (Range<u32>, Range<u32>),
+) -> Result<Option<JpegRegion>> {
+    match crate::libjpeg::decode(bytes, limits, target, region) {
+        Err(Error::Decode(_)) => Ok(None),
+        other => other,
+    }
+}
+
+/// Decodes any accepted format through the `image` crate.
+fn decode_with_image(bytes: &[u8], limits: DecodeLimits) -> Result<DynamicImage> {
     let mut reader =
         image::ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| Error::Decode(e.to_string()))?;
     match reader.format() {
@@ -58,13 +85,15 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<DynamicImage> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JpegDecode {
-    /// Every pixel, then timm's resize: exactly timm's eval transform.
+    /// Every pixel, then timm's resize: exactly timm's eval transform, a
+    /// JPEG decoded by PIL's decoder (libjpeg-turbo) to PIL's pixels.
     #[default]
     Full,
     /// At the smallest DCT scale (1/2, 1/4 or 1/8) that still covers timm's
-    /// resize target, then the same resize, as PIL's `draft` mode does. About
-    /// 4× less decoding for 1080p frames into 224×224 models; the pixels
-    /// differ slightly from `Full` (docs/performance.md gives by how much).
+    /// resize target, then the same resize, as PIL's `draft` mode does.
+    /// About half the decoding time of `Full` for 1080p frames into 224×224
+    /// models; the pixels differ slightly from `Full` (docs/performance.md
+    /// gives by how much).
     Scaled,
 }
 
@@ -73,12 +102,20 @@ pub struct Decoded {
     /// The picture, or with a [`Self::window`] only part of it: transform it
     /// with [`Preprocessor::run_window`] and that window, never on its own.
     pub image: DynamicImage,
-    /// Width and height as encoded: larger than `image` after a scaled decode.
+    /// Width and height as encoded: larger than `image` after a scaled or
+    /// windowed decode.
     pub source_size: (u32, u32),
-    /// Set after a scaled decode, which keeps only the part of the reduced
-    /// frame that the transform reads: where `image` lies in that frame.
-    /// Hand it to [`Preprocessor::run_window`] with the image.
+    /// Set after a decode by libjpeg, which keeps only the part of the
+    /// (possibly reduced) frame that the transform reads: where `image`
+    /// lies in that frame. Hand it to [`Preprocessor::run_window`] with the image.
     pub window: Option<Window>,
+}
+
+impl Decoded {
+    /// An image decoded whole (by [`decode`]): no window.
+    pub fn whole(image: DynamicImage) -> Self {
+        Self { source_size: (image.width(), image.height()), image, window: None }
+    }
 }
 
 /// Where a partly decoded image lies in the frame it was decoded from.
@@ -98,32 +135,30 @@ impl Window {
 }
 
 impl Preprocessor {
-    /// Decodes `bytes` for this transform: as [`decode`] does, or, for a JPEG
-    /// under [`JpegDecode::Scaled`], at the smallest DCT scale that still
-    /// covers the resize target. [`decode`] takes over where no smaller scale
-    /// does, where the JPEG is not YCbCr or grey, and where libjpeg finds it
-    /// corrupt or unsupported, so this refuses nothing that [`decode`] accepts.
+    /// Decodes `bytes` for this transform. A JPEG goes through libjpeg-turbo,
+    /// which transforms only the region the resize and crop read (a
+    /// [`Decoded::window`]), at full scale or, under [`JpegDecode::Scaled`],
+    /// at the smallest DCT scale that still covers the resize target. The
+    /// rest, and JPEGs libjpeg refuses or does not take, are decoded whole
+    /// by `image`, so this refuses nothing that [`decode`] accepts.
     pub fn decode(&self, bytes: &[u8], limits: DecodeLimits, mode: JpegDecode) -> Result<Decoded> {
-        if mode == JpegDecode::Scaled {
-            let target = |w: u32, h: u32| {
+        let target = |w: u32, h: u32| match mode {
+            JpegDecode::Full => (w, h),
+            // An image smaller than the target is decoded at full scale.
+            JpegDecode::Scaled => {
                 let (nw, nh) = self.resized_size(w as usize, h as usize);
-                (nw as u32, nh as u32)
-            };
-            let region = |w: u32, h: u32| self.region(w as usize, h as usize);
-            match crate::scaled_jpeg::decode(bytes, limits, target, region) {
-                Ok(Some(s)) => {
-                    return Ok(Decoded {
-                        image: DynamicImage::ImageRgb8(s.image),
-                        source_size: s.source_size,
-                        window: Some(Window { origin: s.origin, frame: s.frame }),
-                    });
-                }
-                Ok(None) | Err(Error::Decode(_)) => {}
-                Err(e) => return Err(e),
+                ((nw as u32).min(w), (nh as u32).min(h))
             }
+        };
+        let region = |w: u32, h: u32| self.region(w as usize, h as usize);
+        if let Some(jpeg) = libjpeg(bytes, limits, target, region)? {
+            return Ok(Decoded {
+                image: DynamicImage::ImageRgb8(jpeg.image),
+                source_size: jpeg.source_size,
+                window: Some(Window { origin: jpeg.origin, frame: jpeg.frame }),
+            });
         }
-        let image = decode(bytes, limits)?;
-        Ok(Decoded { source_size: (image.width(), image.height()), image, window: None })
+        Ok(Decoded::whole(decode_with_image(bytes, limits)?))
     }
 }
 
@@ -356,17 +391,23 @@ mod tests {
         // 1080 / 4 = 270 still covers the 256 px shorter side; 1080 / 8 would not.
         let d = pre.decode(&jpeg(1920, 1080), limits, JpegDecode::Scaled).unwrap();
         assert_eq!((frame(&d), d.source_size), ((480, 270), (1920, 1080)));
+        // Full scale, only the columns the crop reads (992 of 1920: the
+        // crop's 224 of 455, times 1080 / 256, and the filter's reach).
         let d = pre.decode(&jpeg(1920, 1080), limits, JpegDecode::Full).unwrap();
-        assert_eq!((d.image.width(), d.image.height(), d.source_size, d.window), (1920, 1080, (1920, 1080), None));
+        assert_eq!((frame(&d), d.source_size), ((1920, 1080), (1920, 1080)));
+        assert!(d.image.width() < 1000 && d.image.height() < 1080, "{}×{}", d.image.width(), d.image.height());
         // Portrait: 1/2 gives 300×501 for a 256×427 target (1/4 would be 150 wide).
         let d = pre.decode(&jpeg(600, 1001), limits, JpegDecode::Scaled).unwrap();
         assert_eq!(frame(&d), (300, 501));
         // libjpeg rounds up: ceil(2041 / 8) = 256 covers 256 (rounding down would need 1/4).
         let d = pre.decode(&jpeg(2041, 2041), limits, JpegDecode::Scaled).unwrap();
         assert_eq!(frame(&d), (256, 256));
-        // Nothing smaller covers a 300 px image: decoded in full.
+        // Nothing smaller covers a 300 px image, nor a 200 px one (which
+        // the resize enlarges): decoded at full scale.
         let d = pre.decode(&jpeg(300, 300), limits, JpegDecode::Scaled).unwrap();
-        assert_eq!((d.image.width(), d.image.height(), d.window), (300, 300, None));
+        assert_eq!(frame(&d), (300, 300));
+        let d = pre.decode(&jpeg(200, 200), limits, JpegDecode::Scaled).unwrap();
+        assert_eq!(frame(&d), (200, 200));
     }
 
     #[test]
@@ -392,16 +433,25 @@ mod tests {
     }
 
     /// Decoding only the region the transform reads gives the tensor of the
-    /// whole reduced frame, bit for bit: landscape, portrait and odd sizes,
-    /// scales 1/2, 1/4 and 1/8, colour (4:2:0, 4:2:2, 4:4:4) and grey,
+    /// whole frame, bit for bit: landscape, portrait and odd sizes, scales
+    /// 1/2, 1/4, 1/8 and 8/8, colour (4:2:0, 4:2:2, 4:4:4) and grey,
     /// baseline, progressive and with restart markers.
     #[test]
-    fn scaled_jpeg_region_gives_the_whole_frames_tensor() {
+    fn jpeg_region_gives_the_whole_frames_tensor() {
+        for mode in [JpegDecode::Scaled, JpegDecode::Full] {
+            region_gives_the_whole_frames_tensor(mode);
+        }
+    }
+
+    fn region_gives_the_whole_frames_tensor(mode: JpegDecode) {
         let pre = imagenet_224();
         let limits = DecodeLimits::default();
-        let target = |w: u32, h: u32| {
-            let (nw, nh) = pre.resized_size(w as usize, h as usize);
-            (nw as u32, nh as u32)
+        let target = |w: u32, h: u32| match mode {
+            JpegDecode::Full => (w, h),
+            JpegDecode::Scaled => {
+                let (nw, nh) = pre.resized_size(w as usize, h as usize);
+                (nw as u32, nh as u32)
+            }
         };
         // Made by Pillow from the `jpeg` pattern: the layouts our encoder
         // does not write, whose rows libjpeg skips and crops differently.
@@ -417,13 +467,13 @@ mod tests {
         });
         for ((w, h), files) in made.into_iter().chain(fixtures) {
             for bytes in files {
-                let whole = crate::scaled_jpeg::decode(&bytes, limits, target, |w, h| (0..w, 0..h)).unwrap().unwrap();
-                let part = pre.decode(&bytes, limits, JpegDecode::Scaled).unwrap();
-                let window = part.window.expect("a scaled decode has a window");
+                let whole = crate::libjpeg::decode(&bytes, limits, target, |w, h| (0..w, 0..h)).unwrap().unwrap();
+                let part = pre.decode(&bytes, limits, mode).unwrap();
+                let window = part.window.expect("a JPEG decode has a window");
                 assert_eq!(window.frame(), (whole.image.width(), whole.image.height()), "{w}×{h}");
                 assert!(part.image.width() * part.image.height() < window.frame.0 * window.frame.1, "{w}×{h}: no cut");
                 eprintln!(
-                    "{w}×{h}: {}×{} of {}×{} at {:?}",
+                    "{mode:?} {w}×{h}: {}×{} of {}×{} at {:?}",
                     part.image.width(),
                     part.image.height(),
                     window.frame.0,
@@ -453,19 +503,19 @@ mod tests {
         let target = |_, _| (256, 256);
         let whole_frame = |w, h| (0..w, 0..h);
         for bad in [cut, &garbage[..]] {
-            let err = crate::scaled_jpeg::decode(bad, limits, target, whole_frame).err();
+            let err = crate::libjpeg::decode(bad, limits, target, whole_frame).err();
             assert!(matches!(err, Some(Error::Decode(_))), "{err:?}");
         }
         assert!(pre.decode(&garbage, limits, JpegDecode::Scaled).is_err());
         // More SOS markers than zune-jpeg takes (here in a comment segment)
         // are left to zune-jpeg, whatever libjpeg would make of them.
-        assert!(crate::scaled_jpeg::decode(&whole, limits, target, whole_frame).unwrap().is_some());
+        assert!(crate::libjpeg::decode(&whole, limits, target, whole_frame).unwrap().is_some());
         let mut comment = vec![0xFF, 0xFE, 0, 0];
         comment.extend([0xFF, 0xDA].repeat(101));
         let len = (comment.len() - 2) as u16;
         comment[2..4].copy_from_slice(&len.to_be_bytes());
         let many_scans = [&whole[..2], &comment, &whole[2..]].concat();
-        assert!(crate::scaled_jpeg::decode(&many_scans, limits, target, whole_frame).unwrap().is_none());
+        assert!(crate::libjpeg::decode(&many_scans, limits, target, whole_frame).unwrap().is_none());
         let small = DecodeLimits { max_width: 1000, ..limits };
         assert!(matches!(pre.decode(&whole, small, JpegDecode::Scaled), Err(Error::ImageTooLarge(_))));
         // Other formats take the usual path.
@@ -477,9 +527,11 @@ mod tests {
         assert_eq!((d.image.width(), d.image.height()), (640, 480));
     }
 
-    /// Decode and transform times of `LINESIDE_JPEG` (a file): in full,
-    /// scaled keeping the whole frame, and scaled keeping the region the
-    /// transform reads (what `JpegDecode::Scaled` does), alternating:
+    /// Decode and transform times of `LINESIDE_JPEG` (a file), alternating:
+    /// every pixel by zune-jpeg (what `JpegDecode::Full` did before
+    /// libjpeg) and by libjpeg, full scale keeping the region the transform
+    /// reads (`JpegDecode::Full`), and the reduced scale keeping the whole
+    /// frame or the region (`JpegDecode::Scaled`):
     /// `LINESIDE_JPEG=part.jpg cargo test --release -p lineside-inference --lib decode_speed -- --ignored --nocapture`.
     #[test]
     #[ignore = "a measurement, not a check"]
@@ -492,11 +544,13 @@ mod tests {
             (nw as u32, nh as u32)
         };
         let whole_frame = || {
-            let s = crate::scaled_jpeg::decode(&bytes, limits, target, |w, h| (0..w, 0..h)).unwrap().unwrap();
+            let s = crate::libjpeg::decode(&bytes, limits, target, |w, h| (0..w, 0..h)).unwrap().unwrap();
             Decoded { image: DynamicImage::ImageRgb8(s.image), source_size: s.source_size, window: None }
         };
-        let ways: [(&str, &dyn Fn() -> Decoded); 3] = [
-            ("full", &|| pre.decode(&bytes, limits, JpegDecode::Full).unwrap()),
+        let ways: [(&str, &dyn Fn() -> Decoded); 5] = [
+            ("zune-jpeg, whole", &|| Decoded::whole(decode_with_image(&bytes, limits).unwrap())),
+            ("libjpeg, whole", &|| Decoded::whole(decode(&bytes, limits).unwrap())),
+            ("full, region", &|| pre.decode(&bytes, limits, JpegDecode::Full).unwrap()),
             ("scaled, whole frame", &whole_frame),
             ("scaled, region", &|| pre.decode(&bytes, limits, JpegDecode::Scaled).unwrap()),
         ];

@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use lineside_inference::Kernels;
 use lineside_inference::models::{LoadedModel, ModelFiles};
 use lineside_inference::parity::{self, ParityReport};
-use lineside_inference::preprocess::{DecodeLimits, decode};
+use lineside_inference::preprocess::{DecodeLimits, JpegDecode};
 
 const TOLERANCE: f32 = 1e-3;
 
@@ -56,7 +56,9 @@ fn check_raw_images(name: &str) {
     let mut inputs = Vec::new();
     for img in &images {
         let bytes = std::fs::read(shared_models().join("_images").join(img)).unwrap();
-        inputs.extend(model.preprocessor.run(&decode(&bytes, DecodeLimits::default()).unwrap()).unwrap());
+        // As the server decodes: a JPEG's region through libjpeg, the rest whole.
+        let d = model.preprocessor.decode(&bytes, DecodeLimits::default(), JpegDecode::Full).unwrap();
+        inputs.extend(model.preprocessor.run_window(&d.image, d.window).unwrap());
     }
     let x = Tensor::from_vec(inputs, (images.len(), c, h, w), &Device::Cpu).unwrap();
     let input_err = parity::compare("input", &x, &refs["input"]).unwrap();
