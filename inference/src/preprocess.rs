@@ -37,12 +37,14 @@ pub const ACCEPTED_FORMATS: &[ImageFormat] =
 /// Decodes an encoded image, every pixel. Dimensions are checked against
 /// `limits` from the header, before any pixel buffer is allocated, so a
 /// decompression bomb costs nothing. JPEGs go through libjpeg-turbo (PIL's
-/// decoder, so PIL's pixels, and faster) and come out as RGB, grey ones
-/// too; the rest, and JPEGs libjpeg refuses or does not take, through
-/// `image` (zune-jpeg for JPEGs).
+/// decoder, so PIL's pixels) where it runs its SIMD code (a build with
+/// nasm), and are faster there; the rest, and JPEGs libjpeg refuses or does
+/// not take, through `image` (zune-jpeg for JPEGs, within one level of PIL).
 pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<DynamicImage> {
-    match libjpeg(bytes, limits, |w, h| (w, h), |w, h| (0..w, 0..h))? {
-        Some(jpeg) => Ok(DynamicImage::ImageRgb8(jpeg.image)),
+    let jpeg =
+        if crate::libjpeg::runs_simd() { libjpeg(bytes, limits, |w, h| (w, h), |w, h| (0..w, 0..h))? } else { None };
+    match jpeg {
+        Some(jpeg) => Ok(jpeg.image),
         None => decode_with_image(bytes, limits),
     }
 }
@@ -91,9 +93,9 @@ pub enum JpegDecode {
     Full,
     /// At the smallest DCT scale (1/2, 1/4 or 1/8) that still covers timm's
     /// resize target, then the same resize, as PIL's `draft` mode does.
-    /// About half the decoding time of `Full` for 1080p frames into 224×224
-    /// models; the pixels differ slightly from `Full` (docs/performance.md
-    /// gives by how much).
+    /// About 40% less decoding time than `Full` for 1080p frames into
+    /// 224×224 models; the pixels differ slightly from `Full`
+    /// (docs/performance.md gives by how much).
     Scaled,
 }
 
@@ -153,7 +155,7 @@ impl Preprocessor {
         let region = |w: u32, h: u32| self.region(w as usize, h as usize);
         if let Some(jpeg) = libjpeg(bytes, limits, target, region)? {
             return Ok(Decoded {
-                image: DynamicImage::ImageRgb8(jpeg.image),
+                image: jpeg.image,
                 source_size: jpeg.source_size,
                 window: Some(Window { origin: jpeg.origin, frame: jpeg.frame }),
             });
@@ -235,10 +237,10 @@ impl Preprocessor {
         self.run_window(img, None)
     }
 
-    /// [`Self::run`] on `img` cut from a larger frame at `window` (a scaled
+    /// [`Self::run`] on `img` cut from a larger frame at `window` (a libjpeg
     /// decode's [`Decoded::window`]): the transform of the whole frame.
     pub fn run_window(&self, img: &DynamicImage, window: Option<Window>) -> Result<Vec<f32>> {
-        // Decoded JPEGs are already RGB8; copying a 1080p frame costs 0.5 ms.
+        // Colour JPEGs decode to RGB8 already; copying a 1080p frame costs 0.5 ms.
         let rgb = match img {
             DynamicImage::ImageRgb8(rgb) => std::borrow::Cow::Borrowed(rgb),
             other => std::borrow::Cow::Owned(other.to_rgb8()),
@@ -386,7 +388,7 @@ mod tests {
     fn scaled_jpeg_decode_keeps_the_resize_target_covered() {
         let pre = imagenet_224();
         let limits = DecodeLimits::default();
-        // The frame a decode was cut from (the whole image in full decoding).
+        // The frame a decode was cut from (the whole image where zune-jpeg decoded).
         let frame = |d: &Decoded| d.window.map_or((d.image.width(), d.image.height()), |w| w.frame());
         // 1080 / 4 = 270 still covers the 256 px shorter side; 1080 / 8 would not.
         let d = pre.decode(&jpeg(1920, 1080), limits, JpegDecode::Scaled).unwrap();
@@ -480,7 +482,7 @@ mod tests {
                     window.frame.1,
                     window.origin
                 );
-                let expected = pre.run(&DynamicImage::ImageRgb8(whole.image)).unwrap();
+                let expected = pre.run(&whole.image).unwrap();
                 assert!(pre.run_window(&part.image, part.window).unwrap() == expected, "{w}×{h}");
             }
         }
@@ -490,23 +492,23 @@ mod tests {
         assert!(matches!(pre.run_window(&part.image, Some(shifted)), Err(Error::Window(_))));
     }
 
+    /// What libjpeg refuses (a truncated file, which it would decode with
+    /// grey rows and only warn about; garbage) or does not take (CMYK, more
+    /// scans than zune-jpeg takes) goes to zune-jpeg whole, in both modes
+    /// and in [`decode`], so every path accepts and refuses what zune-jpeg does.
     #[test]
-    fn scaled_jpeg_decode_leaves_bad_and_odd_jpegs_to_the_full_decoder() {
+    fn libjpeg_leaves_bad_and_odd_jpegs_to_zune_jpeg() {
         let pre = imagenet_224();
         let limits = DecodeLimits::default();
         let whole = jpeg(1920, 1080);
-        let cut = &whole[..whole.len() / 2];
+        let cut = whole[..whole.len() / 2].to_vec();
         let garbage = [&[0xFF, 0xD8, 0xFF, 0xE0][..], &[0x42; 64]].concat();
-        // libjpeg would fill a truncated file's missing rows with grey and
-        // only warn: the scaled decoder refuses both, and leaves the answer
-        // to the full one.
         let target = |_, _| (256, 256);
         let whole_frame = |w, h| (0..w, 0..h);
-        for bad in [cut, &garbage[..]] {
+        for bad in [&cut, &garbage] {
             let err = crate::libjpeg::decode(bad, limits, target, whole_frame).err();
             assert!(matches!(err, Some(Error::Decode(_))), "{err:?}");
         }
-        assert!(pre.decode(&garbage, limits, JpegDecode::Scaled).is_err());
         // More SOS markers than zune-jpeg takes (here in a comment segment)
         // are left to zune-jpeg, whatever libjpeg would make of them.
         assert!(crate::libjpeg::decode(&whole, limits, target, whole_frame).unwrap().is_some());
@@ -516,20 +518,128 @@ mod tests {
         comment[2..4].copy_from_slice(&len.to_be_bytes());
         let many_scans = [&whole[..2], &comment, &whole[2..]].concat();
         assert!(crate::libjpeg::decode(&many_scans, limits, target, whole_frame).unwrap().is_none());
+        let cmyk = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jpeg/cmyk.jpg")).unwrap();
+        assert!(crate::libjpeg::decode(&cmyk, limits, target, whole_frame).unwrap().is_none());
+        for bytes in [&cut, &garbage, &many_scans, &cmyk] {
+            let zune = decode_with_image(bytes, limits).map(|i| (i.width(), i.height()));
+            let free = decode(bytes, limits).map(|i| (i.width(), i.height()));
+            assert_eq!(format!("{free:?}"), format!("{zune:?}"));
+            for mode in [JpegDecode::Full, JpegDecode::Scaled] {
+                match (pre.decode(bytes, limits, mode), &zune) {
+                    (Ok(d), Ok(size)) => assert_eq!(((d.image.width(), d.image.height()), d.window), (*size, None)),
+                    (Err(e), Err(z)) => assert_eq!(e.to_string(), z.to_string()),
+                    (d, z) => panic!("{mode:?}: {:?} where zune-jpeg gave {z:?}", d.map(|d| d.window)),
+                }
+            }
+        }
         let small = DecodeLimits { max_width: 1000, ..limits };
-        assert!(matches!(pre.decode(&whole, small, JpegDecode::Scaled), Err(Error::ImageTooLarge(_))));
+        for mode in [JpegDecode::Full, JpegDecode::Scaled] {
+            assert!(matches!(pre.decode(&whole, small, mode), Err(Error::ImageTooLarge(_))));
+        }
+        assert!(matches!(decode(&whole, small), Err(Error::ImageTooLarge(_))));
         // Other formats take the usual path.
         let mut png = Vec::new();
         DynamicImage::ImageRgb8(RgbImage::new(640, 480))
             .write_to(&mut std::io::Cursor::new(&mut png), ImageFormat::Png)
             .unwrap();
         let d = pre.decode(&png, limits, JpegDecode::Scaled).unwrap();
-        assert_eq!((d.image.width(), d.image.height()), (640, 480));
+        assert_eq!((d.image.width(), d.image.height(), d.window), (640, 480, None));
+    }
+
+    /// Images too small or too thin for any cut, or exactly the size of the
+    /// crop or of the resize, and grey ones (which stay grey, as zune-jpeg
+    /// gives them): libjpeg's windowed decode gives the whole decode's tensor.
+    #[test]
+    fn libjpeg_handles_small_thin_and_grey_jpegs() {
+        let pre = imagenet_224();
+        let limits = DecodeLimits::default();
+        for (w, h) in [(1, 300), (300, 1), (7, 7), (224, 224), (256, 256), (256, 300)] {
+            let mut grey = Vec::new();
+            let luma = image::GrayImage::from_fn(w, h, |x, y| image::Luma([((x * 7 + y * 3) % 251) as u8]));
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut grey, 90).encode_image(&luma).unwrap();
+            for (bytes, is_grey) in [(jpeg(w, h), false), (grey, true)] {
+                let whole = decode(&bytes, limits).unwrap();
+                assert_eq!(matches!(whole, DynamicImage::ImageLuma8(_)), is_grey, "{w}×{h}");
+                let expected = pre.run(&whole).unwrap();
+                for mode in [JpegDecode::Full, JpegDecode::Scaled] {
+                    let d = pre.decode(&bytes, limits, mode).unwrap();
+                    assert!(d.window.is_some(), "{w}×{h} {mode:?}: decoded by libjpeg");
+                    assert!(pre.run_window(&d.image, d.window).unwrap() == expected, "{w}×{h} {mode:?}");
+                }
+            }
+        }
+    }
+
+    /// libjpeg-turbo is Pillow's decoder: a 4:2:0 JPEG that Pillow wrote
+    /// decodes to the pixels Pillow decoded it to (`regen.py`), whole and
+    /// in a region. zune-jpeg's differ by a level here and there.
+    #[test]
+    fn libjpeg_gives_pillows_pixels() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jpeg/");
+        let bytes = std::fs::read(format!("{dir}pil-420.jpg")).unwrap();
+        let pillow = image::open(format!("{dir}pil-420.decoded.png")).unwrap().to_rgb8();
+        let limits = DecodeLimits::default();
+        let whole = |w, h| (0..w, 0..h);
+        let libjpeg = crate::libjpeg::decode(&bytes, limits, |w, h| (w, h), whole).unwrap().unwrap();
+        assert!(libjpeg.image.to_rgb8() == pillow, "libjpeg's whole decode");
+        let part = crate::libjpeg::decode(&bytes, limits, |w, h| (w, h), |_, _| (50..110, 20..70)).unwrap().unwrap();
+        let (x0, y0) = part.origin;
+        let part = part.image.to_rgb8();
+        // All but a cropped row's two end pixels, which fancy upsampling
+        // computes without their outer neighbours (`Preprocessor::region`
+        // keeps them out of the transform's reach).
+        let differ = |x: u32, y: u32| part.get_pixel(x, y) != pillow.get_pixel(x0 + x, y0 + y);
+        let inner = 1..part.width() - 1;
+        assert!(!(0..part.height()).any(|y| inner.clone().any(|x| differ(x, y))), "a region's inner pixels");
+        let zune = decode_with_image(&bytes, limits).unwrap().to_rgb8();
+        assert!(zune != pillow, "zune-jpeg's pixels are not Pillow's: this fixture tells the decoders apart");
+    }
+
+    /// Mutated JPEGs (bytes flipped, runs overwritten, cut short; baseline,
+    /// progressive and restart-marker files) through every decoding path:
+    /// each gives an image or an error, never a panic, and nothing that
+    /// zune-jpeg accepts is refused. A cheap, deterministic complement to
+    /// `fuzz/` (cargo-fuzz), which CI does not run.
+    #[test]
+    fn mutated_jpegs_never_panic() {
+        let pre = imagenet_224();
+        let limits = DecodeLimits { max_width: 4096, max_height: 4096, max_alloc: 64 << 20 };
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jpeg/");
+        let fixture = |f: &str| std::fs::read(format!("{dir}{f}")).unwrap();
+        let seeds = [jpeg(96, 64), fixture("cmyk.jpg"), fixture("progressive-420.jpg")];
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for i in 0..300 {
+            let mut bytes = seeds[i % seeds.len()].clone();
+            let len = bytes.len() as u64;
+            match next() % 3 {
+                0 => (0..1 + next() % 8).for_each(|_| bytes[(next() % len) as usize] ^= 1 << (next() % 8)),
+                1 => {
+                    let at = (next() % len) as usize;
+                    let end = (at + 1 + (next() % 32) as usize).min(bytes.len());
+                    bytes[at..end].fill(next() as u8);
+                }
+                _ => bytes.truncate((next() % len) as usize),
+            }
+            // libjpeg may take what zune-jpeg refuses, never the reverse.
+            let zune_ok = decode_with_image(&bytes, limits).is_ok();
+            assert!(decode(&bytes, limits).is_ok() || !zune_ok, "mutation {i}: whole decode");
+            for mode in [JpegDecode::Full, JpegDecode::Scaled] {
+                if let Ok(d) = pre.decode(&bytes, limits, mode) {
+                    pre.run_window(&d.image, d.window).unwrap();
+                }
+            }
+        }
     }
 
     /// Decode and transform times of `LINESIDE_JPEG` (a file), alternating:
     /// every pixel by zune-jpeg (what `JpegDecode::Full` did before
-    /// libjpeg) and by libjpeg, full scale keeping the region the transform
+    /// libjpeg) and by [`decode`], full scale keeping the region the transform
     /// reads (`JpegDecode::Full`), and the reduced scale keeping the whole
     /// frame or the region (`JpegDecode::Scaled`):
     /// `LINESIDE_JPEG=part.jpg cargo test --release -p lineside-inference --lib decode_speed -- --ignored --nocapture`.
@@ -545,11 +655,11 @@ mod tests {
         };
         let whole_frame = || {
             let s = crate::libjpeg::decode(&bytes, limits, target, |w, h| (0..w, 0..h)).unwrap().unwrap();
-            Decoded { image: DynamicImage::ImageRgb8(s.image), source_size: s.source_size, window: None }
+            Decoded { image: s.image, source_size: s.source_size, window: None }
         };
         let ways: [(&str, &dyn Fn() -> Decoded); 5] = [
             ("zune-jpeg, whole", &|| Decoded::whole(decode_with_image(&bytes, limits).unwrap())),
-            ("libjpeg, whole", &|| Decoded::whole(decode(&bytes, limits).unwrap())),
+            ("whole (decode: libjpeg with SIMD, else zune-jpeg)", &|| Decoded::whole(decode(&bytes, limits).unwrap())),
             ("full, region", &|| pre.decode(&bytes, limits, JpegDecode::Full).unwrap()),
             ("scaled, whole frame", &whole_frame),
             ("scaled, region", &|| pre.decode(&bytes, limits, JpegDecode::Scaled).unwrap()),
