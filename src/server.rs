@@ -132,8 +132,15 @@ pub async fn serve(
         models = cfg.models.len(),
         factories = cfg.factories.len(),
         cpu_kernels = cpu_kernels(),
+        jpeg_simd = lineside_inference::preprocess::jpeg_simd(),
         "listening; models loading"
     );
+    if !lineside_inference::preprocess::jpeg_simd() {
+        tracing::warn!(
+            "libjpeg-turbo runs without its SIMD code (built without nasm): JPEG decoding is slower; \
+             install nasm, then `cargo clean -p mozjpeg-sys` and rebuild"
+        );
+    }
     let grace = Duration::from_secs(cfg.server.shutdown_grace_s);
     let tls = cfg.tls.clone();
     let state = AppState {

@@ -73,11 +73,7 @@ unsafe extern "C" {
     fn jsimd_can_idct_islow() -> c_int;
 }
 
-/// Whether libjpeg-turbo runs its SIMD code here. Without it, its
-/// full-scale IDCT and colour conversion are plain C, and decoding every
-/// pixel of a 1080p frame takes about 1.6× as long as zune-jpeg (10.4
-/// against 6.7 ms); at reduced scales, or transforming only the crop's
-/// region, it still costs no more than zune-jpeg's whole decode.
+/// Whether libjpeg-turbo runs its SIMD code here (see `preprocess::jpeg_simd`).
 pub(crate) fn runs_simd() -> bool {
     static SIMD: OnceLock<bool> = OnceLock::new();
     // SAFETY: a query without arguments; libjpeg-turbo's decoders call it themselves.
@@ -171,11 +167,10 @@ fn decode_unguarded(
     let (x0, cw) = jpeg.crop(cols);
     let pixels = jpeg.read_rows(rows.clone(), cw);
     let short = || Error::Decode(format!("libjpeg returned a short image for {cw}×{}", rows.len()));
-    let image = match jpeg.cinfo.out_color_space {
-        J_COLOR_SPACE::JCS_GRAYSCALE => {
-            DynamicImage::ImageLuma8(GrayImage::from_raw(cw, rows.len() as u32, pixels).ok_or_else(short)?)
-        }
-        _ => DynamicImage::ImageRgb8(RgbImage::from_raw(cw, rows.len() as u32, pixels).ok_or_else(short)?),
+    let image = match jpeg.components() {
+        1 => DynamicImage::ImageLuma8(GrayImage::from_raw(cw, rows.len() as u32, pixels).ok_or_else(short)?),
+        3 => DynamicImage::ImageRgb8(RgbImage::from_raw(cw, rows.len() as u32, pixels).ok_or_else(short)?),
+        n => return Err(Error::Decode(format!("libjpeg gave {n} components per pixel"))),
     };
     Ok(Some(JpegRegion { image, origin: (x0, rows.start), frame: (w, h), source_size: (width, height) }))
 }
@@ -358,5 +353,19 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
     match payload.downcast::<JpegFailure>() {
         Ok(f) => f.0,
         Err(other) => resume_unwind(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// libjpeg's own failures are bad data; any other panic is a bug, and
+    /// must not be mistaken for one (and answered by falling back).
+    #[test]
+    fn only_libjpegs_failures_become_messages() {
+        assert_eq!(panic_message(Box::new(JpegFailure("Bogus marker".into()))), "Bogus marker");
+        let other = catch_unwind(|| panic_message(Box::new("index out of bounds")));
+        assert_eq!(other.err().and_then(|p| p.downcast_ref::<&str>().copied()), Some("index out of bounds"));
     }
 }

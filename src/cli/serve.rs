@@ -32,7 +32,7 @@ use lineside::config::Config;
 ///   preprocess_threads = 0           # threads decoding and resizing images (0: one per core)
 ///   preprocess_nice = 10             # their niceness, 0-19, so inference goes first (0: same as the server)
 ///   jpeg_decode = "full"             # "scaled": decode JPEGs at 1/2-1/8 DCT scale when the model input is
-///                                    # small (PIL's draft mode; about 40% less decoding for
+///                                    # small (PIL's draft mode; a third less decoding for
 ///                                    # 1080p, pixels differ slightly)
 ///
 ///   [auth]                           # docs/access.md
