@@ -153,14 +153,7 @@ impl Preprocessor {
     /// rest, and JPEGs libjpeg refuses or does not take, are decoded whole
     /// by `image`, so this refuses nothing that [`decode`] accepts.
     pub fn decode(&self, bytes: &[u8], limits: DecodeLimits, mode: JpegDecode) -> Result<Decoded> {
-        let target = |w: u32, h: u32| match mode {
-            JpegDecode::Full => (w, h),
-            // An image smaller than the target is decoded at full scale.
-            JpegDecode::Scaled => {
-                let (nw, nh) = self.resized_size(w as usize, h as usize);
-                ((nw as u32).min(w), (nh as u32).min(h))
-            }
-        };
+        let target = |w, h| self.jpeg_target(mode, w, h);
         let region = |w: u32, h: u32| self.region(w as usize, h as usize);
         if let Some(jpeg) = libjpeg(bytes, limits, target, region)? {
             return Ok(Decoded {
@@ -170,6 +163,19 @@ impl Preprocessor {
             });
         }
         Ok(Decoded::whole(decode_with_image(bytes, limits)?))
+    }
+
+    /// The size a `w`×`h` JPEG's decode must cover under `mode`: the whole
+    /// image, or timm's resize target (at most the image: one smaller than
+    /// its target is decoded at full scale).
+    fn jpeg_target(&self, mode: JpegDecode, w: u32, h: u32) -> (u32, u32) {
+        match mode {
+            JpegDecode::Full => (w, h),
+            JpegDecode::Scaled => {
+                let (nw, nh) = self.resized_size(w as usize, h as usize);
+                ((nw as u32).min(w), (nh as u32).min(h))
+            }
+        }
     }
 }
 
@@ -457,13 +463,7 @@ mod tests {
     fn region_gives_the_whole_frames_tensor(mode: JpegDecode) {
         let pre = imagenet_224();
         let limits = DecodeLimits::default();
-        let target = |w: u32, h: u32| match mode {
-            JpegDecode::Full => (w, h),
-            JpegDecode::Scaled => {
-                let (nw, nh) = pre.resized_size(w as usize, h as usize);
-                (nw as u32, nh as u32)
-            }
-        };
+        let target = |w, h| pre.jpeg_target(mode, w, h);
         // Made by Pillow from the `jpeg` pattern: the layouts our encoder
         // does not write, whose rows libjpeg skips and crops differently.
         let fixtures = ["progressive-420.jpg", "progressive-444.jpg", "restart-422.jpg"].map(|f| {
@@ -662,10 +662,7 @@ mod tests {
         let bytes = std::fs::read(std::env::var("LINESIDE_JPEG").expect("LINESIDE_JPEG")).unwrap();
         let pre = imagenet_224();
         let limits = DecodeLimits::default();
-        let target = |w: u32, h: u32| {
-            let (nw, nh) = pre.resized_size(w as usize, h as usize);
-            (nw as u32, nh as u32)
-        };
+        let target = |w, h| pre.jpeg_target(JpegDecode::Scaled, w, h);
         let whole_frame = || {
             let s = crate::libjpeg::decode(&bytes, limits, target, |w, h| (0..w, 0..h)).unwrap().unwrap();
             Decoded { image: s.image, source_size: s.source_size, window: None }
