@@ -2,7 +2,8 @@
 """Writes the seed inputs of each fuzz target into fuzz/corpus/<target>/.
 
 Seeds are small, valid examples of what each target parses, so the fuzzer
-starts from inputs that reach deep code. With ../shared present, a few NEU
+starts from inputs that reach deep code. The JPEG test fixtures are copied
+in too (committed once, under inference/tests). With ../shared present, a few NEU
 JPEGs seed the decoder too (they stay out of git: see fuzz/.gitignore).
 Standard library only.
 """
@@ -47,6 +48,10 @@ put("decode_preprocess", "rgb-16x16.png", png(16, 16))
 put("decode_preprocess", "gray-9x300.png", png(9, 300, 0))
 put("decode_preprocess", "rgba-64x8.png", png(64, 8, 6))
 put("decode_preprocess", "rgb-20x12.bmp", bmp(20, 12))
+# The JPEG test fixtures: baseline 4:2:0, CMYK, progressive and restart-marker
+# files, so mutations reach every path of our libjpeg wrapper.
+for jpeg in sorted((root.parent / "inference/tests/fixtures/jpeg").glob("*.jpg")):
+    shutil.copy(jpeg, corpus / "decode_preprocess" / f"fixture-{jpeg.name}")
 neu = root.parent.parent / "shared/data/neu-det/NEU-DET/IMAGES"
 for name in ["crazing_1.jpg", "scratches_1.jpg"]:
     if (neu / name).is_file():
