@@ -49,7 +49,9 @@ put("decode_preprocess", "gray-9x300.png", png(9, 300, 0))
 put("decode_preprocess", "rgba-64x8.png", png(64, 8, 6))
 put("decode_preprocess", "rgb-20x12.bmp", bmp(20, 12))
 # The JPEG test fixtures: baseline 4:2:0, CMYK, progressive and restart-marker
-# files, so mutations reach every path of our libjpeg wrapper.
+# files, so mutations start from each colour and scan layout they hold. No seed
+# is a greyscale JPEG (the NEU images are stored as colour); the unit tests
+# cover grey ones.
 for jpeg in sorted((root.parent / "inference/tests/fixtures/jpeg").glob("*.jpg")):
     shutil.copy(jpeg, corpus / "decode_preprocess" / f"fixture-{jpeg.name}")
 neu = root.parent.parent / "shared/data/neu-det/NEU-DET/IMAGES"
